@@ -1,0 +1,3 @@
+from dfk8s.cli import main
+
+main()

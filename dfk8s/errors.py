@@ -1,0 +1,58 @@
+"""The one error tree of dfk8s; the CLI turns each error into one clear line."""
+
+from __future__ import annotations
+
+#: Exit code for "this shard can never succeed": a bad spec, a bad shard, missing credentials.
+EXIT_DO_NOT_RETRY = 42
+
+
+class Dfk8sError(Exception):
+    """Base class of every error dfk8s raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(Dfk8sError):
+    """The run spec, a flag or the credentials are wrong; retrying cannot help."""
+
+    exit_code = EXIT_DO_NOT_RETRY
+
+
+class ManifestError(Dfk8sError):
+    """The manifest cannot be read at all (as opposed to one bad row, which becomes an error record)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None):
+        self.source = source
+        self.line = line
+        where = f"{source}:{line}: " if line is not None else (f"{source}: " if source else "")
+        super().__init__(f"{where}{message}")
+
+
+class StorageError(Dfk8sError):
+    """A storage operation failed (permissions, endpoint unreachable, ...)."""
+
+
+class NotFound(StorageError):
+    """A key does not exist in storage."""
+
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(f"not found: {key}")
+
+
+class ShardError(Dfk8sError):
+    """A shard cannot be processed (missing or corrupt input); retrying cannot help."""
+
+    exit_code = EXIT_DO_NOT_RETRY
+
+
+class RunNotFound(Dfk8sError):
+    """No run with this id exists under the output location."""
+
+    exit_code = 2
+
+
+class KubernetesError(Dfk8sError):
+    """The cluster refused or failed a request."""

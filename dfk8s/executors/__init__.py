@@ -1,0 +1,1 @@
+"""Executors start workers and the reducer: local processes, or Kubernetes Jobs."""

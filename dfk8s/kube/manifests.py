@@ -1,0 +1,494 @@
+"""Build the Kubernetes objects of one run (the map Job and the reduce Job) as plain dicts.
+
+Pure functions: nothing here talks to a cluster, so the objects can be printed (``--dry-run``),
+validated against the API schemas in tests, or applied by the Kubernetes executor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dfk8s.errors import EXIT_DO_NOT_RETRY, SpecError
+from dfk8s.profiles import GPU_RESOURCE, Profile
+
+__all__ = [
+    "KubeRunConfig",
+    "build_map_job",
+    "build_reduce_job",
+    "build_run_objects",
+    "map_job_name",
+    "reduce_job_name",
+    "run_labels",
+    "to_yaml",
+]
+
+WORKER_CONTAINER = "worker"
+REDUCER_CONTAINER = "reducer"
+RUN_AS_USER = 10001
+TMP_PATH = "/tmp"
+CACHE_PATH = "/cache"
+HF_HOME = f"{CACHE_PATH}/huggingface"
+SHM_PATH = "/dev/shm"
+
+# Job names end up in the `batch.kubernetes.io/job-name` pod label, limited to 63 characters, so the
+# run id may use what is left after "dfk8s-" and the longest suffix "-reduce".
+_MAX_RUN_ID = 63 - len("dfk8s-") - len("-reduce")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Indexed Jobs with backoffLimitPerIndex accept at most 10^5 completions.
+_MAX_SHARDS = 100_000
+# Env names that hold credentials: extra_env is written into the Job in clear text, so these must
+# come through a Secret reference instead.
+_SECRET_NAME_HINTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "API_KEY", "APIKEY", "CREDENTIAL",
+                      "AWS_ACCESS_KEY_ID")
+
+
+@dataclass(frozen=True)
+class KubeRunConfig:
+    """Everything the map and reduce Jobs of one run are built from.
+
+    Attributes:
+        run_id: the run's id; lowercase letters, digits and '-', at most 50 characters.
+        pipeline: pipeline name; must match ``profile.pipeline``.
+        serving: serving name; must match ``profile.serving``.
+        run_uri: where the run lives, ``s3://bucket/prefix/<run_id>``.
+        shards: number of shards, the map Job's ``completions``.
+        parallelism: worker pods running at once (capped at ``shards``).
+        namespace: namespace of both Jobs.
+        profile: the job profile of the pipeline and serving.
+        image: worker image; None for ``profile.image``.
+        reducer_image: reducer image; None for the worker image. The reducer needs no GPU build, so
+            a CPU image here spares a multi-GB pull.
+        s3_endpoint: S3 endpoint URL for non-AWS stores (set as ``AWS_ENDPOINT_URL``).
+        queue: Kueue LocalQueue name; the map Job is then created suspended for Kueue to admit.
+        api_key_secret: ``(secret name, key)`` holding the serving's API key.
+        api_key_env: env var the worker reads the API key from.
+        s3_secret: name of a Secret with keys ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``.
+        hf_token_secret: ``(secret name, key)`` holding a Hugging Face token (gated models).
+        gpus: GPUs per worker pod; None for the profile's. 0 runs a GPU profile on CPU nodes.
+        node_selector: replaces the profile's node selector when not None.
+        tolerations: replace the profile's tolerations when not None.
+        service_account: ServiceAccount of the reducer (it reads the map Job); workers get none.
+        backoff_limit_per_index: retries of one shard before its index is marked failed.
+        max_failed_indexes: failed shards before the whole Job fails; None for ``shards`` (the Job
+            keeps going and the reducer reports the failed shards).
+        ttl_seconds_after_finished: how long finished Jobs (and their pod logs) stay around.
+        extra_env: non-secret env vars for the workers, e.g. ``DF_BASE_URL``.
+    """
+
+    run_id: str
+    pipeline: str
+    serving: str
+    run_uri: str
+    shards: int
+    parallelism: int
+    namespace: str
+    profile: Profile
+    image: str | None = None
+    reducer_image: str | None = None
+    s3_endpoint: str | None = None
+    queue: str | None = None
+    api_key_secret: tuple[str, str] | None = None
+    api_key_env: str = "DF_API_KEY"
+    s3_secret: str | None = None
+    hf_token_secret: tuple[str, str] | None = None
+    gpus: int | None = None
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Mapping[str, Any], ...] | None = None
+    service_account: str | None = None
+    backoff_limit_per_index: int = 2
+    max_failed_indexes: int | None = None
+    ttl_seconds_after_finished: int = 86400
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def worker_image(self) -> str:
+        """The image the worker pods run."""
+        return self.image or self.profile.image
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs per worker pod after the ``gpus`` override."""
+        return self.profile.gpu_count if self.gpus is None else self.gpus
+
+
+def map_job_name(run_id: str) -> str:
+    """Name of the map Job of a run."""
+    return f"dfk8s-{run_id}-map"
+
+
+def reduce_job_name(run_id: str) -> str:
+    """Name of the reduce Job of a run."""
+    return f"dfk8s-{run_id}-reduce"
+
+
+def run_labels(cfg: KubeRunConfig, component: str) -> dict[str, str]:
+    """The labels every object of a run carries (and that ``dfk8s status/logs/cancel`` select on).
+
+    Args:
+        cfg: the run.
+        component: ``map`` or ``reduce``.
+
+    Returns:
+        The label mapping.
+    """
+    return {
+        "app.kubernetes.io/name": "dfk8s",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "dfk8s",
+        "dfk8s.io/run": cfg.run_id,
+        "dfk8s.io/pipeline": cfg.pipeline,
+        "dfk8s.io/serving": cfg.serving,
+        "dfk8s.io/component": component,
+    }
+
+
+def build_map_job(cfg: KubeRunConfig) -> dict[str, Any]:
+    """The Indexed Job that runs one worker pod per shard.
+
+    Args:
+        cfg: the run.
+
+    Returns:
+        A ``batch/v1`` Job as a plain dict.
+    """
+    labels = run_labels(cfg, "map")
+    job_labels = dict(labels)
+    if cfg.queue:
+        job_labels["kueue.x-k8s.io/queue-name"] = cfg.queue
+
+    volumes, mounts = _worker_volumes(cfg)
+    container = {
+        "name": WORKER_CONTAINER,
+        "image": cfg.worker_image,
+        "imagePullPolicy": "IfNotPresent",
+        # The worker reads its shard index from JOB_COMPLETION_INDEX, which the Job controller sets.
+        "command": ["dfk8s", "worker", "--run", cfg.run_uri],
+        "env": _worker_env(cfg),
+        "resources": _worker_resources(cfg),
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # Workers only talk to storage and the serving; a token would be a credential for nothing.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    node_selector, tolerations = _scheduling(cfg)
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": cfg.shards,
+        "parallelism": min(cfg.parallelism, cfg.shards),
+        "backoffLimitPerIndex": cfg.backoff_limit_per_index,
+        "maxFailedIndexes": cfg.shards if cfg.max_failed_indexes is None else cfg.max_failed_indexes,
+        "podFailurePolicy": {
+            "rules": [
+                # Preemption, node drain or eviction is not the shard's fault: retry without
+                # spending its backoff budget.
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
+                # Exit 42: the shard can never succeed (bad spec, bad shard, missing credentials).
+                {
+                    "action": "FailIndex",
+                    "onExitCodes": {
+                        "containerName": WORKER_CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_DO_NOT_RETRY],
+                    },
+                },
+            ]
+        },
+        "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if cfg.queue:
+        # Kueue admits a Job by unsuspending it; created unsuspended, it would start outside quota.
+        spec = {"suspend": True, **spec}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": map_job_name(cfg.run_id), "namespace": cfg.namespace, "labels": job_labels},
+        "spec": spec,
+    }
+
+
+def build_reduce_job(cfg: KubeRunConfig) -> dict[str, Any]:
+    """The Job that waits for the map Job to end, then writes the run's result.
+
+    It is not put in the Kueue queue: admitted ahead of the map Job it would hold quota while
+    waiting for a Job that may then not fit, and it needs next to nothing.
+
+    Args:
+        cfg: the run.
+
+    Returns:
+        A ``batch/v1`` Job as a plain dict.
+    """
+    labels = run_labels(cfg, "reduce")
+    env = _common_env(cfg)
+    container = {
+        "name": REDUCER_CONTAINER,
+        "image": cfg.reducer_image or cfg.worker_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [
+            "dfk8s", "reduce", cfg.run_uri,
+            "--wait-job", map_job_name(cfg.run_id),
+            "--namespace", cfg.namespace,
+        ],
+        "env": env,
+        # The reducer streams shard outputs into result.jsonl; it never holds a whole run in memory.
+        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": TMP_PATH}],
+    }
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never"}
+    if cfg.service_account:
+        pod_spec["serviceAccountName"] = cfg.service_account
+    pod_spec.update({
+        # The reducer watches the map Job through the API, so it needs its token.
+        "automountServiceAccountToken": True,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+    })
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": reduce_job_name(cfg.run_id),
+            "namespace": cfg.namespace,
+            "labels": dict(labels),
+        },
+        "spec": {
+            "backoffLimit": 3,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": REDUCER_CONTAINER,
+                            "operator": "In",
+                            "values": [EXIT_DO_NOT_RETRY],
+                        },
+                    },
+                ]
+            },
+            "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def build_run_objects(cfg: KubeRunConfig) -> list[dict[str, Any]]:
+    """All objects of a run, in the order to apply them (map, then reduce).
+
+    Args:
+        cfg: the run.
+
+    Returns:
+        The map Job and the reduce Job.
+    """
+    return [build_map_job(cfg), build_reduce_job(cfg)]
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    """Serialise objects as one multi-document YAML stream for ``kubectl apply -f -``.
+
+    Args:
+        objects: Kubernetes objects as plain dicts.
+
+    Returns:
+        The YAML text, one ``---``-separated document per object, keys in build order.
+    """
+    return yaml.dump_all(
+        objects, Dumper=_PlainDumper, sort_keys=False, explicit_start=True, default_flow_style=False
+    )
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """A safe dumper that writes shared sub-objects out again instead of as YAML anchors (``&id001``),
+    which readers of the manifest would have to resolve by hand."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _validate(cfg: KubeRunConfig) -> None:
+    if not _DNS_LABEL_RE.match(cfg.run_id) or len(cfg.run_id) > _MAX_RUN_ID:
+        raise SpecError(
+            f"run id {cfg.run_id!r} cannot name a Kubernetes Job: use at most {_MAX_RUN_ID} lowercase "
+            "letters, digits and '-', starting and ending with a letter or digit"
+        )
+    if (cfg.pipeline, cfg.serving) != (cfg.profile.pipeline, cfg.profile.serving):
+        raise SpecError(
+            f"profile is for {cfg.profile.pipeline}/{cfg.profile.serving}, "
+            f"not {cfg.pipeline}/{cfg.serving}"
+        )
+    if not cfg.run_uri.startswith("s3://"):
+        raise SpecError(f"a cluster run needs S3 storage (s3://bucket/prefix), got {cfg.run_uri!r}")
+    if not 1 <= cfg.shards <= _MAX_SHARDS:
+        raise SpecError(f"shards must be between 1 and {_MAX_SHARDS}, got {cfg.shards}")
+    if cfg.parallelism < 1:
+        raise SpecError(f"parallelism must be at least 1, got {cfg.parallelism}")
+    if not _DNS_LABEL_RE.match(cfg.namespace):
+        raise SpecError(f"invalid namespace {cfg.namespace!r}")
+    if cfg.backoff_limit_per_index < 0:
+        raise SpecError(f"backoff_limit_per_index must be >= 0, got {cfg.backoff_limit_per_index}")
+    if cfg.max_failed_indexes is not None and not 0 <= cfg.max_failed_indexes <= cfg.shards:
+        raise SpecError(f"max_failed_indexes must be between 0 and shards ({cfg.shards})")
+    if cfg.ttl_seconds_after_finished < 0:
+        raise SpecError("ttl_seconds_after_finished must be >= 0")
+    if cfg.gpus is not None and cfg.gpus < 0:
+        raise SpecError(f"gpus must be >= 0, got {cfg.gpus}")
+    if cfg.gpus and not cfg.profile.gpu:
+        raise SpecError(
+            f"serving {cfg.serving!r} of pipeline {cfg.pipeline!r} runs on CPU; it cannot use --gpus"
+        )
+    for secret in (cfg.api_key_secret, cfg.hf_token_secret):
+        if secret is not None and (len(secret) != 2 or not all(secret)):
+            raise SpecError(f"a secret reference is (secret name, key), got {secret!r}")
+    if not _ENV_NAME_RE.match(cfg.api_key_env):
+        raise SpecError(f"invalid env var name {cfg.api_key_env!r}")
+    reserved = {name for name, _ in _common_env_pairs(cfg)} | {
+        cfg.api_key_env, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "HF_HOME",
+        "JOB_COMPLETION_INDEX",
+    }
+    for name in cfg.extra_env:
+        if not _ENV_NAME_RE.match(name):
+            raise SpecError(f"invalid env var name {name!r}")
+        if name in reserved:
+            raise SpecError(f"env var {name} is set by dfk8s; it cannot be passed as extra env")
+        if any(hint in name.upper() for hint in _SECRET_NAME_HINTS):
+            raise SpecError(
+                f"env var {name} looks like a credential; pass it through a Kubernetes Secret, "
+                "not as a plain value"
+            )
+
+
+def _common_env_pairs(cfg: KubeRunConfig) -> list[tuple[str, str]]:
+    pairs = [("DFK8S_LOG_FORMAT", "json"), ("HOME", TMP_PATH)]
+    if cfg.s3_endpoint:
+        pairs.append(("AWS_ENDPOINT_URL", cfg.s3_endpoint))
+    return pairs
+
+
+def _common_env(cfg: KubeRunConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in _common_env_pairs(cfg)]
+    if cfg.s3_secret:
+        env += [
+            _secret_env("AWS_ACCESS_KEY_ID", cfg.s3_secret, "AWS_ACCESS_KEY_ID"),
+            _secret_env("AWS_SECRET_ACCESS_KEY", cfg.s3_secret, "AWS_SECRET_ACCESS_KEY"),
+        ]
+    return env
+
+
+def _worker_env(cfg: KubeRunConfig) -> list[dict[str, Any]]:
+    env = _common_env(cfg)
+    # Without a cache volume HF_HOME stays unset: the libraries then fall back to $HOME/.cache, which
+    # is on the writable /tmp (HOME) instead of the read-only root filesystem.
+    if cfg.profile.model_cache is not None:
+        env.append({"name": "HF_HOME", "value": HF_HOME})
+    env += [{"name": name, "value": str(value)} for name, value in cfg.extra_env.items()]
+    if cfg.api_key_secret:
+        env.append(_secret_env(cfg.api_key_env, *cfg.api_key_secret))
+    if cfg.hf_token_secret:
+        env.append(_secret_env("HF_TOKEN", *cfg.hf_token_secret))
+    return env
+
+
+def _secret_env(env_name: str, secret_name: str, key: str) -> dict[str, Any]:
+    return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}}
+
+
+def _worker_resources(cfg: KubeRunConfig) -> dict[str, dict[str, str]]:
+    resources = {section: dict(amounts) for section, amounts in cfg.profile.resources.items()}
+    limits = resources.setdefault("limits", {})
+    requests = resources.get("requests", {})
+    # Extended resources cannot be overcommitted: a GPU request, if any, must equal the limit, so the
+    # count lives in the limit only (Kubernetes copies it to the request).
+    requests.pop(GPU_RESOURCE, None)
+    limits.pop(GPU_RESOURCE, None)
+    if cfg.gpu_count:
+        limits[GPU_RESOURCE] = str(cfg.gpu_count)
+    return {section: amounts for section, amounts in resources.items() if amounts}
+
+
+def _scheduling(cfg: KubeRunConfig) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    profile = cfg.profile
+    # A GPU profile run with gpus=0 must not be pinned to (or tolerate) GPU nodes it will not use.
+    uses_profile_gpu_scheduling = not profile.gpu or cfg.gpu_count > 0
+    node_selector = (
+        dict(cfg.node_selector)
+        if cfg.node_selector is not None
+        else (dict(profile.node_selector) if uses_profile_gpu_scheduling else {})
+    )
+    tolerations = (
+        [dict(t) for t in cfg.tolerations]
+        if cfg.tolerations is not None
+        else ([dict(t) for t in profile.tolerations] if uses_profile_gpu_scheduling else [])
+    )
+    return node_selector, tolerations
+
+
+def _worker_volumes(cfg: KubeRunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    # The root filesystem is read-only: everything that writes gets an emptyDir.
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": TMP_PATH}]
+    profile = cfg.profile
+    if profile.shm_size:
+        # PyTorch uses /dev/shm for inter-process tensors; the runtime default of 64 MiB is too small.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": profile.shm_size}})
+        mounts.append({"name": "dshm", "mountPath": SHM_PATH})
+    if profile.model_cache is not None:
+        if profile.model_cache.pvc:
+            source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": profile.model_cache.pvc}}
+        else:
+            source = {"emptyDir": {"sizeLimit": profile.model_cache.size}}
+        volumes.append({"name": "model-cache", **source})
+        mounts.append({"name": "model-cache", "mountPath": CACHE_PATH})
+    return volumes, mounts
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        # fsGroup makes emptyDir and PVC volumes writable by the non-root user.
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }

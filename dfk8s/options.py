@@ -1,0 +1,99 @@
+"""Flags shared by ``dfk8s run`` and ``dfk8s submit``, declared once (users script against these names)."""
+
+from __future__ import annotations
+
+import click
+
+from dfk8s.pipelines import PIPELINES
+from dfk8s.servings import SERVINGS
+
+
+def _apply(options):
+    def decorator(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorator
+
+
+PIPELINE_OPTIONS = [
+    click.option("--pipeline", "-p", required=True, type=click.Choice(sorted(PIPELINES)),
+                 help="What to do with each row."),
+    click.option("--input", "-i", "input_", metavar="PATH|S3URI",
+                 help="Manifest: JSONL or a JSON array, local or s3:// (not needed to resume)."),
+    click.option("--run-id", help="Resume this run, or give a new run this id."),
+    click.option("--serving", type=click.Choice(sorted(SERVINGS)),
+                 help="Backend; default: openai-chat for caption/vqa, diffusers for text2image/imageedit."),
+    click.option("--model", help="API model name, or a hub name / local folder for diffusers."),
+    click.option("--input-key", help="Conversation key (default: conversations, then conversation)."),
+    click.option("--image-key", help="Input image key (default: images, then image)."),
+    click.option("--output-key", help="Key the result is written to (default per pipeline)."),
+    click.option("--id-key", help="Row key holding a unique id (default: the row's position)."),
+    click.option("--image-root", type=click.Path(file_okay=False),
+                 help="Folder relative image paths are taken from (default: the manifest's folder)."),
+    click.option("--shards", type=click.IntRange(min=1), help="Split into exactly N shards."),
+    click.option("--rows-per-shard", type=click.IntRange(min=1),
+                 help="Rows per shard (default 1000)."),
+    click.option("--save-interval", type=click.IntRange(min=1), default=100, show_default=True,
+                 help="Checkpoint a part every N finished rows."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Run seed; each row's seed derives from it and the row id."),
+    click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL",
+                 help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)."),
+]
+
+API_OPTIONS = [
+    click.option("--api-url", envvar="DF_BASE_URL",
+                 help="OpenAI-compatible or Gemini base URL (default: $DF_BASE_URL, else the vendor's). "
+                      "The key comes from $DF_API_KEY (or $OPENAI_API_KEY / $GEMINI_API_KEY)."),
+    click.option("--system-prompt", help="System prompt (caption default: DataFlow-MM's)."),
+    click.option("--temperature", type=float, help="Sampling temperature, passed through."),
+    click.option("--max-tokens", type=click.IntRange(min=1), help="Answer length limit, passed through."),
+    click.option("--max-concurrency", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="API requests in flight per worker."),
+    click.option("--rpm", type=click.FloatRange(min=0, min_open=True),
+                 help="Requests per minute for the whole run (split across workers)."),
+    click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                 help="Seconds before a request is abandoned and retried."),
+    click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
+                 help="Retries of a 429/5xx/timeout before the row gets an error record."),
+]
+
+IMAGE_OPTIONS = [
+    click.option("--steps", type=click.IntRange(min=1), help="diffusers: inference steps."),
+    click.option("--guidance", type=float, help="diffusers: guidance scale."),
+    click.option("--height", type=click.IntRange(min=16), help="diffusers: image height."),
+    click.option("--width", type=click.IntRange(min=16), help="diffusers: image width."),
+    click.option("--batch-size", type=click.IntRange(min=1), help="diffusers: prompts per batch."),
+    click.option("--images-per-prompt", type=click.IntRange(min=1), help="Images generated per row."),
+    click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+                 help="diffusers: weights dtype (default bfloat16)."),
+    click.option("--cpu-offload/--no-cpu-offload", default=None, help="diffusers: offload to CPU."),
+    click.option("--size", help="OpenAI images: size, e.g. 1024x1024."),
+    click.option("--quality", help="OpenAI images: quality (standard/hd, low/medium/high)."),
+    click.option("--aspect-ratio", help="Gemini images: aspect ratio, e.g. 16:9."),
+    click.option("--image-size", help="Gemini images: image size (1K, 2K, 4K) where supported."),
+]
+
+#: Flag names (click parameter names) that become serving options in run.json.
+SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max_tokens", "max_concurrency",
+                        "rpm", "timeout", "max_retries", "steps", "guidance", "height", "width",
+                        "batch_size", "images_per_prompt", "dtype", "cpu_offload", "size", "quality",
+                        "aspect_ratio", "image_size")
+
+shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS)
+
+
+def run_request_from_flags(output: str, flags: dict):
+    """Build a :class:`dfk8s.runs.RunRequest` from the shared flags."""
+    from dfk8s.runs import RunRequest
+
+    return RunRequest(
+        pipeline=flags["pipeline"], output=output, input=flags.get("input_"), run_id=flags.get("run_id"),
+        serving=flags.get("serving"),
+        options={name: flags.get(name) for name in SERVING_OPTION_NAMES if flags.get(name) is not None},
+        input_key=flags.get("input_key"), image_key=flags.get("image_key"),
+        output_key=flags.get("output_key"), id_key=flags.get("id_key"), image_root=flags.get("image_root"),
+        shards=flags.get("shards"), rows_per_shard=flags.get("rows_per_shard"),
+        save_interval=flags.get("save_interval") or 100, seed=flags.get("seed") or 0,
+        endpoint_url=flags.get("s3_endpoint"))

@@ -1,0 +1,210 @@
+"""Plan a run: stream the manifest, normalise and check each row, write shards and run.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dfk8s import layout, rows
+from dfk8s.images import ImageProblem, check_image, read_ref_bytes, resolve_ref, sha256_hex
+from dfk8s.manifest import Manifest, ManifestItem, count_rows
+from dfk8s.pipelines import Pipeline, get_pipeline
+from dfk8s.spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+#: Rows per shard when neither --shards nor --rows-per-shard is given: small enough that a lost pod
+#: redoes little, big enough that a million rows make a thousand pods, not a million.
+DEFAULT_ROWS_PER_SHARD = 1000
+
+
+@dataclass
+class Problem:
+    """One problem found in a manifest row, with where it is."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class RowChecker:
+    """Checks rows against a pipeline, resolving and checking their images once per distinct file.
+
+    Attributes:
+        stage_to: When set, local images are uploaded into this run storage (content-addressed) and
+            rows refer to them as ``run:staged/<sha>.<ext>``; otherwise rows carry absolute paths.
+    """
+
+    pipeline: Pipeline
+    input_key: str | None = None
+    image_key: str | None = None
+    id_key: str | None = None
+    image_root: str | None = None
+    stage_to: object | None = None
+    endpoint_url: str | None = None
+    check_remote_images: bool = False
+    _image_cache: dict = field(default_factory=dict)
+    _seen_ids: set = field(default_factory=set)
+    _staged: set = field(default_factory=set)
+
+    def check(self, item: ManifestItem) -> tuple[dict, list[Problem]]:
+        """Return the shard row for a manifest item and the problems found (empty if the row is good)."""
+        if item.row is None:
+            shard_row = {"id": str(item.pos), "pos": item.pos, "row": {}, "images": [],
+                         "error": {"type": "BadRow", "message": f"{item.where}: {item.error}",
+                                   "raw": item.raw}}
+            return shard_row, [Problem(item.where, item.error or "bad row")]
+        problems: list[Problem] = []
+        try:
+            rid = rows.row_id(item.row, item.pos, self.id_key)
+        except rows.RowProblem as exc:
+            rid = str(item.pos)
+            problems.append(Problem(item.where, str(exc)))
+        else:
+            if self.id_key:
+                if rid in self._seen_ids:
+                    problems.append(Problem(item.where, f"duplicate id {rid!r} (key {self.id_key!r})"))
+                self._seen_ids.add(rid)
+        resolved: list[str] = []
+        try:
+            self.pipeline.check_row(item.row, self.input_key)
+            refs = self.pipeline.image_refs(item.row, self.image_key)
+        except rows.RowProblem as exc:
+            problems.append(Problem(item.where, str(exc)))
+            refs = []
+        for ref in refs:
+            try:
+                resolved.append(self._image(ref))
+            except ImageProblem as exc:
+                problems.append(Problem(item.where, str(exc)))
+        error = None
+        if problems:
+            error = {"type": "BadRow", "message": "; ".join(str(p) for p in problems)}
+        return {"id": rid, "pos": item.pos, "row": item.row, "images": resolved, "error": error}, problems
+
+    def _image(self, ref: str) -> str:
+        path = resolve_ref(ref, self.image_root)
+        if path in self._image_cache:
+            cached = self._image_cache[path]
+            if isinstance(cached, ImageProblem):
+                raise cached
+            return cached
+        is_local = "://" not in path and not path.startswith(layout.RUN_REF_SCHEME)
+        try:
+            if is_local or self.check_remote_images:
+                data = read_ref_bytes(path, endpoint_url=self.endpoint_url)
+                checked = check_image(data, ref)
+                if is_local and self.stage_to is not None:
+                    key = layout.staged_key(sha256_hex(data), checked.extension)
+                    if key not in self._staged:
+                        if not self.stage_to.exists(key):
+                            self.stage_to.write_bytes(key, data)
+                        self._staged.add(key)
+                    path = layout.RUN_REF_SCHEME + key
+        except ImageProblem as exc:
+            # Say what the manifest said, and where we looked, in one line.
+            problem = ImageProblem(str(exc).replace(f"image {path}", f"image {ref!r} ({path})", 1)
+                                   if ref != path else str(exc))
+            self._image_cache[path] = problem
+            raise problem from None
+        if len(self._image_cache) > 100_000:  # bound memory on manifests with millions of distinct images
+            self._image_cache.clear()
+        self._image_cache[path] = path
+        return path
+
+
+def default_image_root(manifest: str, image_root: str | None) -> str | None:
+    """Relative image paths are taken from ``--image-root``, else from the manifest's folder."""
+    if image_root:
+        return image_root
+    if manifest.startswith("s3://"):
+        return None
+    return str(Path(manifest).expanduser().absolute().parent)
+
+
+def iter_problems(manifest: str, pipeline: str, counts: dict, *, input_key=None, image_key=None,
+                  id_key=None, image_root=None, endpoint_url=None) -> Iterator[Problem]:
+    """Yield every problem in a manifest (bad JSON, missing keys, duplicate ids, bad images).
+
+    ``counts`` is filled with ``rows`` and ``good`` as the stream is consumed.
+    """
+    checker = RowChecker(get_pipeline(pipeline), input_key, image_key, id_key,
+                         default_image_root(manifest, image_root), endpoint_url=endpoint_url,
+                         check_remote_images=True)
+    counts.update(rows=0, good=0)
+    for item in Manifest(manifest, endpoint_url=endpoint_url):
+        counts["rows"] += 1
+        _, problems = checker.check(item)
+        if not problems:
+            counts["good"] += 1
+        yield from problems
+
+
+def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shards: int | None = None,
+         image_root: str | None = None, stage_images: bool = False, endpoint_url: str | None = None,
+         on_row: Callable[[int], None] | None = None) -> RunSpec:
+    """Write a run's shards and then its run.json (whose presence means the plan is complete).
+
+    Args:
+        spec: The spec to complete; ``input``, pipeline, serving, keys and options are set.
+        run_storage: The run's storage (``<output>/<run_id>``).
+        rows_per_shard: Shard size; or ``shards`` for a fixed count (costs one extra counting pass).
+        image_root: Folder relative image paths are taken from.
+        stage_images: Upload local images into the run (cluster runs: pods cannot see this disk).
+        endpoint_url: S3 endpoint for s3:// manifests and images.
+        on_row: Called with the number of rows planned so far (progress).
+
+    Returns:
+        The completed spec, also saved as run.json.
+    """
+    if shards:
+        total = count_rows(spec.input, endpoint_url=endpoint_url)
+        rows_per_shard = max(1, math.ceil(total / shards)) if total else 1
+    rows_per_shard = rows_per_shard or DEFAULT_ROWS_PER_SHARD
+    checker = RowChecker(get_pipeline(spec.pipeline), spec.input_key, spec.image_key, spec.id_key,
+                         default_image_root(spec.input, image_root),
+                         stage_to=run_storage if stage_images else None, endpoint_url=endpoint_url)
+    manifest = Manifest(spec.input, endpoint_url=endpoint_url)
+    shard_index, in_shard, total_rows, bad = 0, 0, 0, 0
+    with tempfile.TemporaryDirectory(prefix="dfk8s-plan-") as tmp:
+        buffer_path = os.path.join(tmp, "shard.jsonl")
+        buffer = open(buffer_path, "w", encoding="utf-8")
+        try:
+            for item in manifest:
+                shard_row, problems = checker.check(item)
+                bad += bool(problems)
+                buffer.write(json.dumps(shard_row, ensure_ascii=False, separators=(",", ":")) + "\n")
+                in_shard += 1
+                total_rows += 1
+                if in_shard == rows_per_shard:
+                    buffer.close()
+                    run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
+                    shard_index, in_shard = shard_index + 1, 0
+                    buffer = open(buffer_path, "w", encoding="utf-8")
+                if on_row is not None and total_rows % 1000 == 0:
+                    on_row(total_rows)
+            buffer.close()
+            if in_shard:
+                run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
+                shard_index += 1
+        finally:
+            buffer.close()
+    if on_row is not None:
+        on_row(total_rows)
+    spec.shards = shard_index
+    spec.rows = total_rows
+    spec.rows_per_shard = rows_per_shard
+    spec.input_digest = f"sha256:{manifest.digest}"
+    spec.input_bytes = manifest.nbytes
+    spec.save(run_storage)
+    log.info("planned %d rows (%d with problems) into %d shards", total_rows, bad, shard_index)
+    return spec

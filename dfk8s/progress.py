@@ -1,0 +1,74 @@
+"""Run progress read from storage (done markers and checkpoint parts), the same locally or on a cluster."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from dfk8s import layout
+from dfk8s.errors import NotFound
+
+
+@dataclass
+class Progress:
+    """Rows finished so far (ok + failed) and shards done."""
+
+    rows: int = 0
+    ok: int = 0
+    failed: int = 0
+    shards_done: int = 0
+
+
+class ProgressReader:
+    """Polls a run's storage; parts and markers are immutable, so each is read once and cached."""
+
+    def __init__(self, storage):
+        self.storage = storage
+        self._done: dict[int, tuple[int, int]] = {}
+        self._parts: dict[str, tuple[int, int]] = {}
+
+    def poll(self) -> Progress:
+        """Return the progress now (one listing of output/ and parts/, plus any new objects)."""
+        for key in self.storage.list(layout.OUTPUT_PREFIX):
+            index = layout.done_index(key)
+            if index is not None and index not in self._done:
+                try:
+                    stats = self.storage.read_json(key)
+                except NotFound:
+                    continue
+                self._done[index] = (stats["ok"], stats["failed"])
+        in_parts: dict[int, list[int]] = {}
+        for key in self.storage.list(layout.PARTS_PREFIX):
+            index = int(key.split("/")[1])
+            if index in self._done:
+                continue
+            if key not in self._parts:
+                try:
+                    records = [json.loads(line) for line in self.storage.open_lines(key) if line.strip()]
+                except NotFound:
+                    continue  # the shard finished and removed its parts meanwhile
+                ok = sum(1 for r in records if r.get("ok"))
+                self._parts[key] = (ok, len(records) - ok)
+            counts = in_parts.setdefault(index, [0, 0])
+            counts[0] += self._parts[key][0]
+            counts[1] += self._parts[key][1]
+        ok = sum(v[0] for v in self._done.values()) + sum(v[0] for v in in_parts.values())
+        failed = sum(v[1] for v in self._done.values()) + sum(v[1] for v in in_parts.values())
+        return Progress(rows=ok + failed, ok=ok, failed=failed, shards_done=len(self._done))
+
+    def done_shards(self) -> set[int]:
+        """Indexes of the shards whose done marker has been seen."""
+        return set(self._done)
+
+
+def progress_bar(total: int, *, enabled: bool = True, description: str = "rows"):
+    """A rich progress bar with rows done / failed and rows/s; off when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    console = Console(stderr=True)
+    return RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("[red]{task.fields[failed]} failed"),
+                        TextColumn("{task.fields[rate]} rows/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=not enabled or not console.is_terminal, transient=False)

@@ -1,0 +1,118 @@
+"""DataFlow-MM row shapes, accepted unchanged: conversation turns, image references, row ids."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+#: ShareGPT's speaker names, mapped to chat roles.
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+          "model": "assistant", "bot": "assistant", "system": "system"}
+_CONVERSATION_KEYS = ("conversations", "conversation")
+_IMAGE_KEYS = ("images", "image")
+_IMAGE_PLACEHOLDER = re.compile(r"[ \t]*<image>[ \t]*\n?")
+
+
+class RowProblem(ValueError):
+    """A row does not have the shape a pipeline needs; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One conversation turn, in chat-completion roles."""
+
+    role: str
+    text: str
+
+
+def find_key(row: dict, explicit: str | None, candidates: tuple[str, ...]) -> str | None:
+    """Return the key to read: ``explicit`` if given, else the first candidate the row has."""
+    if explicit:
+        return explicit
+    return next((k for k in candidates if k in row), None)
+
+
+def conversation(row: dict, key: str | None = None) -> list[Turn]:
+    """Read a row's turns from ``conversations: [{role, content}]`` or ``conversation: [{from, value}]``.
+
+    Args:
+        row: The manifest row.
+        key: The input key (``--input-key``); by default ``conversations`` then ``conversation``.
+
+    Returns:
+        The turns, with ShareGPT speakers mapped to roles.
+
+    Raises:
+        RowProblem: The key is missing or the turns are malformed.
+    """
+    found = find_key(row, key, _CONVERSATION_KEYS)
+    if found is None or found not in row:
+        wanted = key or " or ".join(_CONVERSATION_KEYS)
+        raise RowProblem(f"missing key {wanted!r}")
+    value = row[found]
+    if isinstance(value, str):
+        return [Turn("user", value)]  # a bare prompt string is a one-turn conversation
+    if not isinstance(value, list) or not value:
+        raise RowProblem(f"{found!r} must be a non-empty list of turns")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise RowProblem(f"{found}[{i}] must be an object")
+        speaker = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        role = _ROLES.get(str(speaker).lower()) if speaker is not None else None
+        if role is None:
+            raise RowProblem(f"{found}[{i}] has unknown role {speaker!r}")
+        text = _text_of(content)
+        if text is None:
+            raise RowProblem(f"{found}[{i}] has no text content")
+        turns.append(Turn(role, text))
+    if not any(t.role == "user" for t in turns):
+        raise RowProblem(f"{found!r} has no user turn")
+    return turns
+
+
+def _text_of(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI-style content parts: keep the text ones
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return "\n".join(texts) if texts else None
+    return None
+
+
+def strip_image_placeholders(text: str) -> str:
+    """Remove ShareGPT's ``<image>`` markers: the image travels as a content part instead."""
+    return _IMAGE_PLACEHOLDER.sub("", text).strip()
+
+
+def image_refs(row: dict, key: str | None = None) -> list[str]:
+    """Read a row's image references from ``images``/``image``, a string or a list.
+
+    Empty strings are placeholders (DataFlow-MM writes ``[""]``) and are skipped.
+
+    Raises:
+        RowProblem: The value is neither a string nor a list of strings.
+    """
+    found = find_key(row, key, _IMAGE_KEYS)
+    if found is None or found not in row or row[found] is None:
+        return []
+    value = row[found]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RowProblem(f"{found!r} must be a string or a list of strings")
+    return [v for v in value if v.strip()]
+
+
+def row_id(row: dict | None, pos: int, id_key: str | None) -> str:
+    """Return a row's id: the ``--id-key`` value when given, else its position."""
+    if not id_key:
+        return str(pos)
+    if row is None or id_key not in row or row[id_key] in (None, ""):
+        raise RowProblem(f"missing id key {id_key!r}")
+    value = row[id_key]
+    if isinstance(value, (dict, list)):
+        raise RowProblem(f"id key {id_key!r} must be a string or a number")
+    return str(value)

@@ -1,0 +1,146 @@
+"""The shared machinery of API servings: in-flight limit, rate limit, retries with Retry-After.
+
+Every API serving (chat, OpenAI images, Gemini images) subclasses :class:`ApiServing` and only writes
+``call`` (one request) and ``classify`` (is this exception worth retrying?). The worker keeps
+``concurrency`` requests in flight; this class adds the ``--rpm`` limiter (aiolimiter) and the retries
+(tenacity), so no serving writes its own loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+from dataclasses import dataclass
+
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from dfk8s.errors import SpecError
+from dfk8s.servings.base import Request, Response, RowError, Serving
+
+log = logging.getLogger(__name__)
+
+#: Environment variables an API key is read from, in order (DataFlow-MM uses DF_API_KEY).
+API_KEY_ENV = ("DF_API_KEY", "OPENAI_API_KEY")
+#: Longest Retry-After we honour; a server asking for more is capped so a shard cannot stall for hours.
+MAX_RETRY_AFTER = 120.0
+
+
+class RetryableError(Exception):
+    """A failure worth another attempt (429, 5xx, timeout, malformed body)."""
+
+    def __init__(self, kind: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+class RowFailure(Exception):
+    """A failure of this row that retrying cannot fix (refusal, bad request, no image returned)."""
+
+    def __init__(self, kind: str, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.details = details or {}
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """Options every API serving shares (the core's ``--api-url`` ... ``--max-retries``)."""
+
+    api_url: str | None
+    model: str
+    max_concurrency: int = 64
+    rpm: float | None = None
+    timeout: float = 120.0
+    max_retries: int = 5
+
+    @classmethod
+    def from_spec(cls, spec, default_model: str) -> ApiOptions:
+        """Read the shared options; the ``--rpm`` budget is split across the run's parallel workers."""
+        rpm = spec.option("rpm")
+        if rpm:
+            rpm = float(rpm) / max(1, min(spec.parallelism, spec.shards or 1))
+        return cls(api_url=spec.option("api_url") or os.environ.get("DF_BASE_URL") or None,
+                   model=spec.option("model") or default_model,
+                   max_concurrency=int(spec.option("max_concurrency", 64)),
+                   rpm=rpm, timeout=float(spec.option("timeout", 120.0)),
+                   max_retries=int(spec.option("max_retries", 5)))
+
+
+def api_key_from_env(names: tuple[str, ...] = API_KEY_ENV) -> str:
+    """Return the API key from the first set variable of ``names``.
+
+    Raises:
+        SpecError: None is set (the message names the variables, never a value).
+    """
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    raise SpecError(f"missing API key: set {' or '.join(names)}")
+
+
+class _WaitRetryAfter:
+    """Wait what the server asked for in Retry-After, else exponential backoff with jitter."""
+
+    def __init__(self):
+        self.backoff = wait_exponential_jitter(initial=0.5, max=30.0, jitter=0.5)
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableError) and exc.retry_after is not None:
+            return min(max(exc.retry_after, 0.0), MAX_RETRY_AFTER)
+        return self.backoff(state)
+
+
+class ApiServing(Serving):
+    """Base of the API servings: one request per row, ``max_concurrency`` rows in flight."""
+
+    batch_size = 1
+
+    def __init__(self, options: ApiOptions):
+        self.options = options
+        self.concurrency = max(1, options.max_concurrency)
+        self.limiter = AsyncLimiter(options.rpm, 60.0) if options.rpm else None
+        self.wait = _WaitRetryAfter()
+
+    @abc.abstractmethod
+    async def call(self, request: Request) -> Response:
+        """Send one request; raise RetryableError, RowFailure or SpecError; return the response."""
+
+    async def run(self, batch: list[Request]) -> list[Response | RowError]:
+        return [await self.run_one(request) for request in batch]
+
+    async def run_one(self, request: Request) -> Response | RowError:
+        """Call with rate limit and retries; turn the last failure into a RowError."""
+        attempts = 0
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.options.max_retries + 1), wait=self.wait,
+                                 retry=retry_if_exception(lambda e: isinstance(e, RetryableError)),
+                                 reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    if self.limiter is not None:
+                        await self.limiter.acquire()
+                    response = await self.call(request)
+                    response.attempts = attempts
+                    return response
+        except RetryableError as exc:
+            return RowError(exc.kind, f"gave up after {attempts} attempts: {exc}", attempts)
+        except RowFailure as exc:
+            return RowError(exc.kind, str(exc), attempts, dict(exc.details))
+        except SpecError:
+            raise
+        except Exception as exc:  # an SDK or decoding surprise fails this row only
+            log.debug("row %s failed", request.row_id, exc_info=True)
+            return RowError(type(exc).__name__, _one_line(exc), attempts)
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:500]

@@ -1,0 +1,50 @@
+"""An instant serving that echoes the prompt: for dry pipelines, worker benchmarks and tests."""
+
+from __future__ import annotations
+
+import io
+
+from dfk8s.servings.base import Request, Response, RowError, Serving
+
+
+class EchoServing(Serving):
+    """Answers every request at once: text for text pipelines, a tiny PNG for image pipelines.
+
+    Options: ``echo_images`` (int, images per row, 0 for text), ``fail_marker`` (rows whose prompt contains
+    it fail with an error record), ``max_concurrency``.
+    """
+
+    name = "echo"
+
+    def __init__(self, images: int = 0, fail_marker: str | None = None, concurrency: int = 64):
+        self.images = images
+        self.fail_marker = fail_marker
+        self.concurrency = concurrency
+        self._png = _tiny_png() if images else b""
+
+    @classmethod
+    def from_spec(cls, spec) -> EchoServing:
+        from dfk8s.pipelines import PIPELINES
+
+        produces_images = PIPELINES[spec.pipeline].output_kind == "images"
+        return cls(images=spec.option("images_per_prompt", 1) if produces_images else 0,
+                   fail_marker=spec.option("fail_marker"), concurrency=spec.option("max_concurrency", 64))
+
+    async def run(self, batch: list[Request]) -> list[Response | RowError]:
+        out: list[Response | RowError] = []
+        for req in batch:
+            if self.fail_marker and self.fail_marker in req.prompt:
+                out.append(RowError("EchoFailure", f"prompt contains {self.fail_marker!r}"))
+            elif self.images:
+                out.append(Response(images=[self._png] * self.images))
+            else:
+                out.append(Response(text=f"echo: {req.prompt}"))
+        return out
+
+
+def _tiny_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 80, 40)).save(buf, "PNG")
+    return buf.getvalue()

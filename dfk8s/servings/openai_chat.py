@@ -1,0 +1,70 @@
+"""Caption / VQA through any OpenAI-compatible chat completions API, images as data URLs."""
+
+from __future__ import annotations
+
+import base64
+
+from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure
+from dfk8s.servings.base import Message, Request, Response
+from dfk8s.servings.openai_common import make_client, openai_errors
+
+DEFAULT_MODEL = "gpt-4o-mini"
+
+
+def data_url(image) -> str:
+    """An image as a base64 data URL, typed by its sniffed MIME type (not its file extension)."""
+    return f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}"
+
+
+def chat_messages(messages: list[Message]) -> list[dict]:
+    """Our messages in the chat-completions wire shape; a turn with images becomes content parts."""
+    out = []
+    for m in messages:
+        if m.images:
+            parts = [{"type": "text", "text": m.text}] if m.text else []
+            parts += [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in m.images]
+            out.append({"role": m.role, "content": parts})
+        else:
+            out.append({"role": m.role, "content": m.text})
+    return out
+
+
+class OpenAIChatServing(ApiServing):
+    """Chat completions for caption and VQA rows."""
+
+    name = "openai-chat"
+
+    def __init__(self, options: ApiOptions, *, temperature: float | None = None, max_tokens: int | None = None):
+        super().__init__(options)
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.client = make_client(options)
+
+    @classmethod
+    def from_spec(cls, spec) -> OpenAIChatServing:
+        return cls(ApiOptions.from_spec(spec, DEFAULT_MODEL), temperature=spec.option("temperature"),
+                   max_tokens=spec.option("max_tokens"))
+
+    async def call(self, request: Request) -> Response:
+        extra = {}
+        if self.temperature is not None:
+            extra["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            extra["max_tokens"] = self.max_tokens
+        with openai_errors():
+            completion = await self.client.chat.completions.create(
+                model=self.options.model, messages=chat_messages(request.messages), **extra)
+        if isinstance(completion, str) or not hasattr(completion, "choices"):
+            raise RetryableError("MalformedResponse", "the response is not a chat completion")
+        if not completion.choices:
+            raise RetryableError("EmptyResponse", "the response has no choices")
+        message = completion.choices[0].message
+        if getattr(message, "refusal", None):
+            raise RowFailure("Refusal", message.refusal)
+        if not message.content:
+            raise RowFailure("EmptyResponse", "the model returned no text",
+                             {"finish_reason": completion.choices[0].finish_reason})
+        return Response(text=message.content, meta={"finish_reason": completion.choices[0].finish_reason})
+
+    def close(self) -> None:
+        pass  # the client's pool closes with the worker's event loop

@@ -1,0 +1,69 @@
+"""What OpenAI-compatible servings share: the client, and mapping SDK errors to retry decisions."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+from contextlib import contextmanager
+
+import openai
+
+from dfk8s.errors import SpecError
+from dfk8s.servings.api import ApiOptions, RetryableError, RowFailure, api_key_from_env
+
+
+def normalise_base_url(url: str | None) -> str | None:
+    """Turn what users paste into the SDK's base URL, never producing ``/v1/v1``.
+
+    ``http://host`` gets ``/v1``; ``http://host/v1/`` and full endpoint URLs such as DataFlow-MM's
+    ``http://host/v1/chat/completions`` are cut back to ``http://host/v1``; any other path is kept.
+    """
+    if not url:
+        return None
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/images/generations", "/images/edits"):
+        if url.endswith(suffix):
+            url = url[: -len(suffix)]
+    return url if urlsplit(url).path.strip("/") else url + "/v1"
+
+
+def make_client(options: ApiOptions) -> openai.AsyncOpenAI:
+    """An async client with the SDK's own retries off: ours count attempts and honour Retry-After."""
+    return openai.AsyncOpenAI(api_key=api_key_from_env(), base_url=normalise_base_url(options.api_url),
+                              timeout=options.timeout, max_retries=0)
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    value = exc.response.headers.get("retry-after") if exc.response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date; fall back to backoff
+
+
+@contextmanager
+def openai_errors():
+    """Translate the SDK's exceptions: 429/5xx/timeouts/garbage retry, auth stops the shard, 4xx fail."""
+    try:
+        yield
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+        raise SpecError(f"the API refused the credentials ({exc.status_code}); check DF_API_KEY") from None
+    except openai.RateLimitError as exc:
+        raise RetryableError("RateLimited", "429 Too Many Requests", _retry_after(exc)) from None
+    except openai.InternalServerError as exc:
+        raise RetryableError("ServerError", f"HTTP {exc.status_code}", _retry_after(exc)) from None
+    except openai.APITimeoutError:
+        raise RetryableError("Timeout", "request timed out") from None
+    except openai.APIConnectionError as exc:
+        raise RetryableError("ConnectionError", str(exc)) from None
+    except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
+        raise RetryableError("MalformedResponse", f"unparseable response: {type(exc).__name__}") from None
+    except openai.APIStatusError as exc:
+        if exc.status_code in (408, 409):
+            raise RetryableError("ServerError", f"HTTP {exc.status_code}", _retry_after(exc)) from None
+        body = exc.body if isinstance(exc.body, dict) else {}
+        code = body.get("code") or body.get("type")
+        if code == "content_policy_violation":
+            raise RowFailure("Refusal", body.get("message") or "refused by the content policy") from None
+        raise RowFailure("BadRequest", f"HTTP {exc.status_code}: {body.get('message') or exc.message}",
+                         {"status": exc.status_code, "code": code}) from None

@@ -1,0 +1,100 @@
+"""A local folder as run storage; every write is a temp file renamed into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from dfk8s.errors import NotFound
+from dfk8s.storage._base import Storage, join_key
+
+
+class LocalStorage(Storage):
+    """Storage rooted at a local folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(self.url(key)) from None
+
+    def _atomic(self, key: str):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        return path, fd, tmp
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path, fd, tmp = self._atomic(key)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_file(self, key: str, local_path: str) -> None:
+        path, fd, tmp = self._atomic(key)
+        os.close(fd)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def open_lines(self, key: str) -> Iterator[bytes]:
+        try:
+            f = self._path(key).open("rb")
+        except FileNotFoundError:
+            raise NotFound(self.url(key)) from None
+        with f:
+            for line in f:
+                yield line.rstrip(b"\r\n")
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            yield prefix
+            return
+        if not base.is_dir():
+            return
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue  # a write in progress, not an object yet
+                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        yield from sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Drop folders the delete emptied (like S3, a folder exists only while it holds objects).
+        for parent in path.parents:
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+    def child(self, prefix: str) -> LocalStorage:
+        return LocalStorage(self._path(prefix))
+
+    def url(self, key: str = "") -> str:
+        return str(self._path(join_key(key)))

@@ -1,0 +1,319 @@
+"""The worker: process one shard through one pipeline and serving, resumable at any moment.
+
+The same entrypoint runs as a local process (``dfk8s run``) and as a pod of an Indexed Job; it learns
+everything from ``run.json`` and its shard index, never from who started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from dfk8s import layout
+from dfk8s.errors import NotFound, ShardError, SpecError
+from dfk8s.images import ImageProblem, read_image
+from dfk8s.pipelines import Pipeline, get_pipeline
+from dfk8s.servings import Response, RowError, Serving, build_serving
+from dfk8s.servings.base import ImageInput
+from dfk8s.spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardStats:
+    """What a finished shard reports in its done marker."""
+
+    index: int
+    rows: int
+    ok: int
+    failed: int
+    seconds: float
+    failed_offsets: list[int]
+    resumed_rows: int = 0
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def read_shard(storage, index: int) -> list[dict]:
+    """Read a shard's planned rows.
+
+    Raises:
+        ShardError: The shard is missing or corrupt (retrying cannot help).
+    """
+    key = layout.shard_input_key(index)
+    try:
+        return [json.loads(line) for line in storage.open_lines(key) if line.strip()]
+    except NotFound:
+        raise ShardError(f"shard {index} has no input at {storage.url(key)}") from None
+    except ValueError as exc:
+        raise ShardError(f"shard {index} input {storage.url(key)} is corrupt: {exc}") from None
+
+
+def read_parts(storage, index: int) -> tuple[dict[int, dict], int]:
+    """Read the checkpoint parts a previous attempt wrote.
+
+    Returns:
+        Finished records by global position, and the number the next part gets.
+    """
+    finished: dict[int, dict] = {}
+    next_part = 0
+    for key in storage.list(layout.part_prefix(index)):
+        name = key.rsplit("/", 1)[-1]
+        if not name.endswith(".jsonl"):
+            continue
+        next_part = max(next_part, int(name.split(".")[0]) + 1)
+        for line in storage.open_lines(key):
+            if line.strip():
+                record = json.loads(line)
+                finished[record["pos"]] = record
+    return finished, next_part
+
+
+class ShardRunner:
+    """Runs the pending rows of one shard with a serving, writing a part every ``save_interval`` rows."""
+
+    def __init__(self, spec: RunSpec, storage, index: int, serving: Serving | None,
+                 *, endpoint_url: str | None = None):
+        self.spec = spec
+        self.storage = storage
+        self.index = index
+        self.serving = serving
+        self.endpoint_url = endpoint_url
+        self.pipeline: Pipeline = get_pipeline(spec.pipeline)
+        self.output_key = spec.output_key or self.pipeline.output_key
+        self.buffer: list[dict] = []
+        self.next_part = 0
+        self.pending_writes: set[asyncio.Task] = set()
+
+    # -- records -------------------------------------------------------------------------------------
+
+    def failed_record(self, shard_row: dict, error: dict) -> dict:
+        row = dict(shard_row["row"])
+        row.pop(self.output_key, None)  # a placeholder like "images": [""] is not an output
+        row["error"] = error
+        return {"pos": shard_row["pos"], "id": shard_row["id"], "ok": False, "row": row}
+
+    def ok_record(self, shard_row: dict, value) -> dict:
+        row = dict(shard_row["row"])
+        row.pop("error", None)
+        row[self.output_key] = value
+        return {"pos": shard_row["pos"], "id": shard_row["id"], "ok": True, "row": row}
+
+    def store_images(self, shard_row: dict, images: list[bytes]) -> list[str]:
+        """Write a row's output images under deterministic names; returns their URLs."""
+        urls = []
+        for k, data in enumerate(images):
+            key = layout.image_key(shard_row["id"], k)
+            self.storage.write_bytes(key, _as_png(data))
+            urls.append(self.storage.url(key))
+        return urls
+
+    def finish(self, shard_row: dict, result: Response | RowError) -> dict:
+        """Turn a serving result into the row's output record (errors never escape)."""
+        if isinstance(result, RowError):
+            return self.failed_record(shard_row, result.to_record())
+        try:
+            if self.pipeline.output_kind == "images":
+                if not result.images:
+                    return self.failed_record(shard_row, {"type": "NoImage", "attempts": result.attempts,
+                                                          "message": "the serving returned no image"})
+                return self.ok_record(shard_row, self.store_images(shard_row, result.images))
+            return self.ok_record(shard_row, result.text)
+        except ImageProblem as exc:
+            return self.failed_record(shard_row, {"type": "BadImage", "message": str(exc),
+                                                  "attempts": result.attempts})
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    async def add(self, records: Iterable[dict]) -> None:
+        self.buffer.extend(records)
+        if len(self.buffer) >= self.spec.save_interval:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.buffer:
+            return
+        records, self.buffer = self.buffer, []
+        key = layout.part_key(self.index, self.next_part)
+        self.next_part += 1
+        data = "".join(_dumps(r) + "\n" for r in records).encode()
+        # Off the event loop, so requests in flight keep flowing while the part uploads.
+        await asyncio.to_thread(self.storage.write_bytes, key, data)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def request_for(self, shard_row: dict):
+        """Load a row's images and build its request; a RowError if an image is bad."""
+        images = []
+        for ref in shard_row["images"]:
+            try:
+                checked = read_image(ref, run_storage=self.storage, endpoint_url=self.endpoint_url)
+            except ImageProblem as exc:
+                return RowError("BadImage", str(exc), 0)
+            images.append(ImageInput(checked.data, checked.mime, ref, checked.width, checked.height))
+        return self.pipeline.build_request(
+            shard_row["row"], images, row_id=shard_row["id"], input_key=self.spec.input_key,
+            system_prompt=self.spec.option("system_prompt"), seed=self.spec.seed)
+
+    async def run_batch(self, batch: list[dict]) -> None:
+        prepared = await asyncio.to_thread(lambda: [self.request_for(r) for r in batch]) \
+            if any(r["images"] for r in batch) else [self.request_for(r) for r in batch]
+        ready = [(r, p) for r, p in zip(batch, prepared, strict=True) if not isinstance(p, RowError)]
+        results: dict[int, Response | RowError] = {
+            r["pos"]: p for r, p in zip(batch, prepared, strict=True) if isinstance(p, RowError)}
+        if ready:
+            try:
+                answers = await self.serving.run([p for _, p in ready])
+            except SpecError:
+                raise
+            except Exception as exc:  # a serving bug fails its batch's rows, never the shard
+                log.exception("serving failed a batch of %d rows", len(ready))
+                answers = [RowError(type(exc).__name__, str(exc)[:500]) for _ in ready]
+            if len(answers) != len(ready):
+                answers = [RowError("ServingError", "the serving returned the wrong number of results")
+                           for _ in ready]
+            results.update({r["pos"]: a for (r, _), a in zip(ready, answers, strict=True)})
+        if self.pipeline.output_kind == "images":
+            records = await asyncio.to_thread(lambda: [self.finish(r, results[r["pos"]]) for r in batch])
+        else:
+            records = [self.finish(r, results[r["pos"]]) for r in batch]
+        await self.add(records)
+
+    async def run(self, pending: list[dict]) -> None:
+        """Process ``pending`` rows, keeping ``serving.concurrency`` batches in flight."""
+        try:
+            await self._run(pending)
+        finally:
+            await self.flush()  # keep what finished, even when the shard stops on a fatal error
+
+    async def _run(self, pending: list[dict]) -> None:
+        planned_bad = [r for r in pending if r.get("error")]
+        await self.add(self.failed_record(r, {**r["error"], "attempts": 0}) for r in planned_bad)
+        todo = [r for r in pending if not r.get("error")]
+        if todo:
+            if self.serving is None:
+                self.serving = build_serving(self.spec)
+            size = max(1, self.serving.batch_size)
+            slots = asyncio.Semaphore(max(1, self.serving.concurrency))
+            tasks: set[asyncio.Task] = set()
+            fatal: list[BaseException] = []
+
+            async def one(batch):
+                try:
+                    await self.run_batch(batch)
+                except BaseException as exc:  # bad credentials, storage down: stop the shard
+                    fatal.append(exc)
+                finally:
+                    slots.release()
+
+            for start in range(0, len(todo), size):
+                await slots.acquire()
+                if fatal:
+                    break
+                task = asyncio.create_task(one(todo[start:start + size]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+            if fatal:
+                raise fatal[0]
+
+
+def process_shard(storage, index: int, *, serving: Serving | None = None,
+                  endpoint_url: str | None = None) -> ShardStats:
+    """Process shard ``index`` of the run in ``storage`` to its done marker; skip what is done.
+
+    Args:
+        storage: The run's storage.
+        index: Shard index.
+        serving: A serving to use instead of the one the spec names (tests, benchmarks).
+        endpoint_url: S3 endpoint for s3:// image references.
+
+    Returns:
+        The shard's stats (also written as its done marker).
+
+    Raises:
+        SpecError / ShardError: The shard cannot succeed.
+    """
+    spec = RunSpec.load(storage)
+    if not 0 <= index < spec.shards:
+        raise ShardError(f"shard index {index} is out of range: the run has {spec.shards} shards")
+    done_key = layout.shard_done_key(index)
+    if storage.exists(done_key):
+        log.info("shard %d is already done", index)
+        return ShardStats(**storage.read_json(done_key))
+    started = time.monotonic()
+    shard_rows = read_shard(storage, index)
+    finished, next_part = read_parts(storage, index)
+    pending = [r for r in shard_rows if r["pos"] not in finished]
+    log.info("shard %d: %d rows, %d already finished, %d to do", index, len(shard_rows), len(finished),
+             len(pending))
+    runner = ShardRunner(spec, storage, index, serving, endpoint_url=endpoint_url)
+    runner.next_part = next_part
+    try:
+        asyncio.run(runner.run(pending))
+    finally:
+        if runner.serving is not None and serving is None:
+            runner.serving.close()
+    return _assemble(storage, index, shard_rows, time.monotonic() - started, len(finished))
+
+
+def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resumed: int) -> ShardStats:
+    """Merge the parts into the shard output, in shard order, then write the done marker last."""
+    finished, _ = read_parts(storage, index)
+    missing = [r["pos"] for r in shard_rows if r["pos"] not in finished]
+    if missing:
+        raise RuntimeError(f"shard {index}: {len(missing)} rows have no result (first: {missing[0]})")
+    lines, failed_offsets = [], []
+    for offset, shard_row in enumerate(shard_rows):
+        record = finished[shard_row["pos"]]
+        if not record["ok"]:
+            failed_offsets.append(offset)
+        lines.append(_dumps(record["row"]) + "\n")
+    storage.write_bytes(layout.shard_output_key(index), "".join(lines).encode())
+    stats = ShardStats(index=index, rows=len(shard_rows), ok=len(shard_rows) - len(failed_offsets),
+                       failed=len(failed_offsets), seconds=round(seconds, 3), failed_offsets=failed_offsets,
+                       resumed_rows=resumed)
+    storage.write_json(layout.shard_done_key(index), asdict(stats))
+    for key in list(storage.list(layout.part_prefix(index))):
+        storage.delete(key)  # the output holds them now; parts were only checkpoints
+    log.info("shard %d done: %d ok, %d failed in %.1fs", index, stats.ok, stats.failed, seconds)
+    return stats
+
+
+def _as_png(data: bytes) -> bytes:
+    """Output images are stored as PNG (deterministic names end in .png); re-encode anything else."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        from dfk8s.images import check_image
+
+        check_image(data, "output image")
+        return data
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            buf = io.BytesIO()
+            img.save(buf, "PNG")
+            return buf.getvalue()
+    except Exception as exc:
+        raise ImageProblem(f"the serving returned an image that does not decode: {type(exc).__name__}") \
+            from None
+
+
+def shard_index_from_env(index: int | None) -> int:
+    """The shard index: ``--index`` or Kubernetes' ``JOB_COMPLETION_INDEX``."""
+    if index is not None:
+        return index
+    value = os.environ.get("JOB_COMPLETION_INDEX")
+    if value is None or not value.isdigit():
+        raise SpecError("no shard index: pass --index or set JOB_COMPLETION_INDEX")
+    return int(value)

@@ -1,0 +1,22 @@
+"""templates/rbac/launcher-rolebinding.yaml."""
+
+from __future__ import annotations
+
+TEMPLATE = "rbac/launcher-rolebinding.yaml"
+
+
+def test_should_bind_the_launcher_role_to_its_service_account_when_defaults_are_used(render):
+    binding = render().one(TEMPLATE)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "demo-dfk8s-launcher"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-dfk8s-launcher",
+                                    "namespace": "batch"}]
+
+
+def test_should_bind_the_named_account_when_launcher_service_account_name_is_set(render):
+    values = {"launcher": {"serviceAccount": {"create": False, "name": "ci"}}}
+    assert render(values).one(TEMPLATE)["subjects"][0]["name"] == "ci"
+
+
+def test_should_render_nothing_when_launcher_rbac_create_is_false(render):
+    assert not render({"launcher": {"rbac": {"create": False}}}).has(TEMPLATE)
