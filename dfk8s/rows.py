@@ -12,6 +12,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 _CONVERSATION_KEYS = ("conversations", "conversation")
 _IMAGE_KEYS = ("images", "image")
 _IMAGE_PLACEHOLDER = re.compile(r"[ \t]*<image>[ \t]*\n?")
+_SPACES = re.compile(r"[ \t]{2,}")
 
 
 class RowProblem(ValueError):
@@ -84,7 +85,7 @@ def _text_of(content: Any) -> str | None:
 
 def strip_image_placeholders(text: str) -> str:
     """Remove ShareGPT's ``<image>`` markers: the image travels as a content part instead."""
-    return _IMAGE_PLACEHOLDER.sub("", text).strip()
+    return _SPACES.sub(" ", _IMAGE_PLACEHOLDER.sub(" ", text)).strip()
 
 
 def image_refs(row: dict, key: str | None = None) -> list[str]:

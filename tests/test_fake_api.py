@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-fake-secret-0123456789"
 
 
-def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 16), color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 16), color: tuple = (200, 10, 10)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, fmt)
     return buf.getvalue()
@@ -202,13 +204,28 @@ def test_gemini_text_and_image(api, gem):
     [entry] = api.requests()
     assert entry["endpoint"] == "gemini.generateContent" and entry["model"] == "gemini-2.5-flash-image"
     assert entry["auth"] == "x-goog-api-key" and entry["system"] == "be bold" and entry["image_mimes"] == ["image/png"]
+    assert SECRET not in json.dumps(api.requests())
+
+
+def test_gemini_v1beta_path_and_snake_case_json(api):
+    blob = {"mime_type": "image/png", "data": base64.b64encode(image_bytes()).decode()}
+    body = {"contents": [{"role": "user", "parts": [{"text": "snake"}, {"inline_data": blob}]}],
+            "generation_config": {"response_modalities": ["TEXT", "IMAGE"], "image_config": {"aspect_ratio": "1:2"}}}
+    r = http_json(api.url + "/v1beta/models/gemini-2.5-flash-image:generateContent?key=" + SECRET, body)
+    parts = r["candidates"][0]["content"]["parts"]
+    assert parts[0]["text"].startswith("fake gemini: snake (turns: 1, images: 1, 32x16 png")
+    assert decode_png(base64.b64decode(parts[1]["inlineData"]["data"])).size == (32, 64)
+    assert api.requests()[0]["auth"] == "key query parameter" and SECRET not in json.dumps(api.requests())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        http_json(api.url + "/v1beta/models/gemini-2.5-flash:streamGenerateContent", body)
+    assert err.value.code == 404 and json.loads(err.value.read())["error"]["status"] == "NOT_FOUND"
 
 
 def test_gemini_multi_turn_and_modalities(api, gem):
+    jpeg = types.Part.from_bytes(data=image_bytes("JPEG"), mime_type="image/jpeg")
     turns = [types.Content(role="user", parts=[types.Part(text="first")]),
              types.Content(role="model", parts=[types.Part(text="ok")]),
-             types.Content(role="user", parts=[types.Part(text="second"),
-                                               types.Part.from_bytes(data=image_bytes("JPEG"), mime_type="image/jpeg")])]
+             types.Content(role="user", parts=[types.Part(text="second"), jpeg])]
     r = gem.models.generate_content(model="gemini-2.5-flash", contents=turns)
     assert r.text == "fake gemini: second (turns: 3, images: 1, 32x16 jpeg; system: no)"
     assert len(r.candidates[0].content.parts) == 1  # a text model sends no image unless asked
@@ -221,7 +238,8 @@ def test_gemini_multi_turn_and_modalities(api, gem):
 @pytest.mark.parametrize("data,mime", [(b"garbage", "image/png"), (image_bytes("PNG"), "image/jpeg")])
 def test_gemini_rejects_bad_image(api, gem, data, mime):
     with pytest.raises(genai_errors.ClientError) as err:
-        gem.models.generate_content(model="gemini-2.5-flash", contents=["x", types.Part.from_bytes(data=data, mime_type=mime)])
+        gem.models.generate_content(model="gemini-2.5-flash",
+                                    contents=["x", types.Part.from_bytes(data=data, mime_type=mime)])
     assert err.value.code == 400 and err.value.status == "INVALID_ARGUMENT"
 
 
@@ -237,6 +255,8 @@ def test_429_carries_retry_after_in_both_shapes(api, oai, gem):
         gem.models.generate_content(model="gemini-2.5-flash", contents="hi")
     assert gerr.value.code == 429 and gerr.value.status == "RESOURCE_EXHAUSTED"
     assert gerr.value.response.headers["retry-after"] == "7"
+    assert gerr.value.details["error"]["details"] == [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]
     api.configure(retry_after=0.25)
     with pytest.raises(openai.RateLimitError) as err:
         oai.images.generate(model="gpt-image-1", prompt="p")
@@ -347,6 +367,20 @@ def test_hang_times_out_client_and_frees_the_slot(api, oai):
         time.sleep(0.02)
     stats = api.stats()
     assert stats["inflight"] == 0 and stats["by_status"] == {"cancelled": 1} and stats["faults"] == {"hang": 1}
+
+
+def test_stop_ends_hanging_requests_quickly():
+    api = FakeAPI(FakeConfig(rate_hang=1.0))
+    client = openai.OpenAI(base_url=api.start() + "/v1", api_key="t", max_retries=0, timeout=30)
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(openai.APIError, chat, client, "x")))
+    worker.start()
+    while not api.stats()["inflight"]:
+        time.sleep(0.01)
+    started = time.monotonic()
+    api.stop()
+    worker.join(5)
+    assert time.monotonic() - started < 3 and outcome  # the client got an answer (504), not a 30 s wait
 
 
 def test_latency_and_max_inflight_under_concurrency(api):

@@ -83,6 +83,24 @@ def api_key_from_env(names: tuple[str, ...] = API_KEY_ENV) -> str:
     raise SpecError(f"missing API key: set {' or '.join(names)}")
 
 
+class PerLoop:
+    """Builds a value once per event loop: SDK clients hold connection pools bound to the loop they met."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self._loop = None
+        self._value = None
+
+    def get(self):
+        """The value for the running loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._value, self._loop = self.factory(), loop
+        return self._value
+
+
 class _WaitRetryAfter:
     """Wait what the server asked for in Retry-After, else exponential backoff with jitter."""
 

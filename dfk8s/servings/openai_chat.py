@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure
+from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.openai_common import make_client, openai_errors
 
@@ -38,7 +38,8 @@ class OpenAIChatServing(ApiServing):
         super().__init__(options)
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.client = make_client(options)
+        api_key_from_env()  # fail now, with exit 42, rather than on every row
+        self.clients = PerLoop(lambda: make_client(options))
 
     @classmethod
     def from_spec(cls, spec) -> OpenAIChatServing:
@@ -52,7 +53,7 @@ class OpenAIChatServing(ApiServing):
         if self.max_tokens is not None:
             extra["max_tokens"] = self.max_tokens
         with openai_errors():
-            completion = await self.client.chat.completions.create(
+            completion = await self.clients.get().chat.completions.create(
                 model=self.options.model, messages=chat_messages(request.messages), **extra)
         if isinstance(completion, str) or not hasattr(completion, "choices"):
             raise RetryableError("MalformedResponse", "the response is not a chat completion")
@@ -65,6 +66,3 @@ class OpenAIChatServing(ApiServing):
             raise RowFailure("EmptyResponse", "the model returned no text",
                              {"finish_reason": completion.choices[0].finish_reason})
         return Response(text=message.content, meta={"finish_reason": completion.choices[0].finish_reason})
-
-    def close(self) -> None:
-        pass  # the client's pool closes with the worker's event loop

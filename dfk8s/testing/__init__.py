@@ -1,4 +1,4 @@
-"""Test helpers shipped with dfk8s (the fake API server), so a cluster test can run them from the image.
+"""Test helpers shipped with dfk8s (fake API server, S3 and tiny-model fixtures), so cluster tests can run them.
 
-Nothing is imported here on purpose: `python -m dfk8s.testing.fake_api` must find its module unloaded.
+Nothing is imported here on purpose: `python -m dfk8s.testing.fake_api` must find its module not yet loaded.
 """

@@ -25,8 +25,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from PIL import Image, ImageDraw
@@ -121,6 +122,7 @@ class InImage:
     size: tuple[int, int] = (0, 0)
 
     def describe(self) -> str:
+        """`64x64 png`: the size and sniffed format, as replies echo them."""
         return f"{self.size[0]}x{self.size[1]} {self.fmt}"
 
 
@@ -148,6 +150,7 @@ class Call:
         return h.hexdigest()
 
     def trigger(self) -> str | None:
+        """The fault a `[[...]]` marker in the request's texts asks for, or None."""
         joined = "\n".join(self.texts)
         return next((mode for marker, mode in TRIGGERS.items() if marker in joined), None)
 
@@ -447,6 +450,8 @@ class FakeAPI:
             status: int | str = "cancelled"  # what a client hang-up leaves
             try:
                 response = await self._process(request, entry, dialect, parse, reply)
+                if dialect == "openai":  # the SDK exposes it as `_request_id`; servings may log it
+                    response.headers["x-request-id"] = f"req_fake{entry['seq']}"
                 status = response.status
                 return response
             finally:
@@ -468,13 +473,13 @@ class FakeAPI:
         entry.update(model=call.model, system=call.system, prompt=call.prompt, n_images=len(call.images),
                      image_mimes=[i.mime for i in call.images], has_mask=call.mask is not None)
         if self.config.latency > 0:
-            time.sleep(self.config.latency)
+            await asyncio.sleep(self.config.latency)
         mode = self._decide(call)
         entry["fault"] = mode
         if mode == "hang":
             try:  # a stopping server ends hangs early rather than holding shutdown
                 await asyncio.wait_for(self._closing.wait(), self.config.hang_seconds)  # type: ignore[union-attr]
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             return self._error(dialect, ApiError(504, "Deadline exceeded (fake hang).", type_="timeout"))
         if mode in ("429", "fail_first"):
@@ -483,8 +488,8 @@ class FakeAPI:
             text = "The server had an error while processing your request." if mode == "500" else "Overloaded."
             return self._error(dialect, ApiError(int(mode), text, type_="server_error"))
         try:
-            # Pillow decoding releases the GIL; off the loop it does not stall other requests.
-            await asyncio.to_thread(self._inspect, call)
+            if call.images or call.mask:  # Pillow releases the GIL: decoding off the loop stalls no one
+                await asyncio.to_thread(self._inspect, call)
             if mode == "malformed":
                 return web.Response(status=200, text=MALFORMED_BODY, content_type="application/json")
             return web.json_response(reply(request, call, mode))
@@ -521,7 +526,7 @@ class FakeAPI:
             sent.append(float(seconds))
             del sent[:-10000]  # bounded for long benchmarks
         if dialect == "gemini":
-            exc = ApiError(429, "Resource has been exhausted (e.g. check quota).")
+            exc = ApiError(429, "Resource has been exhausted (e.g. check quota).", code=f"{seconds:g}s")
         else:
             exc = ApiError(429, f"Rate limit reached (fake). Please try again in {value}s.",
                            code="rate_limit_exceeded", type_="requests")
@@ -530,7 +535,7 @@ class FakeAPI:
     def _error(self, dialect: str, exc: ApiError, headers: dict[str, str] | None = None) -> web.Response:
         if dialect == "gemini":
             from dfk8s.testing import fake_gemini
-            body = fake_gemini.error_body(exc.status, exc.message)
+            body = fake_gemini.error_body(exc.status, exc.message, retry_delay=exc.code if exc.status == 429 else None)
         else:
             body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
         return web.json_response(body, status=exc.status, headers=headers)

@@ -22,9 +22,18 @@ STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSIO
                 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    """Gemini's error JSON: `{"error": {"code", "message", "status"}}`."""
-    return {"error": {"code": status, "message": message, "status": STATUS_NAMES.get(status, "UNKNOWN")}}
+def error_body(status: int, message: str, retry_delay: str | None = None) -> dict[str, Any]:
+    """Gemini's error JSON: `{"error": {"code", "message", "status"[, "details"]}}`.
+
+    Args:
+        status: HTTP status.
+        message: Human-readable message.
+        retry_delay: For a 429, the delay as Gemini writes it (`"7s"`), sent as a google.rpc.RetryInfo detail.
+    """
+    error: dict[str, Any] = {"code": status, "message": message, "status": STATUS_NAMES.get(status, "UNKNOWN")}
+    if retry_delay is not None:
+        error["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}]
+    return {"error": error}
 
 
 def _get(obj: dict[str, Any], camel: str, snake: str, default: Any = None) -> Any:

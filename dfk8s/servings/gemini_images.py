@@ -1,0 +1,246 @@
+"""text2image and imageedit through Gemini's image models (``generateContent`` via ``google-genai``).
+
+The row's conversation becomes a multi-turn request (system turn -> ``system_instruction``, assistant
+turns -> role ``model``), input images ride as inline parts on the turn that carries them, and the
+answer's ``inline_data`` parts are the output images. An answer without an image (text only, or blocked
+for safety) fails the row with the model's text and finish reason kept in the error record.
+Per-model rules live in :mod:`dfk8s.servings.image_models`; retries and limits come from
+:class:`ApiServing` (the SDK's own retries are switched off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from dfk8s.errors import SpecError
+from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure, api_key_from_env
+from dfk8s.servings.base import Message, Request, Response
+from dfk8s.servings.image_models import GeminiImageParams, as_png, check_gemini, returned_image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemini-2.5-flash-image"
+#: Where the key is read from, in order.
+GEMINI_KEY_ENV = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "DF_API_KEY")
+#: Input image types Gemini takes inline; anything else is sent as PNG.
+INLINE_MIMES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
+#: Finish and block reasons that mean "refused", as opposed to "answered without an image".
+REFUSAL_REASONS = frozenset({"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION",
+                             "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION",
+                             "MODEL_ARMOR", "JAILBREAK"})
+_VERSION = re.compile(r"^v\d+(?:(?:alpha|beta)\d*)?$")
+_ENDPOINT = re.compile(r"/models/[^/]+:[A-Za-z]+$")
+
+
+def split_base_url(url: str | None) -> tuple[str | None, str | None]:
+    """Turn what users paste into the SDK's ``(base_url, api_version)``, never doubling the version.
+
+    ``http://host`` -> (``http://host``, None: the SDK's default version); ``http://host/v1beta/`` ->
+    (``http://host``, ``v1beta``); a full ``.../v1beta/models/m:generateContent`` URL is cut back the same
+    way; any other path is kept as the base.
+    """
+    if not url:
+        return None, None
+    url = _ENDPOINT.sub("", url.rstrip("/")).rstrip("/")
+    head, _, last = url.rpartition("/")
+    if _VERSION.match(last) and urlsplit(url).path.strip("/"):
+        return head, last
+    return url, None
+
+
+def _retry_after(exc: genai_errors.APIError) -> float | None:
+    """Seconds to wait from a 429: the Retry-After header, else the body's google.rpc.RetryInfo."""
+    headers = getattr(exc.response, "headers", None)
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        if value is not None:
+            return float(value)
+    except ValueError:
+        pass
+    details = exc.details.get("error", {}).get("details") if isinstance(exc.details, dict) else None
+    for item in details or []:
+        delay = item.get("retryDelay") if isinstance(item, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return float(delay[:-1])
+            except ValueError:
+                return None
+    return None
+
+
+def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(timeout, connection) exception types of whichever HTTP stack the SDK uses."""
+    timeouts: list[type[BaseException]] = [TimeoutError, asyncio.TimeoutError]
+    connection: list[type[BaseException]] = [ConnectionError]
+    try:
+        import aiohttp
+
+        connection.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    for name in ("httpx", "httpx2"):
+        try:
+            mod = __import__(name)
+        except ImportError:
+            continue
+        timeouts.append(mod.TimeoutException)
+        connection.append(mod.TransportError)
+    return tuple(timeouts), tuple(connection)
+
+
+_TIMEOUTS, _CONNECTION_ERRORS = _transport_errors()
+
+
+@contextmanager
+def gemini_errors(model: str):
+    """Translate google-genai's exceptions: 429/5xx/timeouts/garbage retry, auth stops the shard."""
+    try:
+        yield
+    except genai_errors.APIError as exc:
+        code = exc.code or 0
+        message = (exc.message or exc.status or "").strip().splitlines()
+        message = message[0][:300] if message else ""
+        if code in (401, 403) or (code == 400 and "API_KEY_INVALID" in json.dumps(exc.details, default=str)):
+            raise SpecError(f"the Gemini API refused the credentials ({code}); check GEMINI_API_KEY "
+                            "(or GOOGLE_API_KEY / DF_API_KEY)") from None
+        if code == 404:
+            raise SpecError(f"the Gemini API has no {model!r} at this URL (404: {message}); check --model "
+                            "and --api-url") from None
+        if code == 429:
+            raise RetryableError("RateLimited", f"429 {exc.status or 'RESOURCE_EXHAUSTED'}",
+                                 _retry_after(exc)) from None
+        if code in (408, 409) or code >= 500:
+            raise RetryableError("ServerError", f"HTTP {code} {exc.status or ''}".strip(),
+                                 _retry_after(exc)) from None
+        raise RowFailure("BadRequest", f"HTTP {code}: {message}", {"status": code}) from None
+    except (genai_errors.UnknownApiResponseError, json.JSONDecodeError) as exc:
+        raise RetryableError("MalformedResponse", f"unparseable response: {type(exc).__name__}") from None
+    except _TIMEOUTS:
+        raise RetryableError("Timeout", "request timed out") from None
+    except _CONNECTION_ERRORS as exc:
+        raise RetryableError("ConnectionError", f"{type(exc).__name__}: {exc}"[:300]) from None
+
+
+def _parts(message: Message) -> list[types.Part]:
+    parts = [types.Part.from_text(text=message.text)] if message.text else []
+    for img in message.images:
+        if img.mime not in INLINE_MIMES:
+            img = as_png(img)
+        parts.append(types.Part.from_bytes(data=img.data, mime_type=img.mime))
+    return parts
+
+
+def build_contents(request: Request) -> tuple[list[types.Content], str | None]:
+    """The request's turns as Gemini contents, and the system instruction (None without one)."""
+    messages = list(request.messages)
+    if request.images and not any(m.images for m in messages):
+        # Images not attached to any turn go on the last user turn.
+        last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+        if last is None:
+            messages.append(Message("user", "", tuple(request.images)))
+        else:
+            m = messages[last]
+            messages[last] = Message(m.role, m.text, tuple(request.images))
+    system = "\n\n".join(m.text for m in messages if m.role == "system" and m.text) or None
+    contents = []
+    for m in messages:
+        if m.role == "system":
+            continue
+        parts = _parts(m)
+        if parts:
+            contents.append(types.Content(role="model" if m.role == "assistant" else "user", parts=parts))
+    return contents, system
+
+
+def _name(value) -> str | None:
+    """An SDK enum (or a raw string from a newer API) as its plain name."""
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))
+
+
+class GeminiImagesServing(ApiServing):
+    """Gemini image models: one generateContent call per row, images out of inline_data."""
+
+    name = "gemini-images"
+
+    def __init__(self, options: ApiOptions, params: GeminiImageParams, *, temperature: float | None = None):
+        super().__init__(options)
+        self.params = params
+        base_url, api_version = split_base_url(options.api_url)
+        http = types.HttpOptions(base_url=base_url, api_version=api_version,
+                                 timeout=int(options.timeout * 1000),
+                                 # attempts=1: no SDK retries, not even its hidden connection-error retry
+                                 retry_options=types.HttpRetryOptions(attempts=1))
+        self.client = genai.Client(api_key=api_key_from_env(GEMINI_KEY_ENV), vertexai=False, http_options=http)
+        image_config = None
+        if params.aspect_ratio or params.image_size:
+            image_config = types.ImageConfig(aspect_ratio=params.aspect_ratio, image_size=params.image_size)
+        self.config_args = {"response_modalities": ["TEXT", "IMAGE"], "image_config": image_config}
+        if temperature is not None:
+            self.config_args["temperature"] = float(temperature)
+
+    @classmethod
+    def from_spec(cls, spec) -> GeminiImagesServing:
+        options = ApiOptions.from_spec(spec, DEFAULT_MODEL)
+        if spec.pipeline not in ("text2image", "imageedit"):
+            raise SpecError(f"gemini-images runs text2image and imageedit, not {spec.pipeline}")
+        if spec.option("mask"):
+            raise SpecError("gemini-images takes no mask; describe the area to edit in the prompt")
+        params = check_gemini(options.model, aspect_ratio=spec.option("aspect_ratio"),
+                              image_size=spec.option("image_size"), n=spec.option("images_per_prompt"))
+        return cls(options, params, temperature=spec.option("temperature"))
+
+    async def call(self, request: Request) -> Response:
+        contents, system = build_contents(request)
+        if not any(m.role == "user" and m.text.strip() for m in request.messages):
+            raise RowFailure("BadInput", "the row has no prompt (no user turn with text)")
+        config = types.GenerateContentConfig(system_instruction=system, **self.config_args)
+        with gemini_errors(self.params.model):
+            answer = await self.client.aio.models.generate_content(
+                model=self.params.model, contents=contents, config=config)
+        return self._response(answer)
+
+    def _response(self, answer: types.GenerateContentResponse) -> Response:
+        if not isinstance(answer, types.GenerateContentResponse):
+            raise RetryableError("MalformedResponse", "the response is not a GenerateContentResponse")
+        feedback = answer.prompt_feedback
+        if feedback is not None and feedback.block_reason is not None:
+            reason = _name(feedback.block_reason)
+            raise RowFailure("Refusal", f"the prompt was blocked ({reason})"
+                             + (f": {feedback.block_reason_message}" if feedback.block_reason_message else ""),
+                             {"text": None, "finish_reason": None, "block_reason": reason})
+        if not answer.candidates:
+            raise RetryableError("EmptyResponse", "the response has no candidates")
+        candidate = answer.candidates[0]
+        finish = _name(candidate.finish_reason)
+        parts = (candidate.content.parts or []) if candidate.content is not None else []
+        # Thought parts (Gemini 3 Pro Image's interim drafts and reasoning) are not the answer.
+        final = [p for p in parts if not p.thought]
+        text = "\n".join(p.text for p in final if p.text) or None
+        blobs = [p.inline_data for p in final if p.inline_data is not None and p.inline_data.data]
+        images = [returned_image(b.data, f"candidates[0] image {k}") for k, b in enumerate(blobs)
+                  if (b.mime_type or "image/").startswith("image/")]
+        meta = {"finish_reason": finish}
+        if images:
+            return Response(text=text, images=images, meta=meta)
+        details = {"text": text, "finish_reason": finish}
+        blocked = [_name(r.category) for r in candidate.safety_ratings or [] if r.blocked]
+        if blocked:
+            details["blocked_categories"] = blocked
+        if finish in REFUSAL_REASONS or blocked:
+            raise RowFailure("Refusal", f"the model refused (finish reason {finish})", details)
+        said = f": {text[:200]!r}" if text else ""
+        raise RowFailure("NoImage", f"the model answered without an image (finish reason {finish}){said}", details)
+
+    def close(self) -> None:
+        pass  # the client's aiohttp session closes with the worker's event loop

@@ -1,0 +1,163 @@
+"""The data path end to end with the instant echo serving: plan, worker, resume, reduce, on disk and S3."""
+
+import json
+
+import pytest
+
+from dfk8s import layout
+from dfk8s.errors import ShardError, SpecError
+from dfk8s.reducer import reduce_run
+from dfk8s.runs import RunRequest, prepare_run, run_local
+from dfk8s.storage import open_storage
+from dfk8s.worker import process_shard, read_parts
+from tests.conftest import DATAFLOW_ROOT, SEED_DOCS, VQA_MANIFEST
+
+
+def _lines(storage, key):
+    return [json.loads(line) for line in storage.open_lines(key)]
+
+
+def _manifest(tmp_path, n, *, bad_every=0, name="m.jsonl"):
+    path = tmp_path / name
+    with path.open("w") as f:
+        for i in range(n):
+            text = f"prompt {i}" + (" FAIL" if bad_every and i % bad_every == 0 else "")
+            f.write(json.dumps({"uid": f"r{i}", "conversations": [{"role": "user", "content": text}]}) + "\n")
+    return path
+
+
+def test_vqa_fixture_keeps_all_eight_rows_in_order_with_face_errors(tmp_path):
+    summary = run_local(RunRequest(pipeline="caption", serving="echo", input=str(VQA_MANIFEST),
+                                   output=str(tmp_path), image_root=str(DATAFLOW_ROOT), rows_per_shard=3,
+                                   run_id="vqa"), workers=2)
+    storage = open_storage(str(tmp_path / "vqa"))
+    result = _lines(storage, layout.RESULT_KEY)
+    original = json.loads(VQA_MANIFEST.read_text())
+    assert len(result) == 8 and summary.rows == 8 and summary.shards == 3
+    for got, want in zip(result, original, strict=True):
+        assert got["conversation"] == want["conversation"] and got["image"] == want["image"]
+        if "Face.jpg" in want["image"][0]:
+            assert "caption" not in got and got["error"]["type"] == "BadRow"
+            assert "Face.jpg" in got["error"]["message"] and "not found" in got["error"]["message"]
+        else:
+            assert got["caption"].startswith("echo: ") and "error" not in got
+    errors = _lines(storage, layout.ERRORS_KEY)
+    assert [e["pos"] for e in errors] == [0, 2, 4, 6]
+    assert summary.ok == 4 and summary.failed == 4 and summary.complete
+
+
+def test_seed_docs_caption_fixture_with_relative_paths(tmp_path):
+    summary = run_local(RunRequest(pipeline="caption", serving="echo", input=str(SEED_DOCS / "caption.json"),
+                                   output=str(tmp_path), run_id="c"), workers=1)
+    assert summary.ok == 2 and summary.failed == 0
+
+
+def test_bad_rows_become_error_records_and_nothing_is_lost(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"conversations": [{"role": "user", "content": "ok"}]}\n{oops\n{"prompt": "no conv"}\n'
+                    '{"conversations": [{"role": "user", "content": "ok2"}]}\n')
+    summary = run_local(RunRequest(pipeline="text2image", serving="echo", input=str(path),
+                                   output=str(tmp_path / "out"), run_id="r"), workers=1)
+    storage = open_storage(str(tmp_path / "out/r"))
+    result = _lines(storage, layout.RESULT_KEY)
+    assert len(result) == 4 and summary.failed == 2
+    assert result[1]["error"]["raw"] == "{oops" and "line 2" in result[1]["error"]["message"]
+    assert "line 3" in result[2]["error"]["message"] and "missing key" in result[2]["error"]["message"]
+    assert result[0]["images"] == [storage.url("images/0/0.png")]
+    assert storage.exists("images/3/0.png") and not storage.exists("images/1/0.png")
+
+
+def test_duplicate_ids_are_reported_and_kept(tmp_path):
+    path = tmp_path / "m.jsonl"
+    row = {"uid": "same", "conversations": [{"role": "user", "content": "x"}]}
+    path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    summary = run_local(RunRequest(pipeline="text2image", serving="echo", input=str(path), id_key="uid",
+                                   output=str(tmp_path / "o"), run_id="d"), workers=1)
+    assert summary.ok == 1 and summary.failed == 1
+    errors = _lines(open_storage(str(tmp_path / "o/d")), layout.ERRORS_KEY)
+    assert "duplicate id 'same'" in errors[0]["error"]["message"]
+
+
+def test_worker_resumes_from_parts_without_redoing_rows(tmp_path):
+    manifest = _manifest(tmp_path, 25)
+    request = RunRequest(pipeline="vqa", serving="echo", input=str(manifest), output=str(tmp_path / "o"),
+                         run_id="res", save_interval=5, rows_per_shard=25)
+    storage, spec, resumed = prepare_run(request)
+    assert not resumed
+    # A previous attempt finished rows 0-4 and 10-14 (parts), then died.
+    storage.write_bytes(layout.part_key(0, 0), b"".join(
+        json.dumps({"pos": p, "id": str(p), "ok": True, "row": {"answer": "from-part"}}).encode() + b"\n"
+        for p in [*range(5), *range(10, 15)]))
+    stats = process_shard(storage, 0)
+    assert stats.rows == 25 and stats.resumed_rows == 10
+    out = _lines(storage, layout.shard_output_key(0))
+    assert [r["answer"] for r in out[:5]] == ["from-part"] * 5
+    assert out[5]["answer"] == "echo: prompt 5" and out[12]["answer"] == "from-part"
+    assert read_parts(storage, 0) == ({}, 0)  # parts are removed once the output holds them
+    assert process_shard(storage, 0).rows == 25  # done marker: a second run does nothing
+
+
+def test_resume_with_run_id_reuses_the_plan(tmp_path):
+    manifest = _manifest(tmp_path, 5)
+    request = RunRequest(pipeline="vqa", serving="echo", input=str(manifest), output=str(tmp_path), run_id="x")
+    run_local(request, workers=1)
+    again = RunRequest(pipeline="vqa", output=str(tmp_path), run_id="x")  # no --input needed
+    storage, spec, resumed = prepare_run(again)
+    assert resumed and spec.rows == 5 and spec.serving == "echo"
+    with pytest.raises(SpecError, match="is a vqa run"):
+        prepare_run(RunRequest(pipeline="caption", output=str(tmp_path), run_id="x"))
+
+
+def test_unfinished_shard_is_named_and_its_rows_marked(tmp_path):
+    manifest = _manifest(tmp_path, 6)
+    storage, spec, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=str(manifest),
+                                              output=str(tmp_path), run_id="u", rows_per_shard=2))
+    process_shard(storage, 0)
+    process_shard(storage, 2)
+    summary = reduce_run(storage)
+    result = _lines(storage, layout.RESULT_KEY)
+    assert [r["conversations"][0]["content"] for r in result] == [f"prompt {i}" for i in range(6)]
+    assert summary.failed_shards == [1] and summary.not_processed == 2 and not summary.complete
+    assert result[2]["error"]["type"] == "NotProcessed" and result[3]["error"]["shard"] == 1
+    assert json.loads(storage.read_bytes(layout.SUMMARY_KEY))["failed_shards"] == [1]
+
+
+def test_bad_shard_index_and_missing_spec_cannot_succeed(tmp_path):
+    manifest = _manifest(tmp_path, 2)
+    storage, _, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=str(manifest),
+                                           output=str(tmp_path), run_id="b"))
+    with pytest.raises(ShardError):
+        process_shard(storage, 5)
+    with pytest.raises(SpecError):
+        process_shard(open_storage(str(tmp_path / "nothing")), 0)
+
+
+def test_run_on_s3_end_to_end(tmp_path, s3_bucket):
+    manifest = _manifest(tmp_path, 30, bad_every=7)
+    output = f"s3://{s3_bucket}/runs"
+    summary = run_local(RunRequest(pipeline="text2image", serving="echo", input=str(manifest), output=output,
+                                   run_id="s3run", rows_per_shard=8, options={"fail_marker": "FAIL"}),
+                        workers=2)
+    storage = open_storage(output).child("s3run")
+    result = _lines(storage, layout.RESULT_KEY)
+    assert [r["uid"] for r in result] == [f"r{i}" for i in range(30)]
+    assert summary.failed == 5 and summary.ok == 25 and summary.shards == 4
+    assert result[1]["images"] == [f"s3://{s3_bucket}/runs/s3run/images/1/0.png"]
+    assert result[0]["error"]["type"] == "EchoFailure"
+    assert storage.exists("images/1/0.png") and not storage.exists("images/0/0.png")
+    assert not list(storage.list("parts"))
+
+
+def test_manifest_and_images_on_s3_are_staged_for_cluster_runs(tmp_path, s3_bucket):
+    bucket = open_storage(f"s3://{s3_bucket}")
+    bucket.write_bytes("in/m.jsonl", (SEED_DOCS / "imageedit.jsonl").read_bytes())
+    storage, spec, _ = prepare_run(
+        RunRequest(pipeline="imageedit", serving="echo", input=f"s3://{s3_bucket}/in/m.jsonl",
+                   output=f"s3://{s3_bucket}/runs", run_id="st", image_root=str(SEED_DOCS)),
+        stage_images=True)
+    shard = _lines(storage, layout.shard_input_key(0))
+    assert all(r["images"][0].startswith("run:staged/") for r in shard)
+    staged = list(storage.list("staged"))
+    assert len(staged) == 2 and all(k.endswith(".png") for k in staged)
+    stats = process_shard(storage, 0)
+    assert stats.ok == 2
