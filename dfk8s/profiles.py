@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class ModelCache:
     Attributes:
         size: ``sizeLimit`` of a per-pod emptyDir (e.g. ``"100Gi"``).
         pvc: name of an existing PersistentVolumeClaim shared by the pods.
+
     """
 
     size: str | None = None
@@ -83,6 +85,7 @@ class Profile:
         model_cache: the Hugging Face cache volume, or None for none.
         defaults: serving parameters used when no flag overrides them.
         source: the file the profile was read from.
+
     """
 
     pipeline: str
@@ -104,11 +107,13 @@ class Profile:
 
 
 def profile_search_path() -> list[Path]:
-    """The folders searched for ``<pipeline>.yaml``, first match wins.
+    """Return the folders searched for ``<pipeline>.yaml``; the first match wins.
 
     Returns:
         ``$DFK8S_JOBS_DIR`` when set, the ``jobs/`` folder next to the package (a source checkout),
-        then ``/etc/dfk8s/jobs`` (where the Helm chart mounts its ConfigMap).
+        ``/etc/dfk8s/jobs`` (where the images and the Helm chart's ConfigMap put them), then
+        ``<sys.prefix>/share/dfk8s/jobs`` (where a wheel installs them as data files).
+
     """
     folders: list[Path] = []
     env_dir = os.environ.get(JOBS_DIR_ENV)
@@ -116,6 +121,7 @@ def profile_search_path() -> list[Path]:
         folders.append(Path(env_dir))
     folders.append(Path(__file__).resolve().parent.parent / "jobs")
     folders.append(SYSTEM_JOBS_DIR)
+    folders.append(Path(sys.prefix) / "share" / "dfk8s" / "jobs")
     return folders
 
 
@@ -132,6 +138,7 @@ def load_profile(pipeline: str, serving: str | None = None) -> Profile:
     Raises:
         SpecError: no file for the pipeline in any searched folder, the file is malformed, or it has
             no entry for the serving.
+
     """
     if not isinstance(pipeline, str) or not _NAME_RE.match(pipeline):
         raise SpecError(f"invalid pipeline name {pipeline!r}: use lowercase letters, digits and '-'")
@@ -215,7 +222,7 @@ def _serving_profile(entry: Any, pipeline: str, serving: str, path: Path) -> Pro
     for key, value in node_selector.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise SpecError(
-                f"{where}.node_selector: keys and values must be strings (quote \"true\"), "
+                f'{where}.node_selector: keys and values must be strings (quote "true"), '
                 f"got {key!r}: {value!r}"
             )
 

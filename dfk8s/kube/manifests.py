@@ -44,8 +44,16 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_SHARDS = 100_000
 # Env names that hold credentials: extra_env is written into the Job in clear text, so these must
 # come through a Secret reference instead.
-_SECRET_NAME_HINTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "API_KEY", "APIKEY", "CREDENTIAL",
-                      "AWS_ACCESS_KEY_ID")
+_SECRET_NAME_HINTS = (
+    "SECRET",
+    "TOKEN",
+    "PASSWORD",
+    "PASSWD",
+    "API_KEY",
+    "APIKEY",
+    "CREDENTIAL",
+    "AWS_ACCESS_KEY_ID",
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class KubeRunConfig:
             keeps going and the reducer reports the failed shards).
         ttl_seconds_after_finished: how long finished Jobs (and their pod logs) stay around.
         extra_env: non-secret env vars for the workers, e.g. ``DF_BASE_URL``.
+
     """
 
     run_id: str
@@ -121,17 +130,17 @@ class KubeRunConfig:
 
 
 def map_job_name(run_id: str) -> str:
-    """Name of the map Job of a run."""
+    """Return the name of the map Job of a run."""
     return f"dfk8s-{run_id}-map"
 
 
 def reduce_job_name(run_id: str) -> str:
-    """Name of the reduce Job of a run."""
+    """Return the name of the reduce Job of a run."""
     return f"dfk8s-{run_id}-reduce"
 
 
 def run_labels(cfg: KubeRunConfig, component: str) -> dict[str, str]:
-    """The labels every object of a run carries (and that ``dfk8s status/logs/cancel`` select on).
+    """Return the labels every object of a run carries (``dfk8s status/logs/cancel`` select on them).
 
     Args:
         cfg: the run.
@@ -139,6 +148,7 @@ def run_labels(cfg: KubeRunConfig, component: str) -> dict[str, str]:
 
     Returns:
         The label mapping.
+
     """
     return {
         "app.kubernetes.io/name": "dfk8s",
@@ -152,13 +162,14 @@ def run_labels(cfg: KubeRunConfig, component: str) -> dict[str, str]:
 
 
 def build_map_job(cfg: KubeRunConfig) -> dict[str, Any]:
-    """The Indexed Job that runs one worker pod per shard.
+    """Build the Indexed Job that runs one worker pod per shard.
 
     Args:
         cfg: the run.
 
     Returns:
         A ``batch/v1`` Job as a plain dict.
+
     """
     labels = run_labels(cfg, "map")
     job_labels = dict(labels)
@@ -232,7 +243,7 @@ def build_map_job(cfg: KubeRunConfig) -> dict[str, Any]:
 
 
 def build_reduce_job(cfg: KubeRunConfig) -> dict[str, Any]:
-    """The Job that waits for the map Job to end, then writes the run's result.
+    """Build the Job that waits for the map Job to end, then writes the run's result.
 
     It is not put in the Kueue queue: admitted ahead of the map Job it would hold quota while
     waiting for a Job that may then not fit, and it needs next to nothing.
@@ -242,6 +253,7 @@ def build_reduce_job(cfg: KubeRunConfig) -> dict[str, Any]:
 
     Returns:
         A ``batch/v1`` Job as a plain dict.
+
     """
     labels = run_labels(cfg, "reduce")
     env = _common_env(cfg)
@@ -250,9 +262,13 @@ def build_reduce_job(cfg: KubeRunConfig) -> dict[str, Any]:
         "image": cfg.reducer_image or cfg.worker_image,
         "imagePullPolicy": "IfNotPresent",
         "command": [
-            "dfk8s", "reduce", cfg.run_uri,
-            "--wait-job", map_job_name(cfg.run_id),
-            "--namespace", cfg.namespace,
+            "dfk8s",
+            "reduce",
+            cfg.run_uri,
+            "--wait-job",
+            map_job_name(cfg.run_id),
+            "--namespace",
+            cfg.namespace,
         ],
         "env": env,
         # The reducer streams shard outputs into result.jsonl; it never holds a whole run in memory.
@@ -263,14 +279,16 @@ def build_reduce_job(cfg: KubeRunConfig) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {"restartPolicy": "Never"}
     if cfg.service_account:
         pod_spec["serviceAccountName"] = cfg.service_account
-    pod_spec.update({
-        # The reducer watches the map Job through the API, so it needs its token.
-        "automountServiceAccountToken": True,
-        "enableServiceLinks": False,
-        "securityContext": _pod_security(),
-        "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
-    })
+    pod_spec.update(
+        {
+            # The reducer watches the map Job through the API, so it needs its token.
+            "automountServiceAccountToken": True,
+            "enableServiceLinks": False,
+            "securityContext": _pod_security(),
+            "containers": [container],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+        }
+    )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -304,13 +322,14 @@ def build_reduce_job(cfg: KubeRunConfig) -> dict[str, Any]:
 
 
 def build_run_objects(cfg: KubeRunConfig) -> list[dict[str, Any]]:
-    """All objects of a run, in the order to apply them (map, then reduce).
+    """Build all objects of a run, in the order to apply them (map, then reduce).
 
     Args:
         cfg: the run.
 
     Returns:
         The map Job and the reduce Job.
+
     """
     return [build_map_job(cfg), build_reduce_job(cfg)]
 
@@ -323,6 +342,7 @@ def to_yaml(objects: list[dict[str, Any]]) -> str:
 
     Returns:
         The YAML text, one ``---``-separated document per object, keys in build order.
+
     """
     return yaml.dump_all(
         objects, Dumper=_PlainDumper, sort_keys=False, explicit_start=True, default_flow_style=False
@@ -330,8 +350,7 @@ def to_yaml(objects: list[dict[str, Any]]) -> str:
 
 
 class _PlainDumper(yaml.SafeDumper):
-    """A safe dumper that writes shared sub-objects out again instead of as YAML anchors (``&id001``),
-    which readers of the manifest would have to resolve by hand."""
+    """A safe dumper that writes shared sub-objects out in full, never as anchors (``&id001``)."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
@@ -345,8 +364,7 @@ def _validate(cfg: KubeRunConfig) -> None:
         )
     if (cfg.pipeline, cfg.serving) != (cfg.profile.pipeline, cfg.profile.serving):
         raise SpecError(
-            f"profile is for {cfg.profile.pipeline}/{cfg.profile.serving}, "
-            f"not {cfg.pipeline}/{cfg.serving}"
+            f"profile is for {cfg.profile.pipeline}/{cfg.profile.serving}, not {cfg.pipeline}/{cfg.serving}"
         )
     if not cfg.run_uri.startswith("s3://"):
         raise SpecError(f"a cluster run needs S3 storage (s3://bucket/prefix), got {cfg.run_uri!r}")
@@ -368,13 +386,20 @@ def _validate(cfg: KubeRunConfig) -> None:
         raise SpecError(
             f"serving {cfg.serving!r} of pipeline {cfg.pipeline!r} runs on CPU; it cannot use --gpus"
         )
-    for secret in (cfg.api_key_secret, cfg.hf_token_secret):
-        if secret is not None and (len(secret) != 2 or not all(secret)):
-            raise SpecError(f"a secret reference is (secret name, key), got {secret!r}")
+    for what, secret in (("api_key_secret", cfg.api_key_secret), ("hf_token_secret", cfg.hf_token_secret)):
+        # The message never echoes the value: a caller who got this wrong may have passed the secret.
+        if secret is not None and (
+            len(secret) != 2 or not all(isinstance(part, str) and part for part in secret)
+        ):
+            raise SpecError(f"{what} must be a secret reference (secret name, key), not a value")
     if not _ENV_NAME_RE.match(cfg.api_key_env):
         raise SpecError(f"invalid env var name {cfg.api_key_env!r}")
     reserved = {name for name, _ in _common_env_pairs(cfg)} | {
-        cfg.api_key_env, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "HF_HOME",
+        cfg.api_key_env,
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "HF_TOKEN",
+        "HF_HOME",
         "JOB_COMPLETION_INDEX",
     }
     for name in cfg.extra_env:

@@ -29,6 +29,7 @@ def parse_minor(version: str) -> tuple[int, int]:
 
     Raises:
         ValueError: the string does not start with ``[v]MAJOR.MINOR``.
+
     """
     match = _VERSION_RE.match(version.strip())
     if match is None:
@@ -37,26 +38,28 @@ def parse_minor(version: str) -> tuple[int, int]:
 
 
 def is_supported(version: str) -> bool:
-    """Whether a cluster at ``version`` is inside :data:`SUPPORTED_KUBERNETES`.
+    """Tell whether a cluster at ``version`` is inside :data:`SUPPORTED_KUBERNETES`.
 
     Args:
         version: the server's git version, e.g. ``"v1.31.4"``.
 
     Returns:
         True when ``oldest <= version <= newest`` by major and minor.
+
     """
     oldest, newest = (parse_minor(bound) for bound in SUPPORTED_KUBERNETES)
     return oldest <= parse_minor(version) <= newest
 
 
 def validator_versions() -> list[str]:
-    """The ``MAJOR.MINOR`` versions kubernetes-validate (a test dependency) has schemas for.
+    """List the ``MAJOR.MINOR`` versions kubernetes-validate (a test dependency) has schemas for.
 
     Returns:
         Sorted oldest first, without duplicates.
 
     Raises:
         ImportError: kubernetes-validate is not installed (``pip install dfk8s[test]``).
+
     """
     import kubernetes_validate  # test-only dependency: imported here, not at module load
 

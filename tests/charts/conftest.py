@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,13 @@ FULLNAME = "demo-dfk8s"
 ALL_ON = {
     "seaweedfs": {"enabled": True},
     "fakeApi": {"enabled": True},
-    "secret": {"create": True, "apiKey": "sk-x", "awsAccessKeyId": "id", "awsSecretAccessKey": "key",
-               "hfToken": "hf"},
+    "secret": {
+        "create": True,
+        "apiKey": "sk-x",
+        "awsAccessKeyId": "id",
+        "awsSecretAccessKey": "key",
+        "hfToken": "hf",
+    },
 }
 
 
@@ -60,7 +66,18 @@ class Rendered:
         for obj in self.objects:
             if obj["kind"] == kind and obj["metadata"]["name"] == name:
                 return obj
-        raise AssertionError(f"no {kind} {name} in {[(o['kind'], o['metadata']['name']) for o in self.objects]}")
+        raise AssertionError(
+            f"no {kind} {name} in {[(o['kind'], o['metadata']['name']) for o in self.objects]}"
+        )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cached_schemas():
+    """Read each schema file once: kubernetes-validate re-parses ~2 MB of JSON on every call."""
+    with pytest.MonkeyPatch.context() as patch:
+        utils = kubernetes_validate.utils
+        patch.setattr(utils, "schema_contents", functools.lru_cache(maxsize=None)(utils.schema_contents))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +125,9 @@ def validate():
                     kubernetes_validate.validate(obj, version, strict=True)
                 except kubernetes_validate.ValidationError as exc:
                     where = ".".join(str(part) for part in exc.path)
+                    name = f"{obj['kind']}/{obj['metadata']['name']}"
                     raise AssertionError(
-                        f"{obj['kind']}/{obj['metadata']['name']} invalid for Kubernetes {version} at {where}: "
-                        f"{exc.message}"
+                        f"{name} invalid for Kubernetes {version} at {where}: {exc.message}"
                     ) from None
 
     return _validate

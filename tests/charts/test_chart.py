@@ -17,8 +17,13 @@ FULLNAME = "demo-dfk8s"
 ALL_ON = {
     "seaweedfs": {"enabled": True},
     "fakeApi": {"enabled": True},
-    "secret": {"create": True, "apiKey": "sk-x", "awsAccessKeyId": "id", "awsSecretAccessKey": "key",
-               "hfToken": "hf"},
+    "secret": {
+        "create": True,
+        "apiKey": "sk-x",
+        "awsAccessKeyId": "id",
+        "awsSecretAccessKey": "key",
+        "hfToken": "hf",
+    },
 }
 
 SCENARIOS = {
@@ -82,8 +87,12 @@ def test_should_run_every_pod_restricted_when_scenario_is_set(render, scenario):
 
 
 def test_should_keep_secret_values_inside_the_secret_when_secret_create_is_set(render):
-    literals = {"apiKey": "sk-LEAK-api", "awsAccessKeyId": "AKIA-LEAK-id",
-                "awsSecretAccessKey": "LEAK-secret-key", "hfToken": "hf_LEAK_token"}
+    literals = {
+        "apiKey": "sk-LEAK-api",
+        "awsAccessKeyId": "AKIA-LEAK-id",
+        "awsSecretAccessKey": "LEAK-secret-key",
+        "hfToken": "hf_LEAK_token",
+    }
     rendered = render({**ALL_ON, "secret": {"create": True, **literals}})
     for template, text in rendered.raw.items():
         for literal in literals.values():
@@ -144,12 +153,21 @@ def test_should_require_the_oldest_supported_kubernetes_when_chart_is_installed(
 def test_should_render_nothing_optional_when_defaults_are_used(render):
     rendered = render()
     kinds = sorted((obj["kind"], obj["metadata"]["name"]) for obj in rendered.objects)
-    assert kinds == sorted([
-        ("ConfigMap", f"{FULLNAME}-jobs"),
-        ("Role", f"{FULLNAME}-launcher"),
-        ("Role", f"{FULLNAME}-reducer"),
-        ("RoleBinding", f"{FULLNAME}-launcher"),
-        ("RoleBinding", f"{FULLNAME}-reducer"),
-        ("ServiceAccount", f"{FULLNAME}-launcher"),
-        ("ServiceAccount", f"{FULLNAME}-reducer"),
-    ])
+    assert kinds == sorted(
+        [
+            ("ConfigMap", f"{FULLNAME}-jobs"),
+            ("Role", f"{FULLNAME}-launcher"),
+            ("Role", f"{FULLNAME}-reducer"),
+            ("RoleBinding", f"{FULLNAME}-launcher"),
+            ("RoleBinding", f"{FULLNAME}-reducer"),
+            ("ServiceAccount", f"{FULLNAME}-launcher"),
+            ("ServiceAccount", f"{FULLNAME}-reducer"),
+        ]
+    )
+
+
+def test_should_catch_unknown_fields_when_objects_are_validated_strictly(render, validate):
+    # Guards the guard: strict validation must reject what the API server would.
+    account = render().one("launcher/serviceaccount.yaml")
+    with pytest.raises(AssertionError, match="1.29"):
+        validate([{**account, "automountToken": False}])

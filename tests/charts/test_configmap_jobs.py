@@ -38,7 +38,9 @@ def test_should_load_every_shipped_profile_when_mounted_as_jobs_dir(render, tmp_
 
 def test_should_replace_a_profile_when_job_profiles_overrides_is_set(render):
     text = "pipeline: caption\ndefault_serving: openai-chat\nservings: {}\n"
-    data = render({"jobProfiles": {"overrides": {"caption.yaml": text, "extra.yaml": "x: 1\n"}}}).one(TEMPLATE)["data"]
+    data = render({"jobProfiles": {"overrides": {"caption.yaml": text, "extra.yaml": "x: 1\n"}}}).one(
+        TEMPLATE
+    )["data"]
     assert data["caption.yaml"] == text
     assert data["extra.yaml"] == "x: 1\n"
     assert "pipeline: text2image" in data["text2image.yaml"]

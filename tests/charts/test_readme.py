@@ -77,7 +77,9 @@ def values_rows(values: dict, docs: dict[str, str], prefix: str = "") -> tuple[l
 def render_table() -> str:
     text = (CHART / "values.yaml").read_text()
     rows, _ = values_rows(yaml.safe_load(text), documented_values(text))
-    return "\n".join(["| Key | Type | Default | Description |", "|-----|------|---------|-------------|", *rows])
+    return "\n".join(
+        ["| Key | Type | Default | Description |", "|-----|------|---------|-------------|", *rows]
+    )
 
 
 def test_should_document_every_value_when_values_yaml_is_read():

@@ -14,8 +14,15 @@ def test_should_run_the_fake_api_module_when_fake_api_enabled_is_set(render):
     assert deployment["metadata"]["name"] == "demo-dfk8s-fake-api"
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "ghcr.io/dfk8s/dfk8s-cpu:0.1.0"
-    assert container["command"] == ["python", "-m", "dfk8s.testing.fake_api", "--host", "0.0.0.0",
-                                    "--port", "8000"]
+    assert container["command"] == [
+        "python",
+        "-m",
+        "dfk8s.testing.fake_api",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+    ]
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"

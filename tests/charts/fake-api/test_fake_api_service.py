@@ -14,4 +14,6 @@ def test_should_select_the_fake_api_pod_when_fake_api_enabled_is_set(render):
     service = rendered.one(TEMPLATE)
     pod_labels = rendered.one("fake-api/deployment.yaml")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"] == pod_labels
-    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]

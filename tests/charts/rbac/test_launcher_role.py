@@ -10,7 +10,11 @@ def test_should_grant_exactly_the_launcher_verbs_when_defaults_are_used(render):
     assert role["kind"] == "Role"  # namespaced: never a ClusterRole
     assert role["metadata"]["name"] == "demo-dfk8s-launcher"
     assert role["rules"] == [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["create", "get", "list", "watch", "delete"],
+        },
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     ]

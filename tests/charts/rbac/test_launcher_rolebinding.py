@@ -7,10 +7,14 @@ TEMPLATE = "rbac/launcher-rolebinding.yaml"
 
 def test_should_bind_the_launcher_role_to_its_service_account_when_defaults_are_used(render):
     binding = render().one(TEMPLATE)
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": "demo-dfk8s-launcher"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-dfk8s-launcher",
-                                    "namespace": "batch"}]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "demo-dfk8s-launcher",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "demo-dfk8s-launcher", "namespace": "batch"}
+    ]
 
 
 def test_should_bind_the_named_account_when_launcher_service_account_name_is_set(render):

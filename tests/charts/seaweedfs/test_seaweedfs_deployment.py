@@ -16,7 +16,14 @@ def test_should_run_weed_s3_from_the_cpu_image_when_seaweedfs_enabled_is_set(ren
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/dfk8s/dfk8s-cpu:0.1.0"
-    assert container["command"] == ["weed", "server", "-s3", "-s3.port=8333", "-dir=/data", "-ip.bind=0.0.0.0"]
+    assert container["command"] == [
+        "weed",
+        "server",
+        "-s3",
+        "-s3.port=8333",
+        "-dir=/data",
+        "-ip.bind=0.0.0.0",
+    ]
     assert container["ports"] == [{"name": "s3", "containerPort": 8333, "protocol": "TCP"}]
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     assert mounts == {"data": "/data", "tmp": "/tmp"}
