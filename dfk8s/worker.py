@@ -194,6 +194,8 @@ class ShardRunner:
             await self._run(pending)
         finally:
             await self.flush()  # keep what finished, even when the shard stops on a fatal error
+            if self.serving is not None:
+                await self.serving.aclose()
 
     async def _run(self, pending: list[dict]) -> None:
         planned_bad = [r for r in pending if r.get("error")]

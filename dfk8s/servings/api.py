@@ -100,6 +100,19 @@ class PerLoop:
             self._value, self._loop = self.factory(), loop
         return self._value
 
+    async def aclose(self) -> None:
+        """Close the value made for the running loop, if any (SDK clients have ``close()``)."""
+        import asyncio
+
+        value, self._value = self._value, None
+        if value is not None and self._loop is asyncio.get_running_loop():
+            closer = getattr(value, "close", None) or getattr(value, "aclose", None)
+            if closer is not None:
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await result
+        self._loop = None
+
 
 class _WaitRetryAfter:
     """Wait what the server asked for in Retry-After, else exponential backoff with jitter."""
@@ -131,6 +144,12 @@ class ApiServing(Serving):
 
     async def run(self, batch: list[Request]) -> list[Response | RowError]:
         return [await self.run_one(request) for request in batch]
+
+    async def aclose(self) -> None:
+        """Close every per-loop client attribute (instances of :class:`PerLoop`)."""
+        for value in vars(self).values():
+            if isinstance(value, PerLoop):
+                await value.aclose()
 
     async def run_one(self, request: Request) -> Response | RowError:
         """Call with rate limit and retries; turn the last failure into a RowError."""

@@ -99,5 +99,8 @@ class Serving(abc.ABC):
     async def run(self, batch: list[Request]) -> list[Response | RowError]:
         """Process a batch; the result has one entry per request, in order."""
 
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Close what is bound to the worker's event loop (HTTP connection pools), inside that loop."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Release clients, models and pools."""
+        """Release models and other resources not bound to an event loop."""

@@ -28,9 +28,27 @@ def normalise_base_url(url: str | None) -> str | None:
 
 
 def make_client(options: ApiOptions) -> openai.AsyncOpenAI:
-    """An async client with the SDK's own retries off: ours count attempts and honour Retry-After."""
+    """An async client with the SDK's own retries off: ours count attempts and honour Retry-After.
+
+    It uses the SDK's aiohttp transport where available: at hundreds of requests in flight it costs
+    about 40% less CPU per request than the default httpx transport (bench/caption_api.py).
+    """
+    try:
+        http_client = openai.DefaultAioHttpClient(
+            limits=_limits(options.max_concurrency), timeout=options.timeout)
+    except (RuntimeError, AttributeError, TypeError):  # SDK without the aiohttp extra
+        http_client = None
     return openai.AsyncOpenAI(api_key=api_key_from_env(), base_url=normalise_base_url(options.api_url),
-                              timeout=options.timeout, max_retries=0)
+                              timeout=options.timeout, max_retries=0, http_client=http_client)
+
+
+def _limits(concurrency: int):
+    """Connection pool sized to the requests in flight, so no request waits for a connection."""
+    import importlib
+
+    httpx_module = importlib.import_module(type(openai.DEFAULT_CONNECTION_LIMITS).__module__.split(".")[0])
+    return httpx_module.Limits(max_connections=max(100, concurrency * 2),
+                               max_keepalive_connections=max(20, concurrency))
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:

@@ -1,0 +1,98 @@
+"""Plan and reduce at 10k and 1M rows: peak memory (must stay flat) and speed against a plain file copy.
+
+    python bench/plan_reduce.py [--sizes 10000 1000000] [--workers 2]
+
+Each phase runs in a fresh process so its peak RSS is its own. Between plan and reduce the shards are
+processed by the real worker with the instant echo serving (not measured here; see
+worker_overhead.py). Prints, per size: plan and reduce seconds, MB/s, the ratio of their throughput to
+``shutil.copyfile`` of the same bytes, peak RSS; then the RSS ratio 1M / 10k (flat memory means ~1).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import peak_rss_mb, write_prompts  # noqa: E402
+
+
+def _phase(phase: str, workdir: str, shards: int) -> dict:
+    from dfk8s.reducer import reduce_run
+    from dfk8s.runs import RunRequest, prepare_run
+    from dfk8s.storage import open_storage
+
+    manifest = os.path.join(workdir, "m.jsonl")
+    started = time.perf_counter()
+    if phase == "copy":
+        shutil.copyfile(manifest, os.path.join(workdir, "copy.jsonl"))
+        nbytes = os.path.getsize(manifest)
+    elif phase == "plan":
+        _, spec, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=manifest, output=workdir,
+                                            run_id="bench"))
+        nbytes = spec.input_bytes
+    elif phase == "reduce":
+        summary = reduce_run(open_storage(os.path.join(workdir, "bench")))
+        assert summary.complete and summary.failed == 0, summary
+        nbytes = os.path.getsize(os.path.join(workdir, "bench", "result.jsonl"))
+    else:
+        raise ValueError(phase)
+    return {"seconds": time.perf_counter() - started, "bytes": nbytes, "rss_mb": peak_rss_mb()}
+
+
+def _work(args):
+    run_dir, index = args
+    from dfk8s.storage import open_storage
+    from dfk8s.worker import process_shard
+
+    process_shard(open_storage(run_dir), index)
+
+
+def _run_phase(phase, workdir):
+    out = subprocess.run([sys.executable, __file__, "--phase", phase, "--workdir", workdir],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(_phase(args.phase, args.workdir, 0)))
+        return
+    results = {}
+    for rows in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="dfk8s-bench-") as workdir:
+            write_prompts(os.path.join(workdir, "m.jsonl"), rows)
+            copy = _run_phase("copy", workdir)
+            plan = _run_phase("plan", workdir)
+            run_dir = os.path.join(workdir, "bench")
+            shards = json.load(open(os.path.join(run_dir, "run.json")))["shards"]
+            with ProcessPoolExecutor(args.workers) as pool:
+                list(pool.map(_work, [(run_dir, i) for i in range(shards)], chunksize=8))
+            reduce = _run_phase("reduce", workdir)
+        results[rows] = (copy, plan, reduce)
+        mb = plan["bytes"] / 1e6
+        copy_rate = copy["bytes"] / 1e6 / copy["seconds"]
+        for name, phase in (("plan", plan), ("reduce", reduce)):
+            rate = phase["bytes"] / 1e6 / phase["seconds"]
+            print(f"{rows:>9,} rows ({mb:,.1f} MB) {name:6s}: {phase['seconds']:7.2f}s {rate:8.1f} MB/s "
+                  f"= {rate / copy_rate:.3f} x copy ({copy_rate:,.0f} MB/s); peak RSS {phase['rss_mb']:.0f} MiB")
+    if len(args.sizes) >= 2:
+        small, large = min(args.sizes), max(args.sizes)
+        for i, name in ((1, "plan"), (2, "reduce")):
+            ratio = results[large][i]["rss_mb"] / results[small][i]["rss_mb"]
+            print(f"{name} peak RSS {large:,} rows / {small:,} rows = {ratio:.2f} (flat memory: ~1.0)")
+
+
+if __name__ == "__main__":
+    main()
