@@ -33,5 +33,5 @@ def setup_logging(level: str | None = None, *, json_format: bool | None = None) 
     root.handlers[:] = [handler]
     root.setLevel(level)
     # The HTTP stacks log every request at INFO; that is noise at our volumes (and could carry URLs).
-    for noisy in ("httpx", "httpcore", "openai", "botocore", "boto3", "urllib3", "google_genai"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "botocore", "boto3", "urllib3", "google_genai"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

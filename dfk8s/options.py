@@ -71,6 +71,10 @@ IMAGE_OPTIONS = [
     click.option("--cpu-offload/--no-cpu-offload", default=None, help="diffusers: offload to CPU."),
     click.option("--size", help="OpenAI images: size, e.g. 1024x1024."),
     click.option("--quality", help="OpenAI images: quality (standard/hd, low/medium/high)."),
+    click.option("--response-format", type=click.Choice(["b64_json", "url"]),
+                 help="OpenAI images (dall-e models): how images come back (default b64_json)."),
+    click.option("--mask", metavar="PNG|S3URI",
+                 help="OpenAI image edits: a PNG mask (alpha = area to edit), applied to every row."),
     click.option("--aspect-ratio", help="Gemini images: aspect ratio, e.g. 16:9."),
     click.option("--image-size", help="Gemini images: image size (1K, 2K, 4K) where supported."),
 ]
@@ -79,7 +83,7 @@ IMAGE_OPTIONS = [
 SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max_tokens", "max_concurrency",
                         "rpm", "timeout", "max_retries", "steps", "guidance", "height", "width",
                         "batch_size", "images_per_prompt", "dtype", "cpu_offload", "size", "quality",
-                        "aspect_ratio", "image_size")
+                        "aspect_ratio", "image_size", "response_format", "mask")
 
 shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS)
 

@@ -140,7 +140,7 @@ def _parts(message: Message) -> list[types.Part]:
 
 
 def build_contents(request: Request) -> tuple[list[types.Content], str | None]:
-    """The request's turns as Gemini contents, and the system instruction (None without one)."""
+    """Return the request's turns as Gemini contents, and the system instruction (None without one)."""
     messages = list(request.messages)
     if request.images and not any(m.images for m in messages):
         # Images not attached to any turn go on the last user turn.
@@ -162,7 +162,7 @@ def build_contents(request: Request) -> tuple[list[types.Content], str | None]:
 
 
 def _name(value) -> str | None:
-    """An SDK enum (or a raw string from a newer API) as its plain name."""
+    """Return an SDK enum (or a raw string from a newer API) as its plain name."""
     if value is None:
         return None
     return str(getattr(value, "value", value))
@@ -181,7 +181,8 @@ class GeminiImagesServing(ApiServing):
                                  timeout=int(options.timeout * 1000),
                                  # attempts=1: no SDK retries, not even its hidden connection-error retry
                                  retry_options=types.HttpRetryOptions(attempts=1))
-        self.client = genai.Client(api_key=api_key_from_env(GEMINI_KEY_ENV), vertexai=False, http_options=http)
+        self.client = genai.Client(api_key=api_key_from_env(GEMINI_KEY_ENV), vertexai=False,
+                                   http_options=http)
         image_config = None
         if params.aspect_ratio or params.image_size:
             image_config = types.ImageConfig(aspect_ratio=params.aspect_ratio, image_size=params.image_size)
@@ -191,6 +192,7 @@ class GeminiImagesServing(ApiServing):
 
     @classmethod
     def from_spec(cls, spec) -> GeminiImagesServing:
+        """Check the options against the model's rules (SpecError before any request) and build."""
         options = ApiOptions.from_spec(spec, DEFAULT_MODEL)
         if spec.pipeline not in ("text2image", "imageedit"):
             raise SpecError(f"gemini-images runs text2image and imageedit, not {spec.pipeline}")
@@ -201,9 +203,10 @@ class GeminiImagesServing(ApiServing):
         return cls(options, params, temperature=spec.option("temperature"))
 
     async def call(self, request: Request) -> Response:
-        contents, system = build_contents(request)
+        """Send one row's conversation; return its images or raise why there are none."""
         if not any(m.role == "user" and m.text.strip() for m in request.messages):
             raise RowFailure("BadInput", "the row has no prompt (no user turn with text)")
+        contents, system = build_contents(request)
         config = types.GenerateContentConfig(system_instruction=system, **self.config_args)
         with gemini_errors(self.params.model):
             answer = await self.client.aio.models.generate_content(
@@ -216,8 +219,8 @@ class GeminiImagesServing(ApiServing):
         feedback = answer.prompt_feedback
         if feedback is not None and feedback.block_reason is not None:
             reason = _name(feedback.block_reason)
-            raise RowFailure("Refusal", f"the prompt was blocked ({reason})"
-                             + (f": {feedback.block_reason_message}" if feedback.block_reason_message else ""),
+            why = f": {feedback.block_reason_message}" if feedback.block_reason_message else ""
+            raise RowFailure("Refusal", f"the prompt was blocked ({reason}){why}",
                              {"text": None, "finish_reason": None, "block_reason": reason})
         if not answer.candidates:
             raise RetryableError("EmptyResponse", "the response has no candidates")
@@ -240,7 +243,12 @@ class GeminiImagesServing(ApiServing):
         if finish in REFUSAL_REASONS or blocked:
             raise RowFailure("Refusal", f"the model refused (finish reason {finish})", details)
         said = f": {text[:200]!r}" if text else ""
-        raise RowFailure("NoImage", f"the model answered without an image (finish reason {finish}){said}", details)
+        raise RowFailure("NoImage", f"the model answered without an image (finish reason {finish}){said}",
+                         details)
+
+    async def aclose(self) -> None:
+        """Close the SDK client's aiohttp session (call it inside the event loop that used it)."""
+        await self.client.aio.aclose()
 
     def close(self) -> None:
-        pass  # the client's aiohttp session closes with the worker's event loop
+        """Nothing to do outside the event loop: the session belongs to it (see aclose)."""

@@ -1,9 +1,9 @@
 """What each image API model accepts, checked before a single request is sent.
 
-The tables follow the installed SDKs' own type hints and docstrings (``openai/types/image_generate_params.py``,
-``image_edit_params.py``, ``image_model.py``; ``google/genai/types.py`` ``ImageConfig``) plus the vendors'
-model pages. A model that is not in a table is passed through unchecked (an OpenAI-compatible or
-Gemini-compatible server may serve any name), with a warning saying so.
+The tables follow the installed SDKs' own type hints and docstrings (openai:
+``types/image_generate_params.py``, ``image_edit_params.py``, ``image_model.py``; google-genai:
+``types.py`` ``ImageConfig``) plus the vendors' model pages. A model that is not in a table is passed
+through unchecked (an OpenAI- or Gemini-compatible server may serve any name), with a warning.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class OpenAIImageModel:
         max_prompt_chars: Longest prompt.
         retired: Set when the SDK documents the model as retired or shut down (a warning, not an error:
             compatible servers still serve these names).
+
     """
 
     name: str
@@ -127,12 +128,14 @@ def check_openai(model: str, *, pipeline: str, n: int | None, size: str | None, 
         model: Model name.
         pipeline: ``text2image`` (images.generate) or ``imageedit`` (images.edit).
         n: Images per prompt (None: 1).
-        size / quality: As given by the user (None: not sent).
         response_format: ``b64_json`` or ``url`` (None: ``b64_json`` for models that take it).
         mask: Whether a mask is configured.
+        quality: As given by the user (None: not sent).
+        size: As given by the user (None: not sent).
 
     Raises:
         SpecError: One line naming the model, the bad value and the allowed values.
+
     """
     n = 1 if n is None else int(n)
     if response_format is not None and response_format not in ("b64_json", "url"):
@@ -160,7 +163,8 @@ def check_openai(model: str, *, pipeline: str, n: int | None, size: str | None, 
         extra = (" or WxH (multiples of 16, aspect 1:3..3:1, up to 3840x2160)" if rules.free_size else "")
         raise SpecError(f"openai-images: {model} size {size!r} is not one of {', '.join(sizes)}{extra}")
     if quality is not None and quality not in rules.qualities:
-        raise SpecError(f"openai-images: {model} quality {quality!r} is not one of {', '.join(rules.qualities)}")
+        raise SpecError(f"openai-images: {model} quality {quality!r} is not one of "
+                        f"{', '.join(rules.qualities)}")
     if rules.response_format:
         response_format = response_format or "b64_json"
     elif response_format is not None:
@@ -206,6 +210,7 @@ def check_gemini(model: str, *, aspect_ratio: str | None, image_size: str | None
 
     Raises:
         SpecError: One line naming the model, the bad value and the allowed values.
+
     """
     if n is not None and int(n) != 1:
         raise SpecError(f"gemini-images: {model} returns one image per request; images per prompt must be 1, "
@@ -223,7 +228,8 @@ def check_gemini(model: str, *, aspect_ratio: str | None, image_size: str | None
     if image_size is not None and image_size not in rules.image_sizes:
         if not rules.image_sizes:
             sized = ", ".join(name for name, r in GEMINI_MODELS.items() if r.image_sizes)
-            raise SpecError(f"gemini-images: {model} takes no image size (only {sized} does); drop --image-size")
+            raise SpecError(f"gemini-images: {model} takes no image size (only {sized} does); "
+                            "drop --image-size")
         raise SpecError(f"gemini-images: {model} image size {image_size!r} is not one of "
                         f"{', '.join(rules.image_sizes)}")
     return GeminiImageParams(model, aspect_ratio, image_size)
@@ -233,7 +239,7 @@ def check_gemini(model: str, *, aspect_ratio: str | None, image_size: str | None
 
 
 def as_png(image: ImageInput) -> ImageInput:
-    """The image re-encoded as PNG, for an input in a format the API does not take (GIF, BMP, TIFF)."""
+    """Return the image re-encoded as PNG, for a format the API does not take (GIF, BMP, TIFF)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(image.data)) as img:
@@ -247,6 +253,7 @@ def returned_image(data: bytes, where: str) -> bytes:
 
     Raises:
         RetryableError: ``MalformedResponse`` when the bytes are empty or do not decode.
+
     """
     try:
         check_image(data, where)

@@ -7,7 +7,6 @@ request is sent. Retries, the in-flight limit and ``--rpm`` come from :class:`Ap
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
@@ -40,6 +39,7 @@ def load_mask(ref: str) -> tuple[bytes, int, int]:
     Raises:
         SpecError: Missing, not a PNG, over 4 MB, or without an alpha channel (the transparent pixels
             are what marks the area to edit).
+
     """
     from PIL import Image
 
@@ -74,6 +74,7 @@ async def download_image(url: str, *, timeout: float, max_bytes: int = MAX_DOWNL
     Raises:
         RetryableError: Timeouts, connection errors, 408/429/5xx, a body that does not decode.
         RowFailure: Another HTTP status, an unsupported scheme, or a body over ``max_bytes``.
+
     """
     if url.startswith("data:"):
         head, _, payload = url.partition(",")
@@ -89,8 +90,8 @@ async def download_image(url: str, *, timeout: float, max_bytes: int = MAX_DOWNL
             async with session.get(url) as response:
                 if response.status in (408, 429) or response.status >= 500:
                     retry_after = response.headers.get("Retry-After")
-                    raise RetryableError("DownloadFailed", f"image download: HTTP {response.status}",
-                                         float(retry_after) if retry_after and retry_after.isdigit() else None)
+                    wait = float(retry_after) if retry_after and retry_after.isdigit() else None
+                    raise RetryableError("DownloadFailed", f"image download: HTTP {response.status}", wait)
                 if response.status != 200:
                     raise RowFailure("DownloadFailed", f"image download: HTTP {response.status}",
                                      {"status": response.status})
@@ -103,7 +104,7 @@ async def download_image(url: str, *, timeout: float, max_bytes: int = MAX_DOWNL
                     if size > max_bytes:
                         raise RowFailure("DownloadFailed", f"image download: over the {max_bytes} byte limit")
                     chunks.append(chunk)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         raise RetryableError("Timeout", "image download timed out") from None
     except aiohttp.ClientError as exc:
         raise RetryableError("ConnectionError", f"image download: {type(exc).__name__}: {exc}") from None
@@ -125,6 +126,7 @@ class OpenAIImagesServing(ApiServing):
 
     @classmethod
     def from_spec(cls, spec) -> OpenAIImagesServing:
+        """Check the options against the model's rules (SpecError before any request) and build."""
         options = ApiOptions.from_spec(spec, DEFAULT_MODEL)
         if spec.pipeline not in ("text2image", "imageedit"):
             raise SpecError(f"openai-images runs text2image and imageedit, not {spec.pipeline}")
@@ -148,16 +150,17 @@ class OpenAIImagesServing(ApiServing):
             raise RowFailure("BadInput", "the row has no prompt (no user turn with text)")
         rules = self.params.rules
         if rules is not None and len(prompt) > rules.max_prompt_chars:
-            raise RowFailure("BadInput", f"the prompt has {len(prompt)} characters; {rules.name} takes at most "
-                                         f"{rules.max_prompt_chars}")
+            raise RowFailure("BadInput", f"the prompt has {len(prompt)} characters; {rules.name} takes at "
+                                         f"most {rules.max_prompt_chars}")
 
     def _edit_files(self, images: list[ImageInput]) -> list[tuple[str, bytes, str]]:
-        """The row's images as multipart files, checked against the model's edit rules."""
+        """Return the row's images as multipart files, checked against the model's edit rules."""
         rules = self.params.rules
         if not images:
             raise RowFailure("BadInput", "imageedit needs an input image")
         if rules is None:
-            return [(f"image-{k}.{_EXT.get(img.mime, 'png')}", img.data, img.mime) for k, img in enumerate(images)]
+            return [(f"image-{k}.{_EXT.get(img.mime, 'png')}", img.data, img.mime)
+                    for k, img in enumerate(images)]
         if len(images) > rules.max_edit_images:
             raise RowFailure("BadInput", f"{rules.name} edits take at most {rules.max_edit_images} input "
                                          f"image(s); the row has {len(images)}")
@@ -178,6 +181,7 @@ class OpenAIImagesServing(ApiServing):
         return files
 
     async def call(self, request: Request) -> Response:
+        """Generate (text2image) or edit (imageedit) one row's images."""
         prompt = request.prompt
         self._check_prompt(prompt)
         args = self._common()
@@ -221,5 +225,9 @@ class OpenAIImagesServing(ApiServing):
             meta["usage"] = usage.model_dump() if hasattr(usage, "model_dump") else usage
         return Response(images=images, meta=meta)
 
+    async def aclose(self) -> None:
+        """Close the SDK client's connection pool (call it inside the event loop that used it)."""
+        await self.client.close()
+
     def close(self) -> None:
-        pass  # the client's pool closes with the worker's event loop
+        """Nothing to do outside the event loop: the pool belongs to it (see aclose)."""
