@@ -188,3 +188,28 @@ def test_kill_9_at_random_points_then_resume_gives_every_row_exactly_once(tmp_pa
     assert done["rows"] == 150 and done["ok"] == 150
     # Rows redone after a kill are only the ones not yet checkpointed: far fewer than a full redo.
     assert fake_api.stats()["requests_total"] < 150 * 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, fake_api, api_key):
+    fake_api.configure(latency=0.2)
+    manifest = _prompts(tmp_path, 60)
+    args = [sys.executable, "-m", "dfk8s", "run", "-p", "vqa", "-i", str(manifest), "-o", str(tmp_path),
+            "--run-id", "ctrlc", "--api-url", fake_api.url, "--max-concurrency", "2", "--workers", "2",
+            "--rows-per-shard", "15", "--save-interval", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = open_storage(str(tmp_path / "ctrlc"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(storage.list("parts")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "resume with --run-id ctrlc" in err
+    assert not storage.exists(layout.RESULT_KEY)
+    requests_before = fake_api.stats()["requests_total"]
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = _lines(storage, layout.RESULT_KEY)
+    assert [r["id"] for r in rows] == list(range(60)) and all("answer" in r for r in rows)
+    assert fake_api.stats()["requests_total"] - requests_before < 60  # checkpointed rows were not redone
