@@ -42,6 +42,12 @@ class NotFound(StorageError):
         super().__init__(f"not found: {key}")
 
 
+class ServingUnavailable(Dfk8sError):
+    """The serving cannot work right now (model download failed, GPU busy); the shard should be retried."""
+
+    exit_code = 1
+
+
 class ShardError(Dfk8sError):
     """A shard cannot be processed (missing or corrupt input); retrying cannot help."""
 

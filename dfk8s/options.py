@@ -69,6 +69,12 @@ IMAGE_OPTIONS = [
     click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
                  help="diffusers: weights dtype (default bfloat16)."),
     click.option("--cpu-offload/--no-cpu-offload", default=None, help="diffusers: offload to CPU."),
+    click.option("--max-area", type=click.IntRange(min=64 * 64),
+                 help="diffusers imageedit: output pixel budget (default: Kontext's 1024*1024)."),
+    click.option("--auto-resize/--no-auto-resize", default=None,
+                 help="diffusers imageedit: snap the input to Kontext's preferred resolutions (default on)."),
+    click.option("--max-sequence-length", type=click.IntRange(min=1),
+                 help="diffusers: T5 prompt tokens (default 512; FLUX.1-schnell needs <= 256)."),
     click.option("--size", help="OpenAI images: size, e.g. 1024x1024."),
     click.option("--quality", help="OpenAI images: quality (standard/hd, low/medium/high)."),
     click.option("--response-format", type=click.Choice(["b64_json", "url"]),
@@ -83,7 +89,8 @@ IMAGE_OPTIONS = [
 SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max_tokens", "max_concurrency",
                         "rpm", "timeout", "max_retries", "steps", "guidance", "height", "width",
                         "batch_size", "images_per_prompt", "dtype", "cpu_offload", "size", "quality",
-                        "aspect_ratio", "image_size", "response_format", "mask")
+                        "aspect_ratio", "image_size", "response_format", "mask", "max_area",
+                        "auto_resize", "max_sequence_length")
 
 shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS)
 

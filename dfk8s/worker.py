@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from dfk8s import layout
-from dfk8s.errors import NotFound, ShardError, SpecError
+from dfk8s.errors import NotFound, ServingUnavailable, ShardError, SpecError
 from dfk8s.images import ImageProblem, read_image
 from dfk8s.pipelines import Pipeline, get_pipeline
 from dfk8s.servings import Response, RowError, Serving, build_serving
@@ -173,8 +173,8 @@ class ShardRunner:
         if ready:
             try:
                 answers = await self.serving.run([p for _, p in ready])
-            except SpecError:
-                raise
+            except (SpecError, ServingUnavailable):
+                raise  # the shard stops: 42 for a bad spec, a retryable exit for a serving that is down
             except Exception as exc:  # a serving bug fails its batch's rows, never the shard
                 log.exception("serving failed a batch of %d rows", len(ready))
                 answers = [RowError(type(exc).__name__, str(exc)[:500]) for _ in ready]

@@ -161,3 +161,33 @@ def test_manifest_and_images_on_s3_are_staged_for_cluster_runs(tmp_path, s3_buck
     assert len(staged) == 2 and all(k.endswith(".png") for k in staged)
     stats = process_shard(storage, 0)
     assert stats.ok == 2
+
+
+def test_a_serving_that_is_down_stops_the_shard_for_a_retry_instead_of_failing_rows(tmp_path):
+    from dfk8s.errors import ServingUnavailable
+    from dfk8s.servings.base import Serving
+
+    class Down(Serving):
+        concurrency = 2
+
+        @classmethod
+        def from_spec(cls, spec):
+            return cls()
+
+        async def run(self, batch):
+            raise ServingUnavailable("model download failed: connection reset")
+
+    manifest = _manifest(tmp_path, 6)
+    storage, _, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=str(manifest),
+                                           output=str(tmp_path), run_id="down", save_interval=1))
+    with pytest.raises(ServingUnavailable):
+        process_shard(storage, 0, serving=Down())
+    assert read_parts(storage, 0)[0] == {}  # no row was marked failed
+    assert process_shard(storage, 0).ok == 6  # the retry (here: the echo serving) does them all
+
+
+def test_local_workers_get_their_own_gpus():
+    from dfk8s.executors.local import split_gpus
+
+    assert split_gpus(["0", "1", "2", "3"], 2) == ["0,2", "1,3"]
+    assert split_gpus(["0", "1"], 4) == ["0", "1"]

@@ -38,6 +38,25 @@ class _Slot:
     attempt: int
     process: subprocess.Popen
     log_path: Path
+    gpus: str | None = None
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use (``CUDA_VISIBLE_DEVICES``, else what torch counts)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def split_gpus(gpus: list[str], workers: int) -> list[str]:
+    """Give each local worker its own GPUs, so two workers never load a model onto the same card."""
+    workers = max(1, min(workers, len(gpus)))
+    return [",".join(gpus[k::workers]) for k in range(workers)]
 
 
 @dataclass
@@ -59,8 +78,10 @@ class LocalExecutor:
     poll_seconds: float = 0.5
     failed_shards: dict[int, str] = field(default_factory=dict)
 
-    def _start(self, storage, index: int, attempt: int, log_dir: Path) -> _Slot:
+    def _start(self, storage, index: int, attempt: int, log_dir: Path, gpus: str | None = None) -> _Slot:
         env = dict(os.environ)
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
         if self.endpoint_url:
             env["AWS_ENDPOINT_URL"] = self.endpoint_url
         env.setdefault("DFK8S_LOG_LEVEL", "INFO")
@@ -70,7 +91,7 @@ class LocalExecutor:
             process = subprocess.Popen(
                 [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--index", str(index)],
                 stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        return _Slot(index, attempt, process, log_path)
+        return _Slot(index, attempt, process, log_path, gpus)
 
     def execute(self, storage, spec: RunSpec) -> Summary:
         """Run the shards that have no done marker, then reduce; returns the summary."""
@@ -80,15 +101,22 @@ class LocalExecutor:
         log_dir.mkdir(parents=True, exist_ok=True)
         reader = ProgressReader(storage)
         running: list[_Slot] = []
+        workers, gpu_sets = self.workers, None
+        if spec.serving == "diffusers" and (gpus := visible_gpus()):
+            gpu_sets = split_gpus(gpus, self.workers)  # each worker drives its own GPUs
+            workers = len(gpu_sets)
         started, first = time.monotonic(), reader.poll()
         with progress_bar(spec.rows, enabled=self.show_progress) as bar:
             task = bar.add_task(spec.run_id, total=spec.rows, completed=first.rows, failed=first.failed,
                                 rate="-")
             try:
                 while queue or running:
-                    while queue and len(running) < self.workers:
+                    while queue and len(running) < workers:
                         index, attempt = queue.popleft()
-                        running.append(self._start(storage, index, attempt, log_dir))
+                        free = None
+                        if gpu_sets is not None:
+                            free = next(g for g in gpu_sets if g not in {s.gpus for s in running})
+                        running.append(self._start(storage, index, attempt, log_dir, free))
                     time.sleep(self.poll_seconds)
                     for slot in [s for s in running if s.process.poll() is not None]:
                         running.remove(slot)

@@ -18,14 +18,18 @@ Options read from the run spec (``spec.option``):
 ``images_per_prompt``  Images per row (1).
 ``dtype``           ``bfloat16`` (default), ``float16`` or ``float32``.
 ``cpu_offload``     ``enable_model_cpu_offload`` instead of keeping the whole pipeline on the GPU (False).
-``max_area``        Kontext: output area in pixels (1024**2, diffusers' default).
+``max_area``        Kontext: output area in pixels (height x width when both are given, else 1024**2,
+                    diffusers' default).
 ``auto_resize``     Kontext: snap the input to Kontext's preferred resolutions (True, diffusers' default).
                     False scales the input to the output size instead (tiny test pipelines use this).
+``max_sequence_length``  T5 prompt tokens (512, FLUX.1-dev's; FLUX.1-schnell takes at most 256).
 ==================  ==========================================================================================
 
 Determinism: every row draws its noise from its own CPU ``torch.Generator`` seeded with ``request.seed``,
-so a row's noise does not depend on its batch, its GPU or the number of GPUs, and a re-run gives the same
-PNG bytes on the same hardware and software.
+so a row's noise does not depend on its batch, its GPU or the number of GPUs. A re-run with the same batches
+gives the same PNG bytes on the same hardware and software; the same row in a batch of another size gets
+the same image up to float rounding (matrix kernels sum in a shape-dependent order, on GPUs and CPUs alike),
+which can move a few pixels by one level.
 
 Failures: a CUDA out-of-memory batch is retried in halves down to single rows (then ``OutOfMemory``); any
 other failure of a batch is retried row by row, so a bad row fails only itself. A model that cannot be
@@ -44,7 +48,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dfk8s.errors import SpecError
+from dfk8s.errors import ServingUnavailable, SpecError
 from dfk8s.servings.base import Request, Response, RowError, Serving
 
 log = logging.getLogger(__name__)
@@ -77,7 +81,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a CUDA (or other accelerator) out-of-memory error."""
+    """Tell whether ``exc`` is a CUDA (or other accelerator) out-of-memory error."""
     import torch
 
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
@@ -111,15 +115,17 @@ def _bool_option(spec, name: str, default: bool) -> bool:
     value = spec.option(name, default)
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.strip().lower() in ("1", "true", "yes", "on")
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+             "off": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise SpecError(f"diffusers option {name} must be true or false, not {value!r}")
 
 
 def kontext_output_size(width: int, height: int, max_area: int, multiple_of: int) -> tuple[int, int]:
-    """The size FluxKontextPipeline generates for a requested ``width x height`` (its own arithmetic)."""
+    """Compute the size FluxKontextPipeline generates for ``width x height`` (the pipeline's arithmetic)."""
     aspect = width / height
     out_w = round((max_area * aspect) ** 0.5) // multiple_of * multiple_of
     out_h = round((max_area / aspect) ** 0.5) // multiple_of * multiple_of
@@ -142,7 +148,7 @@ class DiffusersServing(Serving):
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, images_per_prompt: int = 1, dtype: str = "bfloat16",
                  cpu_offload: bool = False, max_area: int = DEFAULT_MAX_AREA, auto_resize: bool = True,
-                 devices: list[str] | None = None):
+                 max_sequence_length: int = 512, devices: list[str] | None = None):
         if pipeline not in MODELS:
             raise SpecError(f"the diffusers serving runs text2image or imageedit, not {pipeline!r}")
         if dtype not in DTYPES:
@@ -162,6 +168,7 @@ class DiffusersServing(Serving):
         self.cpu_offload = cpu_offload
         self.max_area = max_area
         self.auto_resize = auto_resize
+        self.max_sequence_length = max_sequence_length
         self.devices = devices if devices is not None else _visible_devices()
         self.concurrency = len(self.devices)
         self._pipes: list[Any] = []
@@ -172,6 +179,12 @@ class DiffusersServing(Serving):
 
     @classmethod
     def from_spec(cls, spec) -> DiffusersServing:
+        """Build the serving from the run spec's options (see the module docstring).
+
+        Raises:
+            SpecError: An option has a bad value or type.
+
+        """
         guidance = spec.option("guidance")
         try:
             guidance = None if guidance is None else float(guidance)
@@ -180,7 +193,8 @@ class DiffusersServing(Serving):
         height = spec.option("height")
         width = spec.option("width")
         if (height is None) != (width is None) and spec.pipeline == "imageedit":
-            raise SpecError("diffusers imageedit: give both height and width, or neither (keep the input's aspect)")
+            raise SpecError("diffusers imageedit: give both height and width, or neither (to keep the "
+                            "input's aspect)")
         return cls(
             pipeline=spec.pipeline,
             model=spec.option("model"),
@@ -192,9 +206,26 @@ class DiffusersServing(Serving):
             images_per_prompt=_int_option(spec, "images_per_prompt", 1),
             dtype=str(spec.option("dtype", "bfloat16")),
             cpu_offload=_bool_option(spec, "cpu_offload", False),
-            max_area=_int_option(spec, "max_area", DEFAULT_MAX_AREA, 256),
+            # Kontext makes max_area pixels whatever height/width say; given both, they mean the area.
+            max_area=_int_option(spec, "max_area", int(height) * int(width) if height and width
+                                 else DEFAULT_MAX_AREA, 256),
             auto_resize=_bool_option(spec, "auto_resize", True),
+            max_sequence_length=_int_option(spec, "max_sequence_length", 512),
         )
+
+    @classmethod
+    def with_pipelines(cls, pipelines: list[Any], *, pipeline: str = "text2image",
+                       **options) -> DiffusersServing:
+        """Wrap diffusers pipelines that are already built (benchmarks, tests), one per device.
+
+        ``options`` are the constructor's (steps, guidance, height, width, batch_size, ...).
+        """
+        devices = [str(getattr(p, "_execution_device", None) or getattr(p, "device", "cpu"))
+                   for p in pipelines]
+        model = options.pop("model", "<in memory>")
+        serving = cls(pipeline=pipeline, model=model, devices=devices, **options)
+        serving._pipes = [prepare_pipeline(pipe) for pipe in pipelines]
+        return serving
 
     # -- loading -------------------------------------------------------------------------------------
 
@@ -208,6 +239,7 @@ class DiffusersServing(Serving):
 
         Raises:
             SpecError: The model cannot be found or loaded (retrying will not help).
+
         """
         with self._load_lock:
             if self._load_error is not None:
@@ -243,7 +275,9 @@ class DiffusersServing(Serving):
             pipe = cls.from_pretrained(self.model, **{dtype_kw: dtype})
         except Exception as exc:
             if _retryable_load_error(exc):
-                raise
+                # Not a row's fault: stop the shard with a retryable exit so the executor tries again.
+                raise ServingUnavailable(f"cannot load {self.class_name} from {self.model!r} now: "
+                                         f"{_one_line(exc)}") from exc
             raise SpecError(f"cannot load {self.class_name} from {self.model!r}: {_one_line(exc)}"
                             + _load_hint(exc)) from None
         if device.startswith("cuda"):
@@ -253,11 +287,10 @@ class DiffusersServing(Serving):
                 pipe.to(device)
         elif self.cpu_offload:
             log.warning("cpu_offload has no effect without a CUDA GPU")
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return prepare_pipeline(pipe)
 
     async def _acquire(self):
-        """A free pipeline; loads them all on first use."""
+        """Take a free pipeline; load them all on first use."""
         if not self._pipes:
             await asyncio.to_thread(self.load)
         loop = asyncio.get_running_loop()
@@ -271,13 +304,20 @@ class DiffusersServing(Serving):
     # -- running -------------------------------------------------------------------------------------
 
     async def run(self, batch: list[Request]) -> list[Response | RowError]:
+        """Generate a batch on a free pipeline (loading them on first use); one result per request.
+
+        Raises:
+            SpecError: The model cannot be loaded.
+
+        """
         if not batch:
             return []
         pipe = await self._acquire()
         try:
             return await asyncio.to_thread(self.run_sync, pipe, batch)
         finally:
-            self._free.put_nowait(pipe)
+            if self._free is not None:
+                self._free.put_nowait(pipe)
 
     def run_sync(self, pipe, batch: list[Request]) -> list[Response | RowError]:
         """Run ``batch`` on ``pipe`` (blocking); one result per request, in order, never raising for a row."""
@@ -329,7 +369,7 @@ class DiffusersServing(Serving):
         return list(groups.values())
 
     def _generate_safely(self, pipe, items: list[_Item]) -> list[Response | RowError]:
-        """Generate ``items`` in one call; on failure split (out of memory) or go row by row (anything else)."""
+        """Generate ``items`` in one call; on failure split (out of memory) or go row by row (else)."""
         for item in items:
             item.attempts += 1
         try:
@@ -368,7 +408,8 @@ class DiffusersServing(Serving):
             prompt=[item.request.prompt for item in items for _ in range(n)],
             generator=[g for g in generators for _ in range(n)],
             num_images_per_prompt=1,  # expanded above: keeps prompts, images and generators aligned
-            num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="pil")
+            num_inference_steps=self.steps, guidance_scale=self.guidance,
+            max_sequence_length=self.max_sequence_length, output_type="pil")
         if self.kontext:
             kwargs.update(self._kontext_kwargs(pipe, items))
         else:
@@ -398,6 +439,7 @@ class DiffusersServing(Serving):
                     max_area=self.max_area, _auto_resize=self.auto_resize)
 
     def close(self) -> None:
+        """Drop the pipelines and return their accelerator memory."""
         self._pipes = []
         self._free = None
         try:
@@ -406,19 +448,31 @@ class DiffusersServing(Serving):
             pass
 
 
+def prepare_pipeline(pipe):
+    """Our run-time settings on a loaded pipeline (returned): VAE slicing, no progress bars."""
+    # Decode one image at a time: a lower memory peak for batches, and the decoded pixels of a row do not
+    # depend on what else shares its batch (the transformer's still can, by float rounding).
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _visible_devices() -> list[str]:
     """``cuda:0`` ... for each visible CUDA GPU (honours CUDA_VISIBLE_DEVICES), else ``cpu``."""
     try:
+        import diffusers  # noqa: F401 - fail here, as a spec error, not on the first batch
         import torch
-    except ImportError:
-        raise SpecError("serving 'diffusers' needs torch: install it first, then pip install 'dfk8s[gpu]'") \
-            from None
+    except ImportError as exc:
+        raise SpecError(f"serving 'diffusers' needs torch and the 'gpu' extra: install torch first, then "
+                        f"pip install 'dfk8s[gpu]' ({exc.name} is missing)") from None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
 def _retryable_load_error(exc: BaseException) -> bool:
-    """True when loading failed for a reason that can pass (network, hub 5xx/429, GPU memory in use)."""
+    """Tell whether loading failed for a reason that can pass (network, hub 5xx/429, GPU memory in use)."""
     if is_out_of_memory(exc):
         return True
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -450,4 +504,4 @@ def _load_hint(exc: BaseException) -> str:
     return ""
 
 
-__all__ = ["DiffusersServing", "encode_png", "is_out_of_memory", "kontext_output_size"]
+__all__ = ["DiffusersServing", "encode_png", "is_out_of_memory", "kontext_output_size", "prepare_pipeline"]
