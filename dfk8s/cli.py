@@ -29,6 +29,13 @@ def cli(log_level):
     dfk8s validate  check a manifest without running anything
     dfk8s worker    process one shard (what each local process or Kubernetes pod runs)
     dfk8s reduce    assemble a run's ordered result.jsonl
+
+    \b
+    dfk8s submit    run a pipeline on Kubernetes: shards on S3, an Indexed Job, a reducer Job
+    dfk8s status    a run's Jobs, per-shard progress and result location
+    dfk8s logs      worker or reducer pod logs
+    dfk8s cancel    delete a run's Jobs and pods (its storage stays; resubmit resumes)
+    dfk8s list      the runs in a namespace
     """
     setup_logging(log_level)
 
@@ -114,7 +121,12 @@ def worker(run_uri, index, s3_endpoint):
 @cli.command()
 @click.argument("run_uri", metavar="RUN")
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
-def reduce(run_uri, s3_endpoint):
+@click.option("--wait-job", metavar="NAME",
+              help="First wait for this Kubernetes Job (the run's map Job) to complete or fail; its failed "
+                   "indexes are named as failed shards (what the reduce Job runs).")
+@click.option("--namespace", "-n",
+              help="Namespace of --wait-job (default: the pod's, or the kubeconfig context's).")
+def reduce(run_uri, s3_endpoint, wait_job, namespace):
     """Assemble RUN (a run's folder or s3:// URI) into result.jsonl, errors.jsonl and summary.json.
 
     Shards that did not finish are named in the summary; their rows are marked as not processed.
@@ -122,7 +134,15 @@ def reduce(run_uri, s3_endpoint):
     from dfk8s.reducer import reduce_run
     from dfk8s.storage import open_storage
 
-    _print_summary(reduce_run(open_storage(run_uri, endpoint_url=s3_endpoint)))
+    failed_shards = None
+    if wait_job:
+        from dfk8s.kube.wait import format_indexes, wait_for_map_job
+
+        ended = wait_for_map_job(wait_job, namespace)
+        failed_shards = ended.failed_indexes
+        _err(f"job {wait_job}: {ended.phase}" + (f" ({ended.reason})" if ended.reason else "")
+             + (f"; failed shards {format_indexes(failed_shards)}" if failed_shards else ""))
+    _print_summary(reduce_run(open_storage(run_uri, endpoint_url=s3_endpoint), failed_shards=failed_shards))
 
 
 @cli.command()
@@ -175,3 +195,8 @@ def main() -> None:
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(130)
+
+
+from dfk8s.cli_kube import register  # noqa: E402 - the Kubernetes commands join the group
+
+register(cli)

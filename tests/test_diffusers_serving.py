@@ -22,9 +22,8 @@ from dfk8s.servings.diffusers_flux import DiffusersServing  # noqa: E402
 from dfk8s.spec import RunSpec  # noqa: E402
 from dfk8s.testing.tiny_flux import build_tiny_flux  # noqa: E402
 
-FIXTURES = Path("/work/shared/fixtures")
-if not FIXTURES.exists():
-    FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from tests.conftest import FIXTURES  # noqa: E402
+
 INPUT_PNG = FIXTURES / "dataflow-mm/dataflow/example/text2image_eval/1.png"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = dict(steps=2, height=64, width=64, dtype="float32", batch_size=4)

@@ -21,7 +21,7 @@ from dfk8s.servings.gemini_images import gemini_errors, split_base_url
 from dfk8s.spec import RunSpec
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
 
-FIXTURES = Path("/work/shared/fixtures/seed-docs")
+from tests.conftest import SEED_DOCS as FIXTURES  # noqa: E402
 KEY_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "DF_API_KEY", "OPENAI_API_KEY", "DF_BASE_URL",
             "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT")
 

@@ -22,7 +22,7 @@ from dfk8s.servings.openai_images import download_image
 from dfk8s.spec import RunSpec
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
 
-FIXTURES = Path("/work/shared/fixtures/seed-docs")
+from tests.conftest import SEED_DOCS as FIXTURES  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,451 @@
+"""The Kubernetes commands of the CLI: ``submit``, ``status``, ``logs``, ``cancel``, ``list``.
+
+Each command checks its flags, calls :mod:`dfk8s.kube.launcher` / :mod:`dfk8s.kube.client`, prints.
+``dfk8s.cli`` adds them to its group with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from click.core import ParameterSource
+
+from dfk8s.options import SERVING_OPTION_NAMES, run_request_from_flags, shared_run_options
+
+__all__ = ["register"]
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _connection_options(func):
+    """``--namespace``, ``--context`` and ``--kubeconfig``, shared by every cluster command."""
+    func = click.option(
+        "--kubeconfig",
+        type=click.Path(dir_okay=False),
+        help="kubeconfig file (default: $KUBECONFIG, then ~/.kube/config; in a pod: its service account).",
+    )(func)
+    func = click.option("--context", help="kubeconfig context (default: the current one).")(func)
+    func = click.option(
+        "--namespace", "-n", help="Namespace (default: the context's, in a pod its own, else 'default')."
+    )(func)
+    return func
+
+
+def _connect(context, kubeconfig, namespace):
+    from dfk8s.kube.client import connect
+
+    clients = connect(context=context, kubeconfig=kubeconfig)
+    return clients, namespace or clients.namespace
+
+
+@click.command()
+@shared_run_options
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    metavar="S3URI",
+    help="Where runs live: s3://bucket/prefix (the pods read and write it).",
+)
+@_connection_options
+@click.option("--image", help="Worker (and reducer) image; default: the job profile's.")
+@click.option(
+    "--parallelism",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Worker pods at once (the map Job's parallelism; capped at the shard count).",
+)
+@click.option("--queue", metavar="NAME", help="Kueue LocalQueue; the map Job waits suspended to be admitted.")
+@click.option(
+    "--api-key-secret",
+    metavar="NAME/KEY",
+    help="Secret key holding the API key (needed by API servings); becomes $DF_API_KEY in the pods.",
+)
+@click.option(
+    "--s3-secret",
+    metavar="NAME",
+    help="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the pods (else: workload identity).",
+)
+@click.option(
+    "--hf-token-secret", metavar="NAME/KEY", help="Secret key holding a Hugging Face token (gated models)."
+)
+@click.option(
+    "--gpus", type=click.IntRange(min=0), help="GPUs per worker pod (default: the profile's; 0: CPU nodes)."
+)
+@click.option(
+    "--node-selector",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Node label the worker pods need (repeatable; replaces the profile's).",
+)
+@click.option(
+    "--toleration",
+    multiple=True,
+    metavar="KEY[=VALUE]:EFFECT",
+    help="Taint the worker pods tolerate (repeatable; replaces the profile's).",
+)
+@click.option(
+    "--service-account",
+    metavar="NAME",
+    help="ServiceAccount of the reduce Job (it watches the map Job: get/list/watch jobs).",
+)
+@click.option(
+    "--backoff-limit-per-index",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Retries of one shard before it is marked failed.",
+)
+@click.option(
+    "--max-failed-indexes",
+    type=click.IntRange(min=0),
+    help="Failed shards before the whole map Job stops (default: never; failed shards are named).",
+)
+@click.option("--wait", is_flag=True, help="Follow the run (progress and Jobs) until it is reduced.")
+@click.option(
+    "--progress/--no-progress", default=True, help="With --wait: the progress bar (only on a terminal)."
+)
+@click.option(
+    "--poll-seconds",
+    type=click.FloatRange(min=0.05),
+    default=2.0,
+    show_default=True,
+    hidden=True,
+    help="With --wait: seconds between polls.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Write and create nothing: print the Jobs as YAML (stdout) and the plan (stderr).",
+)
+@click.pass_context
+def submit(
+    ctx,
+    output,
+    namespace,
+    context,
+    kubeconfig,
+    image,
+    parallelism,
+    queue,
+    api_key_secret,
+    s3_secret,
+    hf_token_secret,
+    gpus,
+    node_selector,
+    toleration,
+    service_account,
+    backoff_limit_per_index,
+    max_failed_indexes,
+    wait,
+    progress,
+    poll_seconds,
+    dry_run,
+    **flags,
+):
+    """Run a pipeline on Kubernetes: an Indexed Job (one pod per shard) and a Job that reduces.
+
+    The shards (and local images) are written to --output first; the pods read them from there. The
+    run goes on (and is reduced) without this terminal; --run-id of an existing run resumes it.
+    Credentials reach the pods only through Secrets.
+
+    \b
+    Example:
+      kubectl create secret generic dfk8s-api-key --from-literal=DF_API_KEY=...
+      dfk8s submit --pipeline caption --input data.json --output s3://bucket/runs \\
+          --api-key-secret dfk8s-api-key/DF_API_KEY --s3-secret dfk8s-s3 --parallelism 8 --wait
+    """
+    from dfk8s.kube import launcher
+    from dfk8s.kube.client import default_namespace
+
+    request = run_request_from_flags(output, flags)
+    explicit = {
+        name
+        for name in SERVING_OPTION_NAMES
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+    }
+    options = launcher.ClusterOptions(
+        namespace=namespace or default_namespace(context, kubeconfig),
+        image=image,
+        parallelism=parallelism,
+        queue=queue,
+        api_key_secret=launcher.parse_secret_ref(api_key_secret, "--api-key-secret"),
+        s3_secret=s3_secret,
+        hf_token_secret=launcher.parse_secret_ref(hf_token_secret, "--hf-token-secret"),
+        gpus=gpus,
+        node_selector=launcher.parse_node_selector(node_selector),
+        tolerations=tuple(launcher.parse_toleration(t) for t in toleration) or None,
+        service_account=service_account,
+        backoff_limit_per_index=backoff_limit_per_index,
+        max_failed_indexes=max_failed_indexes,
+    )
+    if dry_run:
+        _dry_run(launcher.dry_run(request, options, explicit=explicit))
+        return
+    clients, _ = _connect(context, kubeconfig, options.namespace)
+    try:
+        submission = launcher.submit(request, options, clients, explicit=explicit)
+        for warning in submission.warnings:
+            _err(f"warning: {warning}")
+        spec = submission.spec
+        _err(
+            f"run {spec.run_id}: {'resumed' if submission.resumed else 'planned'} {spec.rows} rows in "
+            f"{spec.shards} shards at {submission.run_uri}"
+        )
+        _err(
+            f"created jobs {', '.join(submission.jobs)} in namespace {submission.namespace} ({clients.where})"
+        )
+        click.echo(spec.run_id)
+        ns = f" -n {submission.namespace}"
+        _err(
+            f"next:\n  dfk8s status {spec.run_id}{ns}\n"
+            f"  dfk8s logs {spec.run_id}{ns} [--index N | --reducer] [--follow]\n"
+            f"  dfk8s cancel {spec.run_id}{ns}"
+        )
+        if not wait:
+            return
+        status = launcher.follow_run(
+            clients, submission, poll_seconds=poll_seconds, show_progress=progress, echo=_err
+        )
+    finally:
+        clients.close()
+    if status.summary:
+        _print_summary_line(status.summary)
+        click.echo(status.summary.get("result", ""))
+    if status.state != "complete":
+        _err(f"run {status.run_id} did not complete: {status.state}")
+        raise click.exceptions.Exit(1)
+
+
+def _dry_run(plan) -> None:
+    from dfk8s.kube.manifests import to_yaml
+
+    cfg = plan.config
+    pods = min(cfg.parallelism, plan.shards)
+    for warning in plan.warnings:
+        _err(f"warning: {warning}")
+    _err(f"dry run: nothing was written or created; run {cfg.run_id} in namespace {cfg.namespace}")
+    bad = plan.rows - plan.good_rows
+    _err(f"  rows: {plan.rows:,}" + (f" ({bad:,} with problems: they fail without a request)" if bad else ""))
+    _err(f"  shards: {plan.shards:,} of up to {plan.rows_per_shard:,} rows (map Job completions)")
+    _err(
+        f"  pods: {pods} at once (parallelism {cfg.parallelism}"
+        + (", capped at the shard count" if pods < cfg.parallelism else "")
+        + ")"
+        + (f", {cfg.gpu_count} GPU each" if cfg.gpu_count else "")
+    )
+    estimate = plan.estimate
+    if estimate is not None:
+        concurrency = int(plan.options.get("max_concurrency") or 64)
+        rpm = plan.options.get("rpm")
+        _err(f"  requests: {estimate.requests:,} (one per good row; retries not counted)")
+        _err(
+            f"  rate: {estimate.per_minute:,.0f}/min = min(--rpm {rpm or 'unset'}, "
+            f"{pods} pods x {concurrency} in flight x 60 / ~{estimate.latency:g} s per request); "
+            f"bound by {estimate.bound}"
+        )
+        _err(
+            f"  time: ~{_duration(estimate.minutes * 60)} (assumes ~{estimate.latency:g} s per request; "
+            "pod start-up not counted)"
+        )
+    if not plan.planned:
+        _err(
+            f"  note: the pods read the shards from {cfg.run_uri}: this YAML runs only after the run is "
+            f"planned there (dfk8s submit without --dry-run plans and creates)"
+        )
+    click.echo(to_yaml(plan.objects), nl=False)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _print_summary_line(summary: dict) -> None:
+    line = f"{summary.get('rows', 0)} rows: {summary.get('ok', 0)} ok, {summary.get('failed', 0)} failed"
+    if summary.get("not_processed") or summary.get("failed_shards"):
+        line += f", {summary.get('not_processed', 0)} not processed (shards {summary.get('failed_shards')})"
+    _err(line)
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@_connection_options
+@click.option(
+    "--output",
+    "-o",
+    metavar="S3URI",
+    help="s3://bucket/prefix the run is under (default: read from its map Job).",
+)
+@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3 endpoint from here (default: the Jobs').")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json):
+    """Show a run: its Jobs (completed, failed, active indexes), progress from storage, and its result."""
+    from dfk8s.kube.launcher import run_status
+    from dfk8s.kube.wait import format_indexes
+
+    clients, namespace = _connect(context, kubeconfig, namespace)
+    try:
+        state = run_status(clients, namespace, run_id, output=output, endpoint_url=s3_endpoint)
+    finally:
+        clients.close()
+    if as_json:
+        click.echo(json.dumps(state.to_dict(), indent=2))
+        return
+    click.echo(
+        f"run {run_id}"
+        + (f" ({state.pipeline})" if state.pipeline else "")
+        + f" in namespace {namespace}: {state.state}"
+    )
+    for label, job in (("map", state.map_job), ("reduce", state.reduce_job)):
+        click.echo(
+            f"  {label} job: " + (f"{job.name}: {job.describe()}" if job else "none (deleted or expired)")
+        )
+        if job and job.finished == "Failed" and job.message:
+            click.echo(f"    {job.reason}: {job.message}")
+    if state.storage_error:
+        click.echo(f"  storage: cannot read {state.run_uri}: {state.storage_error}")
+    elif state.progress is not None:
+        done = state.progress
+        click.echo(
+            f"  progress: {done.rows:,}/{state.rows or 0:,} rows ({done.ok:,} ok, {done.failed:,} failed); "
+            f"{len(state.shards_done)}/{state.shards} shards done"
+            + (f" ({format_indexes(state.shards_done)})" if state.shards_done else "")
+        )
+    if state.summary:
+        summary = state.summary
+        click.echo(
+            f"  result: {summary.get('result')}: {summary.get('rows', 0):,} rows, "
+            f"{summary.get('ok', 0):,} ok, {summary.get('failed', 0):,} failed, "
+            f"{summary.get('not_processed', 0):,} not processed"
+        )
+        if summary.get("failed_shards"):
+            click.echo(f"  failed shards: {format_indexes(summary['failed_shards'])}")
+    elif state.run_uri:
+        click.echo(f"  run data: {state.run_uri} (no result yet)")
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@_connection_options
+@click.option("--index", type=click.IntRange(min=0), help="Only the pods of this shard index.")
+@click.option("--reducer", is_flag=True, help="The reduce Job's pod instead of the workers.")
+@click.option("--follow", "-f", is_flag=True, help="Stream the log until the pod ends (one pod).")
+@click.option("--tail", type=click.IntRange(min=0), help="Only the last N lines of each pod.")
+def logs(run_id, namespace, context, kubeconfig, index, reducer, follow, tail):
+    """Print the logs of a run's pods: workers (all, or one --index), or the --reducer.
+
+    With several pods (one per shard, and retries), each log starts with a ``==> POD <==`` line.
+    """
+    from dfk8s.kube.client import pod_index, pod_waiting_reason, read_pod_log, run_pods
+    from dfk8s.kube.manifests import REDUCER_CONTAINER, WORKER_CONTAINER
+
+    if reducer and index is not None:
+        raise click.UsageError("--index and --reducer exclude each other")
+    component = "reduce" if reducer else "map"
+    container = REDUCER_CONTAINER if reducer else WORKER_CONTAINER
+    clients, namespace = _connect(context, kubeconfig, namespace)
+    try:
+        pods = run_pods(clients, namespace, run_id, component=component, index=index)
+        if not pods:
+            what = (
+                "the reducer" if reducer else ("index " + str(index) if index is not None else "the workers")
+            )
+            _err(f"no pods of {what} of run {run_id} in namespace {namespace} (not started yet, or deleted)")
+            raise click.exceptions.Exit(1)
+        if follow:
+            if len({pod_index(p) for p in pods}) > 1:
+                raise click.UsageError("--follow streams one pod: add --index N or --reducer")
+            pods = pods[-1:]  # the newest attempt
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            if len(pods) > 1:
+                where = f"index {pod_index(pod)}, " if pod_index(pod) is not None else ""
+                click.echo(f"==> {name} ({where}{pod.get('status', {}).get('phase', '?')}) <==")
+            waiting = pod_waiting_reason(pod)
+            if waiting and pod.get("status", {}).get("phase") == "Pending":
+                click.echo(f"(pod {name} has not started: {waiting})")
+                continue
+            for line in read_pod_log(clients, namespace, name, container, follow=follow, tail=tail):
+                click.echo(line)
+                if follow:
+                    sys.stdout.flush()
+    finally:
+        clients.close()
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@_connection_options
+def cancel(run_id, namespace, context, kubeconfig):
+    """Stop a run: delete its Jobs and their pods. Its data stays; submit --run-id RUN resumes it."""
+    from dfk8s.kube.launcher import cancel_run
+
+    clients, namespace = _connect(context, kubeconfig, namespace)
+    try:
+        jobs, pods, run_uri = cancel_run(clients, namespace, run_id)
+    finally:
+        clients.close()
+    _err(
+        f"cancelled run {run_id}: deleted "
+        + (f"jobs {', '.join(jobs)}" if jobs else "no jobs")
+        + f" and {len(pods)} pods in namespace {namespace}"
+    )
+    if run_uri:
+        output = run_uri.rsplit("/", 1)[0]
+        _err(
+            f"its data stays at {run_uri}; resume with: dfk8s submit --pipeline ... --output {output} "
+            f"--run-id {run_id}"
+        )
+
+
+@click.command(name="list")
+@_connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+def list_(namespace, context, kubeconfig, as_json):
+    """List the runs in a namespace (from their Jobs), newest first, with their state."""
+    import dataclasses
+
+    from dfk8s.kube.launcher import list_runs
+    from dfk8s.kube.wait import format_indexes
+
+    clients, namespace = _connect(context, kubeconfig, namespace)
+    try:
+        runs = list_runs(clients, namespace)
+    finally:
+        clients.close()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(run) for run in runs], indent=2))
+        return
+    if not runs:
+        _err(f"no dfk8s runs in namespace {namespace}")
+        return
+    rows = [("RUN", "PIPELINE", "STATE", "SHARDS", "FAILED", "CREATED")]
+    rows += [
+        (
+            r.run_id,
+            r.pipeline,
+            r.state,
+            f"{r.completed}/{r.shards}",
+            format_indexes(r.failed) or "-",
+            r.created,
+        )
+        for r in runs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def register(cli_group: click.Group) -> None:
+    """Add the Kubernetes commands to the ``dfk8s`` group."""
+    for command in (submit, status, logs, cancel, list_):
+        cli_group.add_command(command)
