@@ -21,7 +21,6 @@ from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError
 from dfk8s.servings.diffusers_flux import DiffusersServing  # noqa: E402
 from dfk8s.spec import RunSpec  # noqa: E402
 from dfk8s.testing.tiny_flux import build_tiny_flux  # noqa: E402
-
 from tests.conftest import FIXTURES  # noqa: E402
 
 INPUT_PNG = FIXTURES / "dataflow-mm/dataflow/example/text2image_eval/1.png"

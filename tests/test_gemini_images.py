@@ -20,8 +20,8 @@ from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError
 from dfk8s.servings.gemini_images import gemini_errors, split_base_url
 from dfk8s.spec import RunSpec
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
-
 from tests.conftest import SEED_DOCS as FIXTURES  # noqa: E402
+
 KEY_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "DF_API_KEY", "OPENAI_API_KEY", "DF_BASE_URL",
             "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT")
 

@@ -21,7 +21,6 @@ from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError
 from dfk8s.servings.openai_images import download_image
 from dfk8s.spec import RunSpec
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
-
 from tests.conftest import SEED_DOCS as FIXTURES  # noqa: E402
 
 
