@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 
+from openai.types.chat import ChatCompletion
+
 from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.openai_common import make_client, openai_errors
@@ -52,9 +54,12 @@ class OpenAIChatServing(ApiServing):
             extra["temperature"] = self.temperature
         if self.max_tokens is not None:
             extra["max_tokens"] = self.max_tokens
+        body = {"model": self.options.model, "messages": chat_messages(request.messages), **extra}
         with openai_errors():
-            completion = await self.clients.get().chat.completions.create(
-                model=self.options.model, messages=chat_messages(request.messages), **extra)
+            # The SDK's generic POST (same client, auth, errors and ChatCompletion parsing as
+            # chat.completions.create) skips create()'s TypedDict transform of the body: our messages are
+            # plain JSON already, and that walk was ~20% of the worker's CPU at hundreds of requests/s.
+            completion = await self.clients.get().post("/chat/completions", body=body, cast_to=ChatCompletion)
         if isinstance(completion, str) or not hasattr(completion, "choices"):
             raise RetryableError("MalformedResponse", "the response is not a chat completion")
         if not completion.choices:
