@@ -33,3 +33,36 @@ bench:  ## Run the CPU benchmarks and print their ratios (see bench/RESULTS.md).
 
 clean:  ## Remove build and test leftovers (not .venv).
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache runs
+
+# ---- Images and clusters (Docker; see images/ and hack/) -----------------------------------------
+# Bases to build FROM; empty: the Dockerfiles' defaults (python:3.12-slim-bookworm, nvidia/cuda).
+CPU_BASE_IMAGE ?=
+GPU_BASE_IMAGE ?=
+
+.PHONY: image-cpu image-gpu docker-up docker-down
+
+images: image-cpu image-gpu  ## Build the CPU and GPU images (dfk8s-cpu:dev, dfk8s-gpu:dev) with your Docker.
+
+image-cpu:  ## Build dfk8s-cpu:dev (launcher, reducer, API workers, SeaweedFS); CPU_BASE_IMAGE=... to change the base.
+	BASE_IMAGE=$(CPU_BASE_IMAGE) hack/build-image.sh cpu
+
+image-gpu:  ## Build dfk8s-gpu:dev (FLUX workers, CUDA torch: several GB); GPU_BASE_IMAGE=... to change the base.
+	BASE_IMAGE=$(GPU_BASE_IMAGE) hack/build-image.sh gpu
+
+docker-up:  ## Start a private dockerd (no bridge/iptables) at unix:///tmp/dfk8s-docker/docker.sock.
+	hack/docker-up.sh
+
+docker-down:  ## Stop the private dockerd (its image cache stays in /tmp/dfk8s-docker).
+	hack/docker-down.sh
+
+test-images:  ## Private dockerd + debootstrap base + CPU image, then tests/images (worker/reducer containers on S3).
+	PYTHON=$(abspath $(PY)) hack/test-images.sh
+
+kind-up:  ## Create the kind cluster dfk8s-test, load the CPU image, install the chart with S3 and fake API.
+	hack/kind-test.sh up
+
+kind-down:  ## Delete the kind cluster dfk8s-test.
+	hack/kind-test.sh down
+
+kind-test:  ## On a machine with kind, helm, kubectl, docker: submit the caption fixture to kind, check result.jsonl.
+	DFK8S=$(abspath $(BIN))/dfk8s PYTHON=$(abspath $(PY)) hack/kind-test.sh test
