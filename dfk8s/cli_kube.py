@@ -52,7 +52,14 @@ def _connect(context, kubeconfig, namespace):
     help="Where runs live: s3://bucket/prefix (the pods read and write it).",
 )
 @_connection_options
-@click.option("--image", help="Worker (and reducer) image; default: the job profile's.")
+@click.option("--image", help="Worker image; default: the job profile's.")
+@click.option("--reducer-image", help="Reducer image; default: the CPU image (a FLUX run's reducer needs no GPU image).")
+@click.option(
+    "--cluster-s3-endpoint",
+    metavar="URL",
+    help="S3 endpoint the pods use, when it differs from --s3-endpoint (e.g. you submit through a "
+    "port-forward and pods reach the in-cluster service).",
+)
 @click.option(
     "--parallelism",
     type=click.IntRange(min=1),
@@ -131,6 +138,8 @@ def submit(
     context,
     kubeconfig,
     image,
+    reducer_image,
+    cluster_s3_endpoint,
     parallelism,
     queue,
     api_key_secret,
@@ -172,6 +181,8 @@ def submit(
     options = launcher.ClusterOptions(
         namespace=namespace or default_namespace(context, kubeconfig),
         image=image,
+        reducer_image=reducer_image,
+        cluster_s3_endpoint=cluster_s3_endpoint,
         parallelism=parallelism,
         queue=queue,
         api_key_secret=launcher.parse_secret_ref(api_key_secret, "--api-key-secret"),

@@ -65,6 +65,8 @@ class ClusterOptions:
 
     namespace: str
     image: str | None = None
+    reducer_image: str | None = None
+    cluster_s3_endpoint: str | None = None
     parallelism: int = 4
     queue: str | None = None
     api_key_secret: tuple[str, str] | None = None
@@ -187,7 +189,8 @@ def kube_run_config(
         namespace=options.namespace,
         profile=profile,
         image=options.image,
-        s3_endpoint=request.endpoint_url,
+        reducer_image=options.reducer_image or (cpu_image() if profile.gpu else None),
+        s3_endpoint=options.cluster_s3_endpoint or request.endpoint_url,
         queue=options.queue,
         api_key_secret=options.api_key_secret,
         s3_secret=options.s3_secret,
@@ -199,6 +202,11 @@ def kube_run_config(
         backoff_limit_per_index=options.backoff_limit_per_index,
         max_failed_indexes=options.max_failed_indexes,
     )
+
+
+def cpu_image() -> str:
+    """The CPU image of this version (from the caption profile): what reducers run, even for FLUX runs."""
+    return load_profile("caption").image
 
 
 def _check_pod_paths(request: RunRequest) -> None:

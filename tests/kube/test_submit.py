@@ -239,6 +239,9 @@ def test_dry_run_gpu_profile_for_text2image_diffusers(tmp_path, s3_bucket, seawe
     env = {e["name"]: e for e in worker["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN"}
     assert "nvidia.com/gpu" not in json.dumps(reduce_job)
+    # The reducer needs no GPU image (multi-GB pull): it runs the CPU image of the same version.
+    assert pod_spec(map_job)["containers"][0]["image"].startswith("ghcr.io/dfk8s/dfk8s-gpu:")
+    assert pod_spec(reduce_job)["containers"][0]["image"].startswith("ghcr.io/dfk8s/dfk8s-cpu:")
     assert "requests:" not in result.stderr  # no time guess for GPU runs
     assert "warning: pods get no S3 credentials" in result.stderr
     # Flags replace the profile's scheduling.
@@ -255,6 +258,15 @@ def test_dry_run_gpu_profile_for_text2image_diffusers(tmp_path, s3_bucket, seawe
     for value in sentinels.values():
         assert value not in result.stdout and value not in result.stderr
     assert objects_in(s3_bucket, seaweed) == []
+
+
+def test_pods_get_the_cluster_s3_endpoint_when_it_differs_from_the_local_one(s3_bucket, seaweed, sentinels):
+    result = invoke(*caption_args(f"s3://{s3_bucket}/runs", "--dry-run", "--s3-endpoint", seaweed.endpoint,
+                                  "--cluster-s3-endpoint", "http://dfk8s-seaweedfs.batch:8333"))
+    assert result.exit_code == 0, result.output
+    for job in yaml.safe_load_all(result.stdout):
+        env = {e["name"]: e.get("value") for e in pod_spec(job)["containers"][0]["env"]}
+        assert env["AWS_ENDPOINT_URL"] == "http://dfk8s-seaweedfs.batch:8333"
 
 
 def test_dry_run_refuses_an_api_serving_without_a_secret_reference(s3_bucket, sentinels):
