@@ -14,7 +14,8 @@ def write_prompts(path: str, rows: int) -> str:
     """A JSONL manifest of ``rows`` one-turn prompts (DataFlow-MM's conversation shape)."""
     with open(path, "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"id": i, "conversation": [{"from": "human", "value": f"describe scene {i}"}]}))
+            turn = {"from": "human", "value": f"describe scene {i}"}
+            f.write(json.dumps({"id": i, "conversation": [turn]}))
             f.write("\n")
     return path
 

@@ -50,8 +50,8 @@ def main():
                 server_cpu = sum(server_process.cpu_times()[:2]) - server_cpu
             assert stats.ok == rows, stats
             rate = rows / wall
-            print(f"concurrency {conc:4d}: {rows} rows in {wall:.2f}s = {rate:,.0f} rows/s; limit {limit:,.0f}; "
-                  f"ratio {rate / limit:.3f}; worker CPU {cpu / wall:.2f} cores "
+            print(f"concurrency {conc:4d}: {rows} rows in {wall:.2f}s = {rate:,.0f} rows/s; "
+                  f"limit {limit:,.0f}; ratio {rate / limit:.3f}; worker CPU {cpu / wall:.2f} cores "
                   f"({cpu / rows * 1000:.2f} ms/row); fake server CPU {server_cpu / wall:.2f} cores; "
                   f"machine has {psutil.cpu_count()} cores")
     finally:

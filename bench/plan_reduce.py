@@ -86,7 +86,8 @@ def main():
         for name, phase in (("plan", plan), ("reduce", reduce)):
             rate = phase["bytes"] / 1e6 / phase["seconds"]
             print(f"{rows:>9,} rows ({mb:,.1f} MB) {name:6s}: {phase['seconds']:7.2f}s {rate:8.1f} MB/s "
-                  f"= {rate / copy_rate:.3f} x copy ({copy_rate:,.0f} MB/s); peak RSS {phase['rss_mb']:.0f} MiB")
+                  f"= {rate / copy_rate:.3f} x copy ({copy_rate:,.0f} MB/s); "
+                  f"peak RSS {phase['rss_mb']:.0f} MiB")
     if len(args.sizes) >= 2:
         small, large = min(args.sizes), max(args.sizes)
         for i, name in ((1, "plan"), (2, "reduce")):

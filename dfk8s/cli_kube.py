@@ -53,7 +53,9 @@ def _connect(context, kubeconfig, namespace):
 )
 @_connection_options
 @click.option("--image", help="Worker image; default: the job profile's.")
-@click.option("--reducer-image", help="Reducer image; default: the CPU image (a FLUX run's reducer needs no GPU image).")
+@click.option(
+    "--reducer-image", help="Reducer image; default: the CPU image (a FLUX run's reducer needs no GPU image)."
+)
 @click.option(
     "--cluster-s3-endpoint",
     metavar="URL",

@@ -13,6 +13,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record, the shape log collectors expect."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """Format ``record`` as one JSON line: UTC time, level, logger, message and any traceback."""
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +
                  f".{int(record.msecs):03d}Z", "level": record.levelname.lower(), "logger": record.name,
                  "message": record.getMessage()}
@@ -33,5 +34,6 @@ def setup_logging(level: str | None = None, *, json_format: bool | None = None) 
     root.handlers[:] = [handler]
     root.setLevel(level)
     # The HTTP stacks log every request at INFO; that is noise at our volumes (and could carry URLs).
-    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "botocore", "boto3", "urllib3", "google_genai"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "botocore", "boto3", "urllib3",
+                  "google_genai"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

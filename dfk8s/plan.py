@@ -157,7 +157,9 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
     Args:
         spec: The spec to complete; ``input``, pipeline, serving, keys and options are set.
         run_storage: The run's storage (``<output>/<run_id>``).
-        rows_per_shard: Shard size; or ``shards`` for a fixed count (costs one extra counting pass).
+        rows_per_shard: Rows per shard (default ``DEFAULT_ROWS_PER_SHARD``); ignored when ``shards`` is set.
+        shards: At most this many shards instead, ``ceil(rows / shards)`` rows each (costs one extra
+            counting pass).
         image_root: Folder relative image paths are taken from.
         stage_images: Upload local images into the run (cluster runs: pods cannot see this disk).
         endpoint_url: S3 endpoint for s3:// manifests and images.

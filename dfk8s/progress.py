@@ -64,8 +64,14 @@ class ProgressReader:
 def progress_bar(total: int, *, enabled: bool = True, description: str = "rows"):
     """A rich progress bar with rows done / failed and rows/s; off when stderr is not a terminal."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
 
     console = Console(stderr=True)
     return RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -53,7 +53,8 @@ def run_storage(output: str, run_id: str, endpoint_url: str | None = None) -> St
     return open_storage(output, endpoint_url=endpoint_url).child(run_id)
 
 
-def prepare_run(request: RunRequest, *, stage_images: bool = False, on_row=None) -> tuple[Storage, RunSpec, bool]:
+def prepare_run(request: RunRequest, *, stage_images: bool = False,
+                on_row=None) -> tuple[Storage, RunSpec, bool]:
     """Plan a new run, or load the existing one when ``run_id`` names a planned run.
 
     Returns:

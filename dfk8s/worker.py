@@ -97,12 +97,14 @@ class ShardRunner:
     # -- records -------------------------------------------------------------------------------------
 
     def failed_record(self, shard_row: dict, error: dict) -> dict:
+        """Build a failed row's output record: its input row with ``error`` and without the output key."""
         row = dict(shard_row["row"])
         row.pop(self.output_key, None)  # a placeholder like "images": [""] is not an output
         row["error"] = error
         return {"pos": shard_row["pos"], "id": shard_row["id"], "ok": False, "row": row}
 
     def ok_record(self, shard_row: dict, value) -> dict:
+        """Build a finished row's output record: its input row, ``value`` under the output key, no error."""
         row = dict(shard_row["row"])
         row.pop("error", None)
         row[self.output_key] = value
@@ -135,11 +137,13 @@ class ShardRunner:
     # -- checkpoints ---------------------------------------------------------------------------------
 
     async def add(self, records: Iterable[dict]) -> None:
+        """Buffer ``records``; write a part once ``save_interval`` records are waiting."""
         self.buffer.extend(records)
         if len(self.buffer) >= self.spec.save_interval:
             await self.flush()
 
     async def flush(self) -> None:
+        """Write the buffered records as the shard's next checkpoint part, if there are any."""
         if not self.buffer:
             return
         records, self.buffer = self.buffer, []
@@ -165,6 +169,12 @@ class ShardRunner:
             system_prompt=self.spec.option("system_prompt"), seed=self.spec.seed)
 
     async def run_batch(self, batch: list[dict]) -> None:
+        """Serve one batch and buffer its records; bad images and serving bugs become failed rows.
+
+        Raises:
+            SpecError: The serving rejected the spec (the shard stops, exit 42).
+            ServingUnavailable: The serving is down (the shard stops with a retryable exit).
+        """
         prepared = await asyncio.to_thread(lambda: [self.request_for(r) for r in batch]) \
             if any(r["images"] for r in batch) else [self.request_for(r) for r in batch]
         ready = [(r, p) for r, p in zip(batch, prepared, strict=True) if not isinstance(p, RowError)]

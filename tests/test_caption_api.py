@@ -31,7 +31,8 @@ def _prompts(tmp_path, n, *, suffix=lambda i: ""):
     path = tmp_path / "prompts.jsonl"
     with path.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": i, "conversation": [{"from": "human", "value": f"q{i}{suffix(i)}"}]}) + "\n")
+            turn = {"from": "human", "value": f"q{i}{suffix(i)}"}
+            f.write(json.dumps({"id": i, "conversation": [turn]}) + "\n")
     return path
 
 
@@ -45,7 +46,8 @@ def test_cli_run_on_vqa_fixture_prints_run_and_result(tmp_path, fake_api, api_ke
     assert "run cap1" in result.output and "8 rows: 4 ok, 4 failed" in result.output
     storage = open_storage(str(tmp_path / "cap1"))
     rows = _lines(storage, layout.RESULT_KEY)
-    assert [r["conversation"] for r in rows] == [r["conversation"] for r in json.loads(VQA_MANIFEST.read_text())]
+    manifest_rows = json.loads(VQA_MANIFEST.read_text())
+    assert [r["conversation"] for r in rows] == [r["conversation"] for r in manifest_rows]
     good = [r for r in rows if "caption" in r]
     assert len(good) == 4 and all("fake caption:" in r["caption"] for r in good)
     assert all(r["error"]["type"] == "BadRow" for r in rows if "Face.jpg" in r["image"][0])
@@ -54,7 +56,8 @@ def test_cli_run_on_vqa_fixture_prints_run_and_result(tmp_path, fake_api, api_ke
     for req in sent:
         body = req["body"]
         assert body["model"] == "gpt-5-nano" and body["temperature"] == 0.2 and body["max_tokens"] == 64
-        assert body["messages"][0]["role"] == "system" and "caption generator" in body["messages"][0]["content"]
+        system = body["messages"][0]
+        assert system["role"] == "system" and "caption generator" in system["content"]
         assert "<image>" not in req["prompt"] and req["image_mimes"] == ["image/png"]
     # No secret anywhere a user or a log can see.
     assert api_key not in result.output
@@ -63,8 +66,9 @@ def test_cli_run_on_vqa_fixture_prints_run_and_result(tmp_path, fake_api, api_ke
 
 def test_text2image_eval_fixture_as_vqa_on_s3(tmp_path, fake_api, api_key, s3_bucket):
     output = f"s3://{s3_bucket}/runs"
-    summary = run_local(RunRequest(pipeline="vqa", input=str(T2I_EVAL_MANIFEST), image_root=str(DATAFLOW_ROOT),
-                                   output=output, run_id="eval", options={"api_url": fake_api.url}), workers=1)
+    request = RunRequest(pipeline="vqa", input=str(T2I_EVAL_MANIFEST), image_root=str(DATAFLOW_ROOT),
+                         output=output, run_id="eval", options={"api_url": fake_api.url})
+    summary = run_local(request, workers=1)
     rows = _lines(open_storage(output).child("eval"), layout.RESULT_KEY)
     assert summary.ok == 2 and [("answer" in r) for r in rows] == [True, True]
     assert "Text Caption: a brown horse" in fake_api.requests()[0]["prompt"] or \
@@ -76,7 +80,8 @@ def test_mime_type_comes_from_bytes(tmp_path, fake_api, api_key):
     src = (DATAFLOW_ROOT / "dataflow/example/vqa/ggbond.png").read_bytes()
     (tmp_path / "really_png.jpg").write_bytes(src)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"image": "really_png.jpg", "conversation": [{"from": "human", "value": "x"}]}))
+    manifest.write_text(json.dumps({"image": "really_png.jpg",
+                                    "conversation": [{"from": "human", "value": "x"}]}))
     summary = run_local(RunRequest(pipeline="caption", input=str(manifest), output=str(tmp_path / "o"),
                                    options={"api_url": fake_api.url}), workers=1)
     assert summary.ok == 1 and fake_api.requests()[0]["image_mimes"] == ["image/png"]

@@ -74,32 +74,38 @@ def oai(api: FakeAPI) -> openai.OpenAI:
 
 @pytest.fixture
 def gem(api: FakeAPI) -> genai.Client:
-    options = types.HttpOptions(base_url=api.url, timeout=10_000, retry_options=types.HttpRetryOptions(attempts=1))
+    options = types.HttpOptions(base_url=api.url, timeout=10_000,
+                                retry_options=types.HttpRetryOptions(attempts=1))
     return genai.Client(api_key=SECRET, http_options=options)
 
 
 def chat(client: openai.OpenAI, text: str, *images: str, **kw):
-    content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in images]
-    return client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": content}], **kw)
+    content = [{"type": "text", "text": text}]
+    content += [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    messages = [{"role": "user", "content": content}]
+    return client.chat.completions.create(model="gpt-4o-mini", messages=messages, **kw)
 
 
 # ----- OpenAI chat completions ---------------------------------------------------------------------------
 
 
 def test_chat_caption_reports_images_and_records_request(api, oai):
+    question = [{"type": "text", "text": "Describe this image."},
+                {"type": "image_url", "image_url": {"url": data_url(image_bytes())}}]
     r = oai.chat.completions.create(
         model="gpt-4o-mini", temperature=0.2, max_tokens=300,
         messages=[{"role": "system", "content": "You caption images."},
-                  {"role": "user", "content": [{"type": "text", "text": "Describe this image."},
-                                               {"type": "image_url", "image_url": {"url": data_url(image_bytes())}}]}])
-    assert r.choices[0].message.content == "fake caption: Describe this image. (images: 1, 32x16 png; system: yes)"
+                  {"role": "user", "content": question}])
+    assert r.choices[0].message.content == \
+        "fake caption: Describe this image. (images: 1, 32x16 png; system: yes)"
     assert r.choices[0].finish_reason == "stop" and r.usage.total_tokens > 0 and r.model == "gpt-4o-mini"
     [entry] = api.requests()
     assert entry["system"] == "You caption images." and entry["n_images"] == 1
     assert entry["image_mimes"] == ["image/png"] and entry["auth"] == "Authorization"
     assert entry["body"]["temperature"] == 0.2 and entry["body"]["max_tokens"] == 300
     assert "<image>" not in json.dumps(entry["body"])
-    assert entry["body"]["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,<")
+    sent_url = entry["body"]["messages"][1]["content"][1]["image_url"]["url"]
+    assert sent_url.startswith("data:image/png;base64,<")
     assert SECRET not in json.dumps(api.requests()) + json.dumps(api.stats())  # the key is never kept
     assert api.stats()["by_endpoint"] == {"chat.completions": 1} and api.stats()["by_status"] == {"200": 1}
 
@@ -163,7 +169,8 @@ def test_generate_url_is_downloadable(api, oai):
 def test_edit_multiple_images_and_mask(api, oai):
     src = image_bytes(size=(40, 20))
     r = oai.images.edit(model="gpt-image-1", prompt="merge them",
-                        image=[("a.png", src, "image/png"), ("b.jpg", image_bytes("JPEG", (8, 8)), "image/jpeg")],
+                        image=[("a.png", src, "image/png"),
+                               ("b.jpg", image_bytes("JPEG", (8, 8)), "image/jpeg")],
                         mask=("m.png", image_bytes(size=(40, 20), color=(0, 0, 0)), "image/png"))
     assert decode_png(base64.b64decode(r.data[0].b64_json)).size == (64, 32)  # first image's shape
     [entry] = api.requests()
@@ -194,7 +201,8 @@ def test_gemini_text_and_image(api, gem):
     r = gem.models.generate_content(
         model="gemini-2.5-flash-image",
         contents=["make it blue", types.Part.from_bytes(data=image_bytes(), mime_type="image/png")],
-        config=types.GenerateContentConfig(response_modalities=["TEXT", "IMAGE"], system_instruction="be bold",
+        config=types.GenerateContentConfig(response_modalities=["TEXT", "IMAGE"],
+                                           system_instruction="be bold",
                                            image_config=types.ImageConfig(aspect_ratio="16:9")))
     parts = r.candidates[0].content.parts
     assert parts[0].text == "fake gemini: make it blue (turns: 1, images: 1, 32x16 png; system: yes)"
@@ -203,14 +211,16 @@ def test_gemini_text_and_image(api, gem):
     assert r.candidates[0].finish_reason == types.FinishReason.STOP and r.usage_metadata.total_token_count > 0
     [entry] = api.requests()
     assert entry["endpoint"] == "gemini.generateContent" and entry["model"] == "gemini-2.5-flash-image"
-    assert entry["auth"] == "x-goog-api-key" and entry["system"] == "be bold" and entry["image_mimes"] == ["image/png"]
+    assert entry["auth"] == "x-goog-api-key" and entry["system"] == "be bold"
+    assert entry["image_mimes"] == ["image/png"]
     assert SECRET not in json.dumps(api.requests())
 
 
 def test_gemini_v1beta_path_and_snake_case_json(api):
     blob = {"mime_type": "image/png", "data": base64.b64encode(image_bytes()).decode()}
     body = {"contents": [{"role": "user", "parts": [{"text": "snake"}, {"inline_data": blob}]}],
-            "generation_config": {"response_modalities": ["TEXT", "IMAGE"], "image_config": {"aspect_ratio": "1:2"}}}
+            "generation_config": {"response_modalities": ["TEXT", "IMAGE"],
+                                  "image_config": {"aspect_ratio": "1:2"}}}
     r = http_json(api.url + "/v1beta/models/gemini-2.5-flash-image:generateContent?key=" + SECRET, body)
     parts = r["candidates"][0]["content"]["parts"]
     assert parts[0]["text"].startswith("fake gemini: snake (turns: 1, images: 1, 32x16 png")
@@ -320,7 +330,8 @@ def test_gemini_text_only_answer(api, gem):
     r = gem.models.generate_content(model="gemini-2.5-flash-image", contents="draw",
                                     config=types.GenerateContentConfig(response_modalities=["TEXT", "IMAGE"]))
     [part] = r.candidates[0].content.parts
-    assert part.text.startswith("fake gemini: draw") and r.candidates[0].finish_reason == types.FinishReason.STOP
+    assert part.text.startswith("fake gemini: draw")
+    assert r.candidates[0].finish_reason == types.FinishReason.STOP
 
 
 def test_fail_first_is_exact_per_distinct_request(api, oai):
@@ -366,14 +377,16 @@ def test_hang_times_out_client_and_frees_the_slot(api, oai):
     while api.stats()["inflight"] and time.monotonic() < deadline:
         time.sleep(0.02)
     stats = api.stats()
-    assert stats["inflight"] == 0 and stats["by_status"] == {"cancelled": 1} and stats["faults"] == {"hang": 1}
+    assert stats["inflight"] == 0
+    assert stats["by_status"] == {"cancelled": 1} and stats["faults"] == {"hang": 1}
 
 
 def test_stop_ends_hanging_requests_quickly():
     api = FakeAPI(FakeConfig(rate_hang=1.0))
     client = openai.OpenAI(base_url=api.start() + "/v1", api_key="t", max_retries=0, timeout=30)
     outcome = []
-    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(openai.APIError, chat, client, "x")))
+    worker = threading.Thread(
+        target=lambda: outcome.append(pytest.raises(openai.APIError, chat, client, "x")))
     worker.start()
     while not api.stats()["inflight"]:
         time.sleep(0.01)
@@ -407,8 +420,8 @@ def test_sustains_256_concurrent_slow_requests(api):
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             async def one(i):
-                async with session.post(api.url + "/v1/chat/completions",
-                                        json={"model": "m", "messages": [{"role": "user", "content": f"{i}"}]}) as r:
+                body = {"model": "m", "messages": [{"role": "user", "content": f"{i}"}]}
+                async with session.post(api.url + "/v1/chat/completions", json=body) as r:
                     return r.status
             started = time.monotonic()
             statuses = await asyncio.gather(*(one(i) for i in range(256)))
@@ -441,8 +454,9 @@ def test_control_endpoints(api, oai):
 
 def test_cli_serves_and_stops_on_sigterm(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "dfk8s.testing.fake_api", "--port", "0", "--fail-first", "1",
-                             "--retry-after", "0"], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "dfk8s.testing.fake_api", "--port", "0",
+                             "--fail-first", "1", "--retry-after", "0"],
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         line = proc.stdout.readline().strip()
         assert line.startswith("listening on http://127.0.0.1:")

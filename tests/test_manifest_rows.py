@@ -68,7 +68,8 @@ def test_both_dataflow_conversation_shapes(row):
 
 
 def test_sharegpt_roles_and_missing_key():
-    turns = rows.conversation({"conversation": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+    turns = rows.conversation({"conversation": [{"from": "system", "value": "s"},
+                                                {"from": "human", "value": "q"},
                                                 {"from": "gpt", "value": "a"}]})
     assert [t.role for t in turns] == ["system", "user", "assistant"]
     with pytest.raises(rows.RowProblem, match="missing key 'conversations or conversation'"):

@@ -99,7 +99,8 @@ def test_worker_resumes_from_parts_without_redoing_rows(tmp_path):
 
 def test_resume_with_run_id_reuses_the_plan(tmp_path):
     manifest = _manifest(tmp_path, 5)
-    request = RunRequest(pipeline="vqa", serving="echo", input=str(manifest), output=str(tmp_path), run_id="x")
+    request = RunRequest(pipeline="vqa", serving="echo", input=str(manifest), output=str(tmp_path),
+                         run_id="x")
     run_local(request, workers=1)
     again = RunRequest(pipeline="vqa", output=str(tmp_path), run_id="x")  # no --input needed
     storage, spec, resumed = prepare_run(again)

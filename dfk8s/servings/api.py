@@ -143,6 +143,7 @@ class ApiServing(Serving):
         """Send one request; raise RetryableError, RowFailure or SpecError; return the response."""
 
     async def run(self, batch: list[Request]) -> list[Response | RowError]:
+        """Run each request through :meth:`run_one`; one result per request, in order."""
         return [await self.run_one(request) for request in batch]
 
     async def aclose(self) -> None:

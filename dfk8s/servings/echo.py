@@ -10,8 +10,8 @@ from dfk8s.servings.base import Request, Response, RowError, Serving
 class EchoServing(Serving):
     """Answers every request at once: text for text pipelines, a tiny PNG for image pipelines.
 
-    Options: ``echo_images`` (int, images per row, 0 for text), ``fail_marker`` (rows whose prompt contains
-    it fail with an error record), ``max_concurrency``.
+    Options: ``images_per_prompt`` (images per row for image pipelines, default 1), ``fail_marker`` (rows
+    whose prompt contains it fail with an error record), ``max_concurrency``.
     """
 
     name = "echo"
@@ -24,6 +24,7 @@ class EchoServing(Serving):
 
     @classmethod
     def from_spec(cls, spec) -> EchoServing:
+        """Build from the spec's options; text pipelines get text, image pipelines images."""
         from dfk8s.pipelines import PIPELINES
 
         produces_images = PIPELINES[spec.pipeline].output_kind == "images"
@@ -31,6 +32,7 @@ class EchoServing(Serving):
                    fail_marker=spec.option("fail_marker"), concurrency=spec.option("max_concurrency", 64))
 
     async def run(self, batch: list[Request]) -> list[Response | RowError]:
+        """Answer each request at once: an error if its prompt has the fail marker, else text or PNGs."""
         out: list[Response | RowError] = []
         for req in batch:
             if self.fail_marker and self.fail_marker in req.prompt:

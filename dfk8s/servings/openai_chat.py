@@ -36,7 +36,8 @@ class OpenAIChatServing(ApiServing):
 
     name = "openai-chat"
 
-    def __init__(self, options: ApiOptions, *, temperature: float | None = None, max_tokens: int | None = None):
+    def __init__(self, options: ApiOptions, *, temperature: float | None = None,
+                 max_tokens: int | None = None):
         super().__init__(options)
         self.temperature = temperature
         self.max_tokens = max_tokens
@@ -45,10 +46,18 @@ class OpenAIChatServing(ApiServing):
 
     @classmethod
     def from_spec(cls, spec) -> OpenAIChatServing:
+        """Build from the shared API options plus ``temperature`` and ``max_tokens``."""
         return cls(ApiOptions.from_spec(spec, DEFAULT_MODEL), temperature=spec.option("temperature"),
                    max_tokens=spec.option("max_tokens"))
 
     async def call(self, request: Request) -> Response:
+        """Send one row's conversation; return the answer's text.
+
+        Raises:
+            RetryableError: 429, 5xx, a timeout or lost connection, or a reply that is no usable completion.
+            RowFailure: Another 4xx, a refusal or no text (retrying will not help).
+            SpecError: The API refused the credentials.
+        """
         extra = {}
         if self.temperature is not None:
             extra["temperature"] = self.temperature

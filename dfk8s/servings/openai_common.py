@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import urlsplit
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import openai
 

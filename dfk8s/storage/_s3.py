@@ -77,7 +77,8 @@ class S3Storage(Storage):
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys = []
         with self._errors(prefix):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
                 keys.extend(obj["Key"][strip:] for obj in page.get("Contents", ()))
         yield from sorted(keys)
 

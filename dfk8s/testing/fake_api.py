@@ -225,7 +225,8 @@ def b64decode(data: Any, where: str, urlsafe: bool = False) -> bytes:
             return base64.b64decode(data, altchars=b"-_", validate=True)
         return base64.b64decode(data, validate=True)
     except (binascii.Error, TypeError, ValueError):
-        raise ApiError(400, f"Invalid base64 image data at {where}.", code="invalid_image", param=where) from None
+        raise ApiError(400, f"Invalid base64 image data at {where}.", code="invalid_image",
+                       param=where) from None
 
 
 def truncate(obj: Any) -> Any:
@@ -242,6 +243,7 @@ def truncate(obj: Any) -> Any:
 
 
 def words(text: str) -> int:
+    """Count the whitespace-separated words in `text`: the fakes' token count."""
     return len(text.split())
 
 
@@ -347,12 +349,14 @@ class FakeAPI:
         from dfk8s.testing import fake_gemini  # here, not at the top: fake_gemini imports this module
 
         openai_routes = {"/chat/completions": ("chat.completions", self._parse_chat, self._reply_chat),
-                         "/images/generations": ("images.generations", self._parse_generate, self._reply_images),
+                         "/images/generations": ("images.generations", self._parse_generate,
+                                                 self._reply_images),
                          "/images/edits": ("images.edits", self._parse_edit, self._reply_images)}
         for prefix in ("", "/v1"):
             for path, (endpoint, parse, reply) in openai_routes.items():
                 app.router.add_post(prefix + path, self._endpoint(endpoint, "openai", parse, reply))
-        gemini = self._endpoint("gemini.generateContent", "gemini", functools.partial(fake_gemini.parse, self),
+        gemini = self._endpoint("gemini.generateContent", "gemini",
+                                functools.partial(fake_gemini.parse, self),
                                 functools.partial(fake_gemini.reply, self))
         for prefix in ("", "/v1", "/v1beta", "/v1alpha"):
             app.router.add_post(prefix + "/models/{target}", gemini)
@@ -463,13 +467,15 @@ class FakeAPI:
         return handler
 
     async def _process(self, request: web.Request, entry: dict[str, Any], dialect: str,
-                       parse: Callable[..., Awaitable[Call]], reply: Callable[..., dict[str, Any]]) -> web.Response:
+                       parse: Callable[..., Awaitable[Call]],
+                       reply: Callable[..., dict[str, Any]]) -> web.Response:
         try:
             call = await parse(request, entry)
         except ApiError as exc:
             return self._error(dialect, exc)
         except (AttributeError, TypeError, KeyError) as exc:  # a JSON shape the parsers did not expect
-            return self._error(dialect, ApiError(400, f"Malformed request body ({type(exc).__name__}: {exc})."))
+            return self._error(dialect,
+                               ApiError(400, f"Malformed request body ({type(exc).__name__}: {exc})."))
         entry.update(model=call.model, system=call.system, prompt=call.prompt, n_images=len(call.images),
                      image_mimes=[i.mime for i in call.images], has_mask=call.mask is not None)
         if self.config.latency > 0:
@@ -485,7 +491,8 @@ class FakeAPI:
         if mode in ("429", "fail_first"):
             return self._rate_limited(dialect)
         if mode in ("500", "503"):
-            text = "The server had an error while processing your request." if mode == "500" else "Overloaded."
+            text = ("The server had an error while processing your request." if mode == "500"
+                    else "Overloaded.")
             return self._error(dialect, ApiError(int(mode), text, type_="server_error"))
         try:
             if call.images or call.mask:  # Pillow releases the GIL: decoding off the loop stalls no one
@@ -535,7 +542,8 @@ class FakeAPI:
     def _error(self, dialect: str, exc: ApiError, headers: dict[str, str] | None = None) -> web.Response:
         if dialect == "gemini":
             from dfk8s.testing import fake_gemini
-            body = fake_gemini.error_body(exc.status, exc.message, retry_delay=exc.code if exc.status == 429 else None)
+            body = fake_gemini.error_body(exc.status, exc.message,
+                                          retry_delay=exc.code if exc.status == 429 else None)
         else:
             body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
         return web.json_response(body, status=exc.status, headers=headers)
@@ -577,7 +585,8 @@ class FakeAPI:
         body = await self._json(request, entry)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty array.", param="messages", code="invalid_value")
+            raise ApiError(400, "'messages' must be a non-empty array.", param="messages",
+                           code="invalid_value")
         if body.get("stream"):
             raise ApiError(400, "The fake server does not stream.", param="stream", code="unsupported_value")
         texts: list[str] = []
@@ -627,8 +636,9 @@ class FakeAPI:
         n = 0 if mode == "empty" else int(call.params.get("n") or 1)
         prompt_tokens = sum(words(t) for t in call.texts) + 85 * len(call.images)
         completion_tokens = words(text) * n
-        return {"id": f"chatcmpl-fake{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": call.model, "system_fingerprint": "fp_fake", "service_tier": "default",
+        return {"id": f"chatcmpl-fake{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                "created": int(time.time()), "model": call.model, "system_fingerprint": "fp_fake",
+                "service_tier": "default",
                 "choices": [{"index": k, "message": message, "logprobs": None, "finish_reason": finish}
                             for k in range(n)],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -665,13 +675,15 @@ class FakeAPI:
                            code="missing_required_parameter")
         for img in images + ([mask] if mask else []):
             if img.mime not in OPENAI_EDIT_MIMES:  # what the real API answers to application/octet-stream
-                raise ApiError(400, f"Invalid file '{img.where}': unsupported mimetype ('{img.mime}'). Supported "
-                                    "file formats are 'image/jpeg', 'image/png', and 'image/webp'.",
+                raise ApiError(400, f"Invalid file '{img.where}': unsupported mimetype ('{img.mime}'). "
+                                    "Supported file formats are 'image/jpeg', 'image/png', "
+                                    "and 'image/webp'.",
                                param=img.where, code="invalid_value")
         return self._images_call("images.edits", fields, images, mask)
 
     @staticmethod
-    def _images_call(endpoint: str, body: dict[str, Any], images: list[InImage], mask: InImage | None) -> Call:
+    def _images_call(endpoint: str, body: dict[str, Any], images: list[InImage],
+                     mask: InImage | None) -> Call:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "Missing required parameter: 'prompt'.", param="prompt",
@@ -719,7 +731,8 @@ class FakeAPI:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: `python -m dfk8s.testing.fake_api --port 0 [--host 0.0.0.0] [--latency 0.1 ...]`."""
-    parser = argparse.ArgumentParser(prog="python -m dfk8s.testing.fake_api", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dfk8s.testing.fake_api",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")

@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dfk8s.testing.fake_api import ApiError, Call, InImage, b64decode, make_png, scaled, size_from, truncate, words
+from dfk8s.testing.fake_api import (
+    ApiError,
+    Call,
+    InImage,
+    b64decode,
+    make_png,
+    scaled,
+    size_from,
+    truncate,
+    words,
+)
 
 if TYPE_CHECKING:
     from dfk8s.testing.fake_api import FakeAPI
@@ -30,7 +40,8 @@ def error_body(status: int, message: str, retry_delay: str | None = None) -> dic
         message: Human-readable message.
         retry_delay: For a 429, the delay as Gemini writes it (`"7s"`), sent as a google.rpc.RetryInfo detail.
     """
-    error: dict[str, Any] = {"code": status, "message": message, "status": STATUS_NAMES.get(status, "UNKNOWN")}
+    error: dict[str, Any] = {"code": status, "message": message,
+                             "status": STATUS_NAMES.get(status, "UNKNOWN")}
     if retry_delay is not None:
         error["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}]
     return {"error": error}

