@@ -1,8 +1,8 @@
 """The CPU image end to end: a worker and a reducer container on a real S3 run, as a restricted pod runs them.
 
 Run by ``make test-images``, which starts a private Docker daemon, builds the image and sets
-``DFK8S_IMAGE_TESTS=1``; under plain ``make test`` these tests are skipped with that reason. With the
-variable set, a missing daemon or image is a failure, never a skip.
+``DFK8S_IMAGE_TESTS=1``; plain ``make test`` does not collect this file (tests/images/conftest.py).
+A missing daemon or image is a failure, never a skip.
 
 Everything on the host (SeaweedFS, the fake API) listens on 127.0.0.1 and the containers share the
 host's network (``--network host``), as the private daemon has no bridge.
@@ -24,14 +24,8 @@ from dfk8s import __version__, layout
 from dfk8s.runs import RunRequest, prepare_run
 from tests.conftest import DATAFLOW_ROOT, REPO, VQA_MANIFEST
 
-IMAGE_TESTS_ENV = "DFK8S_IMAGE_TESTS"
 IMAGE = os.environ.get("DFK8S_CPU_IMAGE", "dfk8s-cpu:dev")
 UID = "10001"
-
-pytestmark = pytest.mark.skipif(
-    os.environ.get(IMAGE_TESTS_ENV) != "1",
-    reason=f"needs Docker and the built image: run `make test-images` (sets {IMAGE_TESTS_ENV}=1)",
-)
 
 # What the chart's pods get: non-root, read-only root filesystem with a writable /tmp, no capabilities,
 # no privilege escalation.
