@@ -60,6 +60,18 @@ def fake_api():
     api.stop()
 
 
+@pytest.fixture(scope="session")
+def k8s_schema_cache():
+    """Read each Kubernetes schema file once: kubernetes-validate re-parses ~2 MB of JSON on every call."""
+    import functools
+
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    with pytest.MonkeyPatch.context() as patch:
+        utils = kubernetes_validate.utils
+        patch.setattr(utils, "schema_contents", functools.lru_cache(maxsize=None)(utils.schema_contents))
+        yield
+
+
 @pytest.fixture
 def api_key(monkeypatch):
     """A dummy API key in the environment (the fake server accepts any)."""

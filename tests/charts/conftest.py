@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -71,13 +70,9 @@ class Rendered:
         )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _cached_schemas():
-    """Read each schema file once: kubernetes-validate re-parses ~2 MB of JSON on every call."""
-    with pytest.MonkeyPatch.context() as patch:
-        utils = kubernetes_validate.utils
-        patch.setattr(utils, "schema_contents", functools.lru_cache(maxsize=None)(utils.schema_contents))
-        yield
+@pytest.fixture(autouse=True)
+def _cached_schemas(k8s_schema_cache):
+    """Every test here validates objects: read each schema file once."""
 
 
 @pytest.fixture(scope="session")

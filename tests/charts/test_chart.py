@@ -10,22 +10,11 @@ import pytest
 import yaml
 
 from dfk8s.kube.versions import SUPPORTED_KUBERNETES
+from tests.charts.conftest import ALL_ON
 
 helm_python = pytest.importorskip("helm_python")
 
 FULLNAME = "demo-dfk8s"
-ALL_ON = {
-    "seaweedfs": {"enabled": True},
-    "fakeApi": {"enabled": True},
-    "secret": {
-        "create": True,
-        "apiKey": "sk-x",
-        "awsAccessKeyId": "id",
-        "awsSecretAccessKey": "key",
-        "hfToken": "hf",
-    },
-}
-
 SCENARIOS = {
     "defaults": {},
     "seaweedfs": {"seaweedfs": {"enabled": True}},

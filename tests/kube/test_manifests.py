@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import pytest
 import yaml
@@ -36,13 +35,9 @@ PROFILES = [
 FAKE_SECRET = "sk-THIS-MUST-NEVER-APPEAR"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cached_schemas():
-    """Read each schema file once: kubernetes-validate re-parses ~2 MB of JSON on every call."""
-    with pytest.MonkeyPatch.context() as patch:
-        utils = kubernetes_validate.utils
-        patch.setattr(utils, "schema_contents", functools.lru_cache(maxsize=None)(utils.schema_contents))
-        yield
+@pytest.fixture(autouse=True)
+def _cached_schemas(k8s_schema_cache):
+    """Every test here validates objects: read each schema file once."""
 
 
 @pytest.fixture(autouse=True)
