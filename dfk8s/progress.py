@@ -61,7 +61,7 @@ class ProgressReader:
         return set(self._done)
 
 
-def progress_bar(total: int, *, enabled: bool = True, description: str = "rows"):
+def progress_bar(total: int | None, *, enabled: bool = True, description: str = "rows"):
     """A rich progress bar with rows done / failed and rows/s; off when stderr is not a terminal."""
     from rich.console import Console
     from rich.progress import (
