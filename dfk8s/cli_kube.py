@@ -289,14 +289,36 @@ def _print_summary_line(summary: dict) -> None:
     _err(line)
 
 
+def _local_status(output: str, run_id: str, as_json: bool) -> None:
+    from dfk8s.kube.wait import format_indexes
+    from dfk8s.progress import storage_status
+    from dfk8s.runs import run_storage
+
+    state = storage_status(run_storage(output, run_id))
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    click.echo(f"run {run_id} ({state['pipeline']}, {state['serving']}) at {state['run_uri']}")
+    click.echo(f"  progress: {state['done']:,}/{state['rows']:,} rows ({state['ok']:,} ok, "
+               f"{state['failed']:,} failed); {len(state['shards_done'])}/{state['shards']} shards done"
+               + (f" ({format_indexes(state['shards_done'])})" if state["shards_done"] else ""))
+    summary = state["summary"]
+    if summary:
+        click.echo(f"  result: {summary['result']}: {summary['rows']:,} rows, {summary['ok']:,} ok, "
+                   f"{summary['failed']:,} failed, {summary['not_processed']:,} not processed")
+    else:
+        click.echo("  not reduced yet: resume with `dfk8s run --run-id ...` or run `dfk8s reduce`")
+
+
 @click.command()
 @click.argument("run_id", metavar="RUN")
 @_connection_options
 @click.option(
     "--output",
     "-o",
-    metavar="S3URI",
-    help="s3://bucket/prefix the run is under (default: read from its map Job).",
+    metavar="S3URI|DIR",
+    help="s3://bucket/prefix the run is under (default: read from its map Job); a local folder shows a "
+    "`dfk8s run` run from its storage alone.",
 )
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3 endpoint from here (default: the Jobs').")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -305,6 +327,9 @@ def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json)
     from dfk8s.kube.launcher import run_status
     from dfk8s.kube.wait import format_indexes
 
+    if output and not output.startswith("s3://"):
+        _local_status(output, run_id, as_json)  # a `dfk8s run` on this machine: no Jobs to ask
+        return
     clients, namespace = _connect(context, kubeconfig, namespace)
     try:
         state = run_status(clients, namespace, run_id, output=output, endpoint_url=s3_endpoint)

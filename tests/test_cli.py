@@ -75,3 +75,22 @@ def test_run_then_reduce_command(tmp_path):
     again = CliRunner().invoke(cli, ["reduce", str(tmp_path / "r1")])
     assert again.exit_code == 0 and "3 rows: 3 ok, 0 failed" in again.output
     assert str(tmp_path / "r1" / "result.jsonl") in again.output
+
+
+def test_status_of_a_local_run_reads_its_storage_without_a_cluster(tmp_path, monkeypatch):
+    from dfk8s.runs import RunRequest, prepare_run
+    from dfk8s.worker import process_shard
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))  # no cluster anywhere
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"p{i}"}]}) + "\n"
+                                for i in range(6)))
+    storage, _, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=str(manifest),
+                                           output=str(tmp_path), run_id="st", rows_per_shard=2))
+    process_shard(storage, 1)
+    result = CliRunner().invoke(cli, ["status", "st", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "progress: 2/6 rows (2 ok, 0 failed); 1/3 shards done (1)" in result.output
+    assert "not reduced yet" in result.output
+    as_json = json.loads(CliRunner().invoke(cli, ["status", "st", "-o", str(tmp_path), "--json"]).output)
+    assert as_json["shards_done"] == [1] and as_json["summary"] is None
