@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,6 +55,11 @@ def resolve_ref(ref: str, base_dir: str | None) -> str:
     """
     if "://" in ref or ref.startswith(RUN_REF_SCHEME):
         return ref
+    if base_dir and base_dir.startswith("s3://") and not ref.startswith(("/", "~")):
+        # A manifest on S3 refers to its images relative to its own prefix.
+        bucket, _, prefix = base_dir[len("s3://"):].partition("/")
+        key = posixpath.normpath(posixpath.join(prefix, ref)).lstrip("/")
+        return f"s3://{bucket}/{key}"
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = Path(base_dir or ".") / path

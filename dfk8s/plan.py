@@ -127,7 +127,7 @@ def default_image_root(manifest: str, image_root: str | None) -> str | None:
     if image_root:
         return image_root
     if manifest.startswith("s3://"):
-        return None
+        return manifest.rsplit("/", 1)[0]  # s3://bucket/dir: relative images live beside the manifest
     return str(Path(manifest).expanduser().absolute().parent)
 
 

@@ -192,3 +192,16 @@ def test_local_workers_get_their_own_gpus():
 
     assert split_gpus(["0", "1", "2", "3"], 2) == ["0,2", "1,3"]
     assert split_gpus(["0", "1"], 4) == ["0", "1"]
+
+
+def test_relative_images_of_a_manifest_on_s3_are_read_beside_it(tmp_path, s3_bucket):
+    bucket = open_storage(f"s3://{s3_bucket}")
+    png = (DATAFLOW_ROOT / "dataflow/example/vqa/ggbond.png").read_bytes()
+    bucket.write_bytes("data/img/a.png", png)
+    row = {"image": "img/a.png", "conversation": [{"from": "human", "value": "<image>\nwhat?"}]}
+    bucket.write_bytes("data/m.jsonl", json.dumps(row).encode() + b"\n")
+    summary = run_local(RunRequest(pipeline="caption", serving="echo", input=f"s3://{s3_bucket}/data/m.jsonl",
+                                   output=str(tmp_path), run_id="s3rel"), workers=1)
+    assert summary.ok == 1
+    shard = _lines(open_storage(str(tmp_path / "s3rel")), layout.shard_input_key(0))
+    assert shard[0]["images"] == [f"s3://{s3_bucket}/data/img/a.png"]
