@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,11 @@ class RunRequest:
     endpoint_url: str | None = None
 
 
+def _same_source(source: str) -> str:
+    """A manifest location in one canonical form (absolute local path, or the URI as given)."""
+    return source if "://" in source else os.path.abspath(os.path.expanduser(source))
+
+
 def run_storage(output: str, run_id: str, endpoint_url: str | None = None) -> Storage:
     """The storage of run ``run_id`` under ``output``."""
     return open_storage(output, endpoint_url=endpoint_url).child(run_id)
@@ -72,13 +78,17 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
         spec = RunSpec.load(storage)
         if spec.pipeline != request.pipeline:
             raise SpecError(f"run {run_id} is a {spec.pipeline} run, not {request.pipeline}")
+        if request.input and _same_source(request.input) != _same_source(spec.input):
+            raise SpecError(f"run {run_id} was planned from {spec.input}, not {request.input}; "
+                            "resume without --input, or start a new run")
         log.info("resuming run %s (%d shards)", run_id, spec.shards)
         return storage, spec, True
     if not request.input:
         raise SpecError(f"run {run_id} does not exist under {request.output}; pass --input to start it")
     spec = RunSpec(run_id=run_id, pipeline=request.pipeline, serving=serving,
                    options={k: v for k, v in request.options.items() if v is not None},
-                   input=request.input, input_key=request.input_key, image_key=request.image_key,
+                   input=_same_source(request.input), input_key=request.input_key,
+                   image_key=request.image_key,
                    output_key=request.output_key, id_key=request.id_key, parallelism=request.parallelism,
                    save_interval=request.save_interval, seed=request.seed)
     plan(spec, storage, rows_per_shard=request.rows_per_shard, shards=request.shards,

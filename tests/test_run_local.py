@@ -107,6 +107,12 @@ def test_resume_with_run_id_reuses_the_plan(tmp_path):
     assert resumed and spec.rows == 5 and spec.serving == "echo"
     with pytest.raises(SpecError, match="is a vqa run"):
         prepare_run(RunRequest(pipeline="caption", output=str(tmp_path), run_id="x"))
+    other = _manifest(tmp_path, 3, name="other.jsonl")
+    with pytest.raises(SpecError, match="was planned from .*m.jsonl, not .*other.jsonl"):
+        prepare_run(RunRequest(pipeline="vqa", input=str(other), output=str(tmp_path), run_id="x"))
+    # The same manifest named another way resumes.
+    assert prepare_run(RunRequest(pipeline="vqa", input=f"{tmp_path}/./m.jsonl", output=str(tmp_path),
+                                  run_id="x"))[2]
 
 
 def test_unfinished_shard_is_named_and_its_rows_marked(tmp_path):
