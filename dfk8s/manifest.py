@@ -10,7 +10,7 @@ from typing import IO, Any
 
 import ijson
 
-from dfk8s.errors import ManifestError, NotFound
+from dfk8s.errors import ManifestError
 
 
 @dataclass(slots=True)
@@ -124,10 +124,8 @@ class Manifest:
         reader = _HashingReader(raw)
         try:
             first = reader.peek_first_char()
+            # Anything not starting with "[" is read as JSONL: a bad line becomes an error item.
             self.format = "json" if first == b"[" else "jsonl"
-            if first not in (b"[", b"{", b""):
-                # Still JSONL: each bad line becomes an error item, nothing is dropped.
-                pass
             items = self._json_array(reader) if self.format == "json" else self._jsonl(reader)
             yield from items
             # Drain what is left (trailing whitespace) so the digest covers the whole file.
@@ -189,4 +187,4 @@ def count_rows(source: str, *, endpoint_url: str | None = None) -> int:
     return sum(1 for _ in Manifest(source, endpoint_url=endpoint_url))
 
 
-__all__ = ["Manifest", "ManifestItem", "count_rows", "NotFound"]
+__all__ = ["Manifest", "ManifestItem", "count_rows"]
