@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import time
@@ -14,13 +13,13 @@ from PIL import Image
 
 from dfk8s.errors import SpecError
 from dfk8s.runs import RunRequest, run_local
-from dfk8s.servings import build_serving
 from dfk8s.servings.api import RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError
 from dfk8s.servings.gemini_images import gemini_errors, split_base_url
 from dfk8s.spec import RunSpec
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
 from tests.conftest import SEED_DOCS as FIXTURES  # noqa: E402
+from tests.image_api_helpers import decodes, run
 
 KEY_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "DF_API_KEY", "OPENAI_API_KEY", "DF_BASE_URL",
             "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT")
@@ -57,24 +56,6 @@ def spec(api, pipeline="text2image", **options) -> RunSpec:
     options.setdefault("api_url", api.url)
     options.setdefault("model", "gemini-2.5-flash-image")
     return RunSpec(run_id="t", pipeline=pipeline, serving="gemini-images", options=options)
-
-
-def run(spec_, *requests, no_wait=True):
-    async def go():
-        serving = build_serving(spec_)
-        if no_wait:
-            serving.wait = lambda state: 0.0
-        try:
-            return await asyncio.gather(*(serving.run_one(r) for r in requests))
-        finally:
-            await serving.aclose()
-    return asyncio.run(go())
-
-
-def decodes(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img
 
 
 # ----- generate and edit ---------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ from PIL import Image
 
 from dfk8s.errors import SpecError
 from dfk8s.runs import RunRequest, run_local
-from dfk8s.servings import build_serving
 from dfk8s.servings.api import RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError
 from dfk8s.servings.openai_images import download_image
 from dfk8s.spec import RunSpec
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
 from tests.conftest import SEED_DOCS as FIXTURES  # noqa: E402
+from tests.image_api_helpers import decodes, run
 
 
 @pytest.fixture(scope="module")
@@ -61,25 +61,6 @@ def spec(api, pipeline="text2image", **options) -> RunSpec:
     options.setdefault("api_url", api.url)
     options.setdefault("model", "gpt-image-1.5")
     return RunSpec(run_id="t", pipeline=pipeline, serving="openai-images", options=options)
-
-
-def run(spec_, *requests, no_wait=True):
-    """Build the serving and run the requests in one event loop (the SDK client belongs to it)."""
-    async def go():
-        serving = build_serving(spec_)
-        if no_wait:
-            serving.wait = lambda state: 0.0  # keep backoff out of the tests; Retry-After tests keep it
-        try:
-            return await asyncio.gather(*(serving.run_one(r) for r in requests))
-        finally:
-            await serving.aclose()
-    return asyncio.run(go())
-
-
-def decodes(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img
 
 
 # ----- generate and edit ---------------------------------------------------------------------------------
