@@ -8,6 +8,8 @@ import sys
 import click
 
 from dfk8s import __version__
+from dfk8s.cli_report import after_run, report_option
+from dfk8s.cli_report import report as report_command
 from dfk8s.errors import Dfk8sError
 from dfk8s.log import setup_logging
 from dfk8s.options import run_request_from_flags, shared_run_options
@@ -49,7 +51,8 @@ def cli(log_level):
 @click.option("--shard-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Extra attempts for a shard whose worker crashes (like backoffLimitPerIndex).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar (only on a terminal).")
-def run(output, workers, shard_retries, progress, **flags):
+@report_option
+def run(output, workers, shard_retries, progress, write_report_after, **flags):
     """Run a pipeline on this machine: plan shards, run workers, reduce to one ordered result.jsonl.
 
     Re-running with --run-id resumes: finished shards and rows are skipped, nothing is duplicated.
@@ -78,6 +81,7 @@ def run(output, workers, shard_retries, progress, **flags):
                              show_progress=progress)
     summary = executor.execute(storage, spec)
     _print_summary(summary)
+    after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
     if not summary.complete:
         raise click.exceptions.Exit(1)
 
@@ -205,3 +209,4 @@ def main() -> None:
 from dfk8s.cli_kube import register  # noqa: E402 - the Kubernetes commands join the group
 
 register(cli)
+cli.add_command(report_command)

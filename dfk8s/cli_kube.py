@@ -12,6 +12,7 @@ import sys
 import click
 from click.core import ParameterSource
 
+from dfk8s.cli_report import after_run, report_option
 from dfk8s.options import SERVING_OPTION_NAMES, run_request_from_flags, shared_run_options
 
 __all__ = ["register"]
@@ -132,6 +133,7 @@ def _connect(context, kubeconfig, namespace):
     is_flag=True,
     help="Write and create nothing: print the Jobs as YAML (stdout) and the plan (stderr).",
 )
+@report_option
 @click.pass_context
 def submit(
     ctx,
@@ -157,6 +159,7 @@ def submit(
     progress,
     poll_seconds,
     dry_run,
+    write_report_after,
     **flags,
 ):
     """Run a pipeline on Kubernetes: an Indexed Job (one pod per shard) and a Job that reduces.
@@ -230,6 +233,7 @@ def submit(
     if status.summary:
         _print_summary_line(status.summary)
         click.echo(status.summary.get("result", ""))
+        after_run(write_report_after, submission.run_uri, spec.run_id, output, request.endpoint_url)
     if status.state != "complete":
         _err(f"run {status.run_id} did not complete: {status.state}")
         raise click.exceptions.Exit(1)
