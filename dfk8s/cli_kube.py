@@ -300,7 +300,9 @@ def _local_status(output: str, run_id: str, as_json: bool) -> None:
 
     state = storage_status(run_storage(output, run_id))
     if as_json:
-        click.echo(json.dumps(state, indent=2))
+        from dfk8s.status_json import from_storage
+
+        click.echo(json.dumps(from_storage(state), indent=2))
         return
     click.echo(f"run {run_id} ({state['pipeline']}, {state['serving']}) at {state['run_uri']}")
     click.echo(f"  progress: {state['done']:,}/{state['rows']:,} rows ({state['ok']:,} ok, "
@@ -325,7 +327,7 @@ def _local_status(output: str, run_id: str, as_json: bool) -> None:
     "`dfk8s run` run from its storage alone.",
 )
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3 endpoint from here (default: the Jobs').")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="The same facts as one JSON object (keys: README).")
 def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json):
     """Show a run: its Jobs (completed, failed, active indexes), progress from storage, and its result."""
     from dfk8s.kube.launcher import run_status
@@ -340,7 +342,9 @@ def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json)
     finally:
         clients.close()
     if as_json:
-        click.echo(json.dumps(state.to_dict(), indent=2))
+        from dfk8s.status_json import from_cluster
+
+        click.echo(json.dumps(from_cluster(state), indent=2))
         return
     click.echo(
         f"run {run_id}"
