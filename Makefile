@@ -31,6 +31,7 @@ bench:  ## Run the CPU benchmarks and print their ratios (see bench/RESULTS.md).
 	$(PY) bench/caption_api.py
 	$(PY) bench/worker_overhead.py
 	$(PY) bench/plan_reduce.py
+	$(PY) bench/report.py
 
 clean:  ## Remove build and test leftovers (not .venv).
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache runs

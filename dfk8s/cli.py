@@ -31,6 +31,7 @@ def cli(log_level):
     dfk8s validate  check a manifest without running anything
     dfk8s worker    process one shard (what each local process or Kubernetes pod runs)
     dfk8s reduce    assemble a run's ordered result.jsonl
+    dfk8s report    an HTML page of a run: counts, errors, and its images, prompts and captions
 
     \b
     dfk8s submit    run a pipeline on Kubernetes: shards on S3, an Indexed Job, a reducer Job

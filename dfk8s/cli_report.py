@@ -41,7 +41,8 @@ def _show(result) -> None:
     if result.path:
         click.echo(result.path)
     if result.s3_uri:
-        _err(f"on S3: {result.s3_uri} (the link below works in any browser until it expires)")
+        _err("on S3 (the presigned URL works in any browser until it expires):")
+        click.echo(result.s3_uri)
         click.echo(result.url)
 
 
