@@ -8,9 +8,26 @@ import re
 import pytest
 
 from dfk8s.report import Counts, sample_rows, shares, write_report
-from dfk8s.report._sample import even_ranks
+from dfk8s.report._sample import even_ranks, type_quotas
 from dfk8s.storage import open_storage
 from dfk8s.testing.synthetic_run import write_synthetic_run
+
+
+@pytest.mark.parametrize(
+    "counts, k, want",
+    [
+        ({"A": 5, "B": 3000}, 250, {"A": 5, "B": 245}),  # a small type shows every row
+        ({"A": 197, "B": 3000}, 250, {"A": 125, "B": 125}),
+        ({"A": 10, "B": 10, "C": 1}, 20, {"A": 9, "B": 10, "C": 1}),
+        ({"A": 7}, 3, {"A": 3}),
+        ({"A": 2, "B": 2, "C": 2}, 5, {"A": 1, "B": 2, "C": 2}),
+    ],
+)
+def test_type_quotas(counts, k, want):
+    from collections import Counter
+
+    quotas = type_quotas(Counter(counts), k)
+    assert quotas == want and sum(quotas.values()) == k
 
 
 @pytest.mark.parametrize(
@@ -58,22 +75,29 @@ def test_generated_run_sample_follows_the_rule(tmp_path):
     chosen_failed = [p for p in positions if p in failed]
     chosen_ok = [p for p in positions if p not in failed]
     assert len(chosen_failed) == 250 and len(chosen_ok) == 250
-    failed_rank = {p: i for i, p in enumerate(sorted(failed))}
-    ranks = [failed_rank[p] for p in chosen_failed]
-    assert ranks[0] == 0 and _max_gap(ranks) <= math.ceil(len(failed) / 250)  # spread over all failures
-    assert any(120_000 <= p < 123_000 for p in chosen_failed) and any(p < 120_000 for p in chosen_failed)
+    # 197 RateLimited and 3,000 NotProcessed rows: the failed half is shared between the two types, each
+    # spread evenly over its own rows.
+    by_type = {
+        "RateLimited": [p for p in sorted(failed) if not 120_000 <= p < 123_000],
+        "NotProcessed": list(range(120_000, 123_000)),
+    }
+    assert len(by_type["RateLimited"]) == 197
+    for rows_of_type in by_type.values():
+        rank = {p: i for i, p in enumerate(rows_of_type)}
+        ranks = [rank[p] for p in chosen_failed if p in rank]
+        assert len(ranks) == 125
+        assert ranks[0] == 0 and _max_gap(ranks) <= math.ceil(len(rows_of_type) / 125)
     ok_total = run.ok
-    rank = 0
     for pos in range(run.rows):
         if pos not in failed:
-            ok_positions_rank[pos] = rank
-            rank += 1
+            ok_positions_rank[pos] = len(ok_positions_rank)
     ok_ranks = [ok_positions_rank[p] for p in chosen_ok]
     assert ok_ranks[0] == 0 and _max_gap(ok_ranks) <= math.ceil(ok_total / 250)
     assert ok_ranks[-1] >= ok_total - math.ceil(ok_total / 250)  # reaches the end of the input
     # The header counts the whole run, not the sample.
     assert ">200,000</b><span>rows" in html and ">3,000</b><span>not processed" in html
-    assert len(failed) == 3197 and "Showing 500 of 200,000 rows: 250 of the 3,197 failed rows first" in html
+    assert len(failed) == 3197
+    assert "Showing 500 of 200,000 rows: 250 of the 3,197 failed rows first (shared" in html
 
 
 def test_few_failures_are_all_shown(tmp_path):

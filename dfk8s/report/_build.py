@@ -22,7 +22,7 @@ from dfk8s import layout, rows
 from dfk8s.errors import Dfk8sError, NotFound, RunNotFound
 from dfk8s.pipelines import get_pipeline
 from dfk8s.report._inputs import input_refs
-from dfk8s.report._sample import Counts, count_rows, sample_rows
+from dfk8s.report._sample import Counts, count_error_types, count_rows, sample_rows
 from dfk8s.report._thumbs import make_thumbs
 from dfk8s.spec import RunSpec
 
@@ -122,9 +122,13 @@ def write_report(
         summary = {}
     if all(isinstance(summary.get(k), int) for k in ("ok", "failed", "not_processed")):
         counts = Counts(ok=summary["ok"], failed=summary["failed"] + summary["not_processed"])
+        try:  # the failed rows alone, to share the sample fairly between error types
+            types = count_error_types(storage.open_lines(layout.ERRORS_KEY)) if counts.failed else None
+        except (NotFound, ValueError):
+            types = None
     else:
-        counts = count_rows(storage.open_lines(layout.RESULT_KEY))
-    sample = sample_rows(storage.open_lines(layout.RESULT_KEY), rows_wanted, counts)
+        counts, types = count_rows(storage.open_lines(layout.RESULT_KEY))
+    sample = sample_rows(storage.open_lines(layout.RESULT_KEY), rows_wanted, counts, types)
     pipeline = get_pipeline(spec.pipeline)
     refs_by_pos = (
         input_refs(storage, spec.rows_per_shard, [pos for pos, _ in sample.rows])
@@ -285,7 +289,9 @@ def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: lis
         note = (
             f"Showing {len(cards):,} of {sample.seen.rows:,} rows: "
             + (
-                f"{shown_failed:,} of the {sample.seen.failed:,} failed rows first, then "
+                f"{shown_failed:,} of the {sample.seen.failed:,} failed rows first"
+                + (" (shared fairly between error types)" if shown_failed < sample.seen.failed else "")
+                + ", then "
                 if sample.seen.failed
                 else ""
             )

@@ -2,7 +2,9 @@
 
 The rule (issue 12): every failed row first, up to half of ``n`` (more when there are too few ok rows to
 fill the rest), then ok rows spread evenly over the input. When there are more failed rows than their
-share, those shown are spread evenly over the failed rows too, so every part of the run is represented.
+share, the share is split fairly between the error types (a type with few rows shows them all; a shard
+that never finished, thousands of ``NotProcessed`` rows, does not crowd out the real errors), and each
+type's rows are spread evenly over the run.
 """
 
 from __future__ import annotations
@@ -48,17 +50,48 @@ def failed_row(line: bytes) -> dict | None:
     return row if isinstance(row, dict) and "error" in row else None
 
 
-def count_rows(lines: Iterable[bytes]) -> Counts:
-    """Count ok and failed rows (used when summary.json does not say)."""
-    counts = Counts()
+def error_type(error) -> str:
+    """A failed row's error type (``Error`` when the record has none)."""
+    return str(error.get("type") or "Error") if isinstance(error, dict) else "Error"
+
+
+def count_rows(lines: Iterable[bytes]) -> tuple[Counts, Counter]:
+    """Count ok and failed rows of result.jsonl, and the failed ones by error type."""
+    counts, types = Counts(), Counter()
     for line in lines:
-        if not line.strip():
+        if not line:
             continue
-        if failed_row(line) is None:
+        row = failed_row(line)
+        if row is None:
             counts.ok += 1
         else:
             counts.failed += 1
-    return counts
+            types[error_type(row["error"])] += 1
+    return counts, types
+
+
+def count_error_types(lines: Iterable[bytes]) -> Counter:
+    """Count errors.jsonl's records (``{"id", "pos", "error", "row"}``) by error type."""
+    types = Counter()
+    for line in lines:
+        if line.strip():
+            types[error_type(json.loads(line).get("error"))] += 1
+    return types
+
+
+def type_quotas(type_counts: Counter, k: int) -> dict[str, int]:
+    """Split ``k`` sampled failed rows fairly between error types (water-filling: small types take all)."""
+    quotas: dict[str, int] = {}
+    remaining = k
+    ascending = sorted(type_counts, key=lambda t: (type_counts[t], t))
+    for i, name in enumerate(ascending):
+        quotas[name] = min(type_counts[name], remaining // (len(ascending) - i))
+        remaining -= quotas[name]
+    for name in reversed(ascending):  # integer rounding: the biggest types take what is left
+        extra = min(remaining, type_counts[name] - quotas[name])
+        quotas[name] += extra
+        remaining -= extra
+    return quotas
 
 
 def shares(n: int, counts: Counts) -> tuple[int, int]:
@@ -80,38 +113,44 @@ def even_ranks(total: int, k: int) -> list[int]:
     return [j * total // k for j in range(k)]
 
 
-def sample_rows(lines: Iterable[bytes], n: int, counts: Counts) -> Sample:
+def sample_rows(lines: Iterable[bytes], n: int, counts: Counts, type_counts: Counter | None = None) -> Sample:
     """Choose at most ``n`` rows of ``lines`` (result.jsonl) by the rule above, streaming.
 
     Args:
         lines: result.jsonl's lines, in order (line ``i`` is input position ``i``).
         n: The most rows to keep.
         counts: The ok and failed rows the file holds (from summary.json or :func:`count_rows`).
+        type_counts: The failed rows by error type (errors.jsonl or :func:`count_rows`); None: one type.
 
     Returns:
         The chosen ``(position, row)`` pairs in input order, the counts seen and the error types.
     """
     want_failed, want_ok = shares(n, counts)
-    failed_ranks = iter(even_ranks(counts.failed, want_failed))
+    if not type_counts or sum(type_counts.values()) < want_failed:
+        type_counts = None
+    quotas = type_quotas(type_counts, want_failed) if type_counts else {}
+    chosen = {name: set(even_ranks(type_counts[name], quota)) for name, quota in quotas.items()}
+    all_failed = set(even_ranks(counts.failed, want_failed))
     ok_ranks = iter(even_ranks(counts.ok, want_ok))
-    next_failed, next_ok = next(failed_ranks, None), next(ok_ranks, None)
+    next_ok = next(ok_ranks, None)
     out = Sample()
-    pos = -1
-    for line in lines:
-        if not line.strip():
+    pos, ok_seen = -1, 0
+    for line in lines:  # the hot loop of a 1M-row report: most lines are only searched, never parsed
+        if not line:
             continue
         pos += 1
-        row = failed_row(line)
+        row = failed_row(line) if b'"error"' in line else None
         if row is not None:
-            error = row["error"]
-            out.error_types[str(error.get("type") or "Error") if isinstance(error, dict) else "Error"] += 1
-            if out.seen.failed == next_failed:
+            name = error_type(row["error"])
+            rank = out.error_types[name]  # this row's rank among its type's rows
+            if rank in chosen[name] if name in chosen else not chosen and out.seen.failed in all_failed:
                 out.rows.append((pos, row))
-                next_failed = next(failed_ranks, None)
+            out.error_types[name] += 1
             out.seen.failed += 1
-        else:
-            if out.seen.ok == next_ok:
-                out.rows.append((pos, json.loads(line)))
-                next_ok = next(ok_ranks, None)
-            out.seen.ok += 1
+            continue
+        if ok_seen == next_ok:
+            out.rows.append((pos, json.loads(line)))
+            next_ok = next(ok_ranks, None)
+        ok_seen += 1
+    out.seen.ok = ok_seen
     return out

@@ -1,8 +1,9 @@
 """A large finished run written straight to disk (no API, no workers), for report tests and benchmarks.
 
-It holds what a reduced text2image run holds (run.json, result.jsonl, summary.json, images/), with failed
-rows scattered through the input plus one shard that never finished (its rows ``NotProcessed``). The
-images are a few distinct PNGs shared by many rows, so a million rows need no million files.
+It holds what a reduced text2image run holds (run.json, result.jsonl, errors.jsonl, summary.json,
+images/), with failed rows scattered through the input plus one shard that never finished (its rows
+``NotProcessed``). The images are a few distinct PNGs shared by many rows, so a million rows need no
+million files.
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ def write_synthetic_run(
         paths.append(str(path))
     lost_first, lost_count = lost_shard or (-1, 0)
     failed, ok = [], 0
-    with (run / "result.jsonl").open("w", encoding="utf-8") as out:
+    with (
+        (run / "result.jsonl").open("w", encoding="utf-8") as out,
+        (run / "errors.jsonl").open("w") as errors,
+    ):
         for pos in range(rows):
             row = {
                 "uid": f"u{pos}",
@@ -86,6 +90,13 @@ def write_synthetic_run(
                 ok += 1
             if "error" in row:
                 failed.append(pos)
+                entry = {
+                    "id": row["uid"],
+                    "pos": pos,
+                    "error": row["error"],
+                    "row": {k: v for k, v in row.items() if k != "error"},
+                }
+                errors.write(json.dumps(entry, separators=(",", ":")) + "\n")
             out.write(json.dumps(row, separators=(",", ":")) + "\n")
     not_processed = sum(1 for p in failed if lost_first <= p < lost_first + lost_count)
     spec = {
