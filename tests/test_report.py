@@ -222,10 +222,13 @@ def test_image_api_reports_local(tmp_path, fake_api, api_key, browser, pipeline)
             box_in = opened.page.locator("#row-0 .inputs img").bounding_box()
             box_out = opened.page.locator("#row-0 .outputs img").bounding_box()
             assert box_in["x"] + box_in["width"] <= box_out["x"] and abs(box_in["y"] - box_out["y"]) < 5
-            links = [i["href"] for i in images(opened.page)]
-            assert any(
-                link and link.endswith("/images/0/0.png") for link in links
-            )  # linked to the full image
+            # Relative links: the run folder can be moved or copied and the page still works.
+            output_link = opened.page.locator("#row-0 .outputs a")
+            assert output_link.get_attribute("href") == "images/0/0.png"
+            assert output_link.locator("img").get_attribute("src").startswith("report/thumbs/")
+            input_href = opened.page.locator("#row-0 .inputs a").get_attribute("href")
+            assert not input_href.startswith("/")
+            assert (Path(result.path).parent / input_href).resolve() == HORSE.resolve()
 
 
 @pytest.mark.slow

@@ -127,3 +127,23 @@ def test_sample_rows_streams_and_keeps_only_the_sample():
     sample = sample_rows(lines(), 40, Counts(ok=ok, failed=failed))
     assert len(sample.rows) == 40 and sample.seen.rows == 100_000 and sample.error_types == {"T": failed}
     assert [pos for pos, row in sample.rows] == [row["p"] for _, row in sample.rows]
+
+
+def test_cost_and_usage_are_shown_when_the_run_recorded_them(tmp_path):
+    import json
+
+    run = write_synthetic_run(tmp_path, 100, fail_every=0, distinct_images=1, image_px=16)
+    summary = json.loads((run.root / "summary.json").read_text())
+    summary["usage"] = {"requests": 100, "prompt_tokens": 12_345, "completion_tokens": 678}
+    summary["cost"] = {"usd": 0.0123, "priced_by": "gpt-image-1.5 list price"}
+    (run.root / "summary.json").write_text(json.dumps(summary))
+    write_report(open_storage(str(run.root)))
+    html = (run.root / "report.html").read_text()
+    panel = html[html.index('id="cost"') : html.index('id="errors"')]
+    assert "<dt>cost usd</dt><dd>0.0123</dd>" in panel and "<dd>gpt-image-1.5 list price</dd>" in panel
+    assert "<dt>usage prompt_tokens</dt><dd>12,345</dd>" in panel and "not recorded" not in panel
+    (run.root / "summary.json").write_text(
+        json.dumps({k: v for k, v in summary.items() if k not in ("usage", "cost")})
+    )
+    write_report(open_storage(str(run.root)))
+    assert "not recorded by this run" in (run.root / "report.html").read_text()
