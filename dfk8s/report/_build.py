@@ -281,7 +281,10 @@ def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: lis
     if isinstance(wall, (int, float)):
         timings.append(("wall time", _duration(wall)))
         if wall > 0 and total:
-            timings.append(("throughput", f"{total / wall:,.1f} rows/s"))
+            rate = total / wall
+            timings.append(
+                ("throughput", f"{rate:,.1f} rows/s" if rate >= 1 else f"{rate * 60:,.1f} rows/min")
+            )
     if isinstance(work, (int, float)):
         timings.append(("worker time", _duration(work)))
     shown_failed = sum(not c.ok for c in cards)
