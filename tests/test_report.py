@@ -379,3 +379,29 @@ def test_report_accepts_the_run_folder_itself(tmp_path):
     result = CliRunner().invoke(cli, ["report", str(tmp_path / "x")])
     assert result.exit_code == 0 and result.stdout.strip() == str(tmp_path / "x" / "report.html")
     assert os.path.getsize(tmp_path / "x" / "report.html") > 1000
+
+
+def test_s3_report_after_a_rerun_shows_the_new_image_not_a_stale_thumbnail(tmp_path, s3_bucket):
+    import io
+    import re
+
+    from PIL import Image
+
+    output = f"s3://{s3_bucket}/runs"
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"conversations": _turn("a fox")}])
+    run_local(
+        RunRequest(pipeline="text2image", serving="echo", input=str(manifest), output=output, run_id="re"),
+        workers=1,
+    )
+    storage = open_storage(output).child("re")
+    write_report(storage, presign_only=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(buf, "PNG")
+    storage.write_bytes("images/0/0.png", buf.getvalue())  # a re-run overwrites, never adds
+    write_report(storage, presign_only=True)
+    html = storage.read_bytes("report.html").decode()
+    [name] = re.findall(r"report/thumbs/([0-9a-f]+\.jpg)\?", html)
+    with Image.open(io.BytesIO(storage.read_bytes(f"report/thumbs/{name}"))) as thumb:
+        r, g, b = thumb.convert("RGB").getpixel((8, 8))
+    assert r > 200 and g < 60 and b < 60, (r, g, b)
+    assert list(storage.list("report/thumbs")) == [f"report/thumbs/{name}"]  # the old one is gone

@@ -189,7 +189,6 @@ def write_report(
     else:
         _write_thumbs(storage, thumbs, s3=False)
         html_dir = Path(storage.url())
-        presigner = None
         storage.write_bytes(
             REPORT_KEY,
             render(
@@ -197,7 +196,7 @@ def write_report(
                 _linked(
                     cards,
                     thumb_src=lambda n: f"{THUMBS_PREFIX}/{n}",
-                    href=lambda ref: _local_href(ref, html_dir, storage, presigner),
+                    href=lambda ref: _local_href(ref, html_dir, storage, None),
                 ),
             ),
         )

@@ -31,9 +31,13 @@ class Thumb:
     height: int = 0
 
 
-def thumb_name(ref: str) -> str:
-    """A file name for the thumbnail of ``ref``: the same image used by many rows is made once."""
-    return hashlib.sha1(ref.encode()).hexdigest()[:20] + ".jpg"
+def thumb_name(data: bytes) -> str:
+    """A thumbnail's file name, from the image's bytes (not its ref).
+
+    A re-run that overwrites ``images/0/0.png`` gets a new thumbnail, never a stale one kept on S3; identical
+    images share one.
+    """
+    return hashlib.sha256(data).hexdigest()[:24] + ".jpg"
 
 
 def make_thumb(data: bytes, px: int = THUMB_PX) -> tuple[bytes, int, int]:
@@ -60,9 +64,10 @@ def make_thumbs(
     """Read and thumbnail every ref once; a ref that cannot be read gets a ``problem``, never raises."""
 
     def one(ref: str) -> Thumb:
-        thumb = Thumb(ref, thumb_name(ref))
+        thumb = Thumb(ref, "")
         try:
             data = read_ref_bytes(ref, run_storage=run_storage, endpoint_url=endpoint_url)
+            thumb.name = thumb_name(data)
             thumb.data, thumb.width, thumb.height = make_thumb(data)
         except ImageProblem as exc:
             thumb.problem = str(exc)
