@@ -405,3 +405,23 @@ def test_s3_report_after_a_rerun_shows_the_new_image_not_a_stale_thumbnail(tmp_p
         r, g, b = thumb.convert("RGB").getpixel((8, 8))
     assert r > 200 and g < 60 and b < 60, (r, g, b)
     assert list(storage.list("report/thumbs")) == [f"report/thumbs/{name}"]  # the old one is gone
+
+
+def test_local_run_with_inputs_on_s3_gets_local_thumbnails_and_presigned_links(tmp_path, s3_bucket, browser):
+    open_storage(f"s3://{s3_bucket}").write_file("img/pig.png", str(GGBOND))
+    rows = [{"conversations": _turn("what is it?"), "images": [f"s3://{s3_bucket}/img/pig.png"]}]
+    run_local(
+        RunRequest(
+            pipeline="vqa",
+            serving="echo",
+            input=str(_write_jsonl(tmp_path / "m.jsonl", rows)),
+            output=str(tmp_path / "runs"),
+            run_id="s3in",
+        ),
+        workers=1,
+    )
+    result = write_report(open_storage(str(tmp_path / "runs")).child("s3in"))
+    [shown] = _check_page(browser, Path(result.path), tmp_path, "s3-inputs", expect_positions=[0])
+    assert shown["inputs"] == 1 and "echo: what is it?" in shown["answer"]
+    html = Path(result.path).read_text()
+    assert f"/{s3_bucket}/img/pig.png?" in html and "X-Amz-Signature" in html  # the full image, presigned

@@ -189,6 +189,7 @@ def write_report(
     else:
         _write_thumbs(storage, thumbs, s3=False)
         html_dir = Path(storage.url())
+        presigner = Presigner(None, endpoint, expires)  # its client is made only if an input is on S3
         storage.write_bytes(
             REPORT_KEY,
             render(
@@ -196,7 +197,7 @@ def write_report(
                 _linked(
                     cards,
                     thumb_src=lambda n: f"{THUMBS_PREFIX}/{n}",
-                    href=lambda ref: _local_href(ref, html_dir, storage, None),
+                    href=lambda ref: _local_href(ref, html_dir, storage, presigner),
                 ),
             ),
         )
@@ -444,13 +445,11 @@ class Presigner:
         return None
 
 
-def _local_href(ref: str, html_dir: Path, storage, presigner: Presigner | None) -> str | None:
+def _local_href(ref: str, html_dir: Path, storage, presigner: Presigner) -> str | None:
     """Link to the full image from a page in ``html_dir``: a relative path, or a presigned URL for S3."""
     if ref.startswith(layout.RUN_REF_SCHEME):
         ref = storage.url(ref[len(layout.RUN_REF_SCHEME) :])
     if ref.startswith("s3://"):
-        if presigner is None:
-            presigner = Presigner(None, getattr(storage, "endpoint_url", None), DEFAULT_EXPIRES)
         try:
             return presigner.url(ref)
         except Exception as exc:  # no credentials here: the card still shows the thumbnail
