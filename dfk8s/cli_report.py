@@ -53,10 +53,14 @@ def after_run(
     if not write_it:
         _err(f"report: dfk8s report {run_id} --output {output}")
         return
+    from dfk8s.errors import Dfk8sError
     from dfk8s.report import write_report
     from dfk8s.storage import open_storage
 
-    _show(write_report(open_storage(run_uri, endpoint_url=endpoint_url), endpoint_url=endpoint_url))
+    try:
+        _show(write_report(open_storage(run_uri, endpoint_url=endpoint_url), endpoint_url=endpoint_url))
+    except Dfk8sError as exc:  # the run itself is done: its exit code stays the run's
+        _err(f"report not written: {exc}; try again with: dfk8s report {run_id} --output {output}")
 
 
 @click.command()

@@ -425,3 +425,35 @@ def test_local_run_with_inputs_on_s3_gets_local_thumbnails_and_presigned_links(t
     assert shown["inputs"] == 1 and "echo: what is it?" in shown["answer"]
     html = Path(result.path).read_text()
     assert f"/{s3_bucket}/img/pig.png?" in html and "X-Amz-Signature" in html  # the full image, presigned
+
+
+def test_run_report_failure_is_a_warning_not_the_runs_exit_code(tmp_path, monkeypatch):
+    import dfk8s.report
+    from dfk8s.errors import StorageError
+
+    def broken(*args, **kwargs):
+        raise StorageError("S3 AccessDenied on s3://b/r/report.html")
+
+    monkeypatch.setattr(dfk8s.report, "write_report", broken)
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"conversations": _turn("p")}])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "-p",
+            "vqa",
+            "--serving",
+            "echo",
+            "-i",
+            str(manifest),
+            "-o",
+            str(tmp_path),
+            "--run-id",
+            "w",
+            "--no-progress",
+            "--report",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "report not written: S3 AccessDenied" in result.stderr
+    assert f"dfk8s report w --output {tmp_path}" in result.stderr
