@@ -23,7 +23,7 @@ def _environment():
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    from dfk8s.report._build import short_ref
+    from dfk8s.report._links import short_ref
 
     env.filters["short_ref"] = short_ref
     return env
@@ -38,7 +38,7 @@ def _assets() -> tuple[str, str]:
 
 def render(page: dict, cards) -> bytes:
     """Render the page facts and the (linked) cards into report.html's bytes."""
-    from dfk8s.report._build import content_digest
+    from dfk8s.report._links import content_digest
 
     css, js = _assets()
     csp = (
