@@ -270,6 +270,8 @@ def _dry_run(plan) -> None:
             f"  time: ~{_duration(estimate.minutes * 60)} (assumes ~{estimate.latency:g} s per request; "
             "pod start-up not counted)"
         )
+    for line in plan.cost.lines() if plan.cost is not None else []:
+        _err(line)
     if not plan.planned:
         _err(
             f"  note: the pods read the shards from {cfg.run_uri}: this YAML runs only after the run is "
