@@ -88,9 +88,20 @@ def run(output, workers, shard_retries, progress, write_report_after, dry_run, *
                              show_progress=progress)
     summary = executor.execute(storage, spec)
     _print_summary(summary)
+    _print_budget_stop(storage, spec, summary)
     after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
     if not summary.complete:
         raise click.exceptions.Exit(1)
+
+
+def _print_budget_stop(storage, spec, summary) -> None:
+    from dfk8s.cost import read_cost_record, usd
+
+    max_cost = (read_cost_record(storage) or {}).get("max_cost")
+    if max_cost is not None and summary.cost_usd is not None and summary.cost_usd >= max_cost \
+            and not summary.complete:
+        _err(f"stopped at --max-cost {usd(max_cost)} (spent {usd(summary.cost_usd)}); finished rows are "
+             f"kept: resume with --run-id {spec.run_id} --max-cost HIGHER")
 
 
 def _dry_run(request) -> None:
@@ -115,8 +126,11 @@ def _print_summary(summary) -> None:
             + f" in {summary.wall_seconds:.1f}s")
     if getattr(summary, "cost_usd", None) is not None:
         usage = summary.usage or {}
-        line += (f"; cost ${summary.cost_usd:,.4f} ({usage.get('input_tokens', 0):,} input / "
-                 f"{usage.get('output_tokens', 0):,} output tokens, {usage.get('images', 0):,} images)")
+        from dfk8s.cost import usd
+
+        line += (f"; cost {usd(summary.cost_usd)} ({usage.get('input_tokens', 0):,} input / "
+                 f"{usage.get('output_tokens', 0):,} output tokens"
+                 + (f", {usage['images']:,} images" if usage.get("images") else "") + ")")
     _err(line)
     click.echo(summary.result)
 

@@ -322,14 +322,15 @@ def usage_from_openai_images(usage: Any, images: int) -> Usage:
                  output_image_tokens=output, images=images, requests=1)
 
 
-def usage_from_gemini(metadata: Any, images: int, image_output_tokens: int = 0) -> Usage | None:
+def usage_from_gemini(metadata: Any, images: int) -> Usage | None:
     """Usage of a generateContent answer (``usage_metadata``); None without one.
+
+    Output tokens are split by ``candidates_tokens_details`` (modality IMAGE / TEXT); an answer without
+    that split and with images counts all its output as image tokens (the dearer rate: never under).
 
     Args:
         metadata: ``usage_metadata`` (SDK object) or ``usageMetadata`` (JSON).
         images: Images in the answer.
-        image_output_tokens: Tokens one image costs, used when the answer does not split its output
-            tokens by modality.
     """
     if metadata is None:
         return None
@@ -342,7 +343,7 @@ def usage_from_gemini(metadata: Any, images: int, image_output_tokens: int = 0) 
         if modality.upper() == "IMAGE":
             image_out = (image_out or 0) + int(_get(item, "token_count", "tokenCount", default=0))
     if image_out is None:
-        image_out = min(output, images * image_output_tokens)
+        image_out = output if images else 0
     return Usage(input_tokens=prompt, output_tokens=output, output_image_tokens=image_out, images=images,
                  requests=1)
 
@@ -625,12 +626,6 @@ class Budget:
         if usage:
             self.usage.add(usage if isinstance(usage, Usage) else Usage.from_dict(usage))
 
-    def image_output_tokens(self) -> int:
-        """Tokens one generated image costs by the table (Gemini answers without a modality split)."""
-        if self.price is None or not self.price.image_output_tokens:
-            return 0
-        return int(self.price.image_output_tokens.get("default", 0))
-
     def report(self) -> dict:
         """This shard's usage and cost, for spend/ and the done marker."""
         return {"usage": self.usage.to_dict(), "cost_usd": round(self.spent, 6)}
@@ -656,30 +651,22 @@ class Budget:
             total += spent["cost_usd"] if spent else 0.0
         return total
 
+    def due(self) -> bool:
+        """Whether the other shards' spend should be read again (a budget is set, and it is time)."""
+        return (self.max_cost is not None and self.price is not None
+                and time.monotonic() - self._others_read >= BUDGET_POLL_SECONDS)
+
+    def refresh(self) -> None:
+        """Read the other shards' spend from storage (blocking: call it off the event loop)."""
+        self._others, self._others_read = self._read_others(), time.monotonic()
+
     def exceeded(self) -> bool:
         """Whether the run's spend (this shard live, the others as last read) has passed ``--max-cost``."""
         if self.max_cost is None or self.price is None:
             return False
-        now = time.monotonic()
-        if now - self._others_read >= BUDGET_POLL_SECONDS:
-            self._others, self._others_read = self._read_others(), now
         return self._others + self.spent >= float(self.max_cost)
 
     def describe(self) -> str:
         """One line for the stop."""
         return (f"the run's spend {usd(self._others + self.spent)} passed --max-cost {usd(self.max_cost)}; "
                 "finished rows are kept; resume with --run-id and a higher --max-cost")
-
-
-def run_usage(storage, shards: int) -> tuple[dict[int, dict], Usage, float]:
-    """Every shard's spend (finished or not), and the run's total usage and cost."""
-    per_shard: dict[int, dict] = {}
-    total, usd = Usage(), 0.0
-    for index in range(shards):
-        spent = shard_cost(storage, index)
-        if spent is None:
-            continue
-        per_shard[index] = spent
-        total.add(Usage.from_dict(spent["usage"]))
-        usd += spent["cost_usd"]
-    return per_shard, total, round(usd, 6)

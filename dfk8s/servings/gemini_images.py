@@ -21,6 +21,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from dfk8s.cost import usage_from_gemini
 from dfk8s.errors import SpecError
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
@@ -234,6 +235,9 @@ class GeminiImagesServing(ApiServing):
         images = [returned_image(b.data, f"candidates[0] image {k}") for k, b in enumerate(blobs)
                   if (b.mime_type or "image/").startswith("image/")]
         meta = {"finish_reason": finish}
+        usage = usage_from_gemini(answer.usage_metadata, len(images))
+        if usage is not None:
+            meta["usage"] = usage.to_dict()
         if images:
             return Response(text=text, images=images, meta=meta)
         details = {"text": text, "finish_reason": finish}

@@ -6,6 +6,7 @@ import base64
 
 from openai.types.chat import ChatCompletion
 
+from dfk8s.cost import usage_from_openai_chat
 from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.openai_common import make_client, openai_errors
@@ -79,4 +80,8 @@ class OpenAIChatServing(ApiServing):
         if not message.content:
             raise RowFailure("EmptyResponse", "the model returned no text",
                              {"finish_reason": completion.choices[0].finish_reason})
-        return Response(text=message.content, meta={"finish_reason": completion.choices[0].finish_reason})
+        meta = {"finish_reason": completion.choices[0].finish_reason}
+        usage = usage_from_openai_chat(getattr(completion, "usage", None))
+        if usage is not None:
+            meta["usage"] = usage.to_dict()
+        return Response(text=message.content, meta=meta)

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 
+from dfk8s.cost import usage_from_openai_images
 from dfk8s.errors import SpecError
 from dfk8s.images import ImageProblem, check_image, read_ref_bytes, resolve_ref
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure
@@ -220,9 +221,7 @@ class OpenAIImagesServing(ApiServing):
         if len(images) < self.params.n:
             log.info("asked for %d images, got %d", self.params.n, len(images))
         meta = {"revised_prompts": revised} if revised else {}
-        usage = getattr(result, "usage", None)
-        if usage is not None:
-            meta["usage"] = usage.model_dump() if hasattr(usage, "model_dump") else usage
+        meta["usage"] = usage_from_openai_images(getattr(result, "usage", None), len(images)).to_dict()
         return Response(images=images, meta=meta)
 
     async def aclose(self) -> None:
