@@ -72,6 +72,9 @@ class FakeConfig:
             `fail_first` attempts, then succeeds: retry counts become exact.
         seed: Seed of the random generator behind the `rate_*` knobs.
         image_size: Longest side, in pixels, of the PNGs the server makes.
+        batch_seconds: Seconds a batch takes from create to completed (0: one state further per poll).
+        batch_line_fail: Probability that one line of a batch fails (a 500 in the error file).
+        batch_expire: 1 makes batches expire with half their lines done (see `fake_batch.py`).
     """
 
     latency: float = 0.0
@@ -87,6 +90,9 @@ class FakeConfig:
     fail_first: int = 0
     seed: int = 0
     image_size: int = 64
+    batch_seconds: float = 0.0
+    batch_line_fail: float = 0.0
+    batch_expire: int = 0
 
     def update(self, **changes: Any) -> None:
         """Sets knobs by name, converting values to the field's type.
@@ -347,6 +353,10 @@ class FakeAPI:
 
     def _routes(self, app: web.Application) -> None:
         from dfk8s.testing import fake_gemini  # here, not at the top: fake_gemini imports this module
+        from dfk8s.testing.fake_batch import OpenAIBatches
+
+        self.batches = OpenAIBatches(self)
+        self.batches.routes(app)
 
         openai_routes = {"/chat/completions": ("chat.completions", self._parse_chat, self._reply_chat),
                          "/images/generations": ("images.generations", self._parse_generate,
