@@ -310,6 +310,10 @@ def _local_status(output: str, run_id: str, as_json: bool) -> None:
     click.echo(f"  progress: {state['done']:,}/{state['rows']:,} rows ({state['ok']:,} ok, "
                f"{state['failed']:,} failed); {len(state['shards_done'])}/{state['shards']} shards done"
                + (f" ({format_indexes(state['shards_done'])})" if state["shards_done"] else ""))
+    from dfk8s.batch import describe_batches
+
+    for line in describe_batches(run_storage(output, run_id), state["shards"]):
+        click.echo(line)
     summary = state["summary"]
     if summary:
         click.echo(f"  result: {summary['result']}: {summary['rows']:,} rows, {summary['ok']:,} ok, "
@@ -368,6 +372,13 @@ def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json)
             f"{len(state.shards_done)}/{state.shards} shards done"
             + (f" ({format_indexes(state.shards_done)})" if state.shards_done else "")
         )
+    if state.run_uri and not state.storage_error:
+        from dfk8s.batch import describe_batches
+        from dfk8s.storage import open_storage
+
+        batches = describe_batches(open_storage(state.run_uri, endpoint_url=s3_endpoint), state.shards or 0)
+        for line in batches:
+            click.echo(line)
     if state.summary:
         summary = state.summary
         click.echo(

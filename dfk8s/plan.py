@@ -56,8 +56,10 @@ class RowChecker:
     _image_cache: dict = field(default_factory=dict)
     _seen_ids: set = field(default_factory=set)
     _staged: set = field(default_factory=set)
-    #: Width and height of each image of the row last checked (None: not opened), for the cost estimate.
+    #: Width and height of each image of the row last checked (None: not opened), for the cost estimate,
+    #: and their file sizes (0: not opened), for batch-mode shard limits.
     last_sizes: list = field(default_factory=list)
+    last_bytes: list = field(default_factory=list)
     _sizes: dict = field(default_factory=dict)
 
     def check(self, item: ManifestItem) -> tuple[dict, list[Problem]]:
@@ -79,7 +81,7 @@ class RowChecker:
                     problems.append(Problem(item.where, f"duplicate id {rid!r} (key {self.id_key!r})"))
                 self._seen_ids.add(rid)
         resolved: list[str] = []
-        self.last_sizes = []
+        self.last_sizes, self.last_bytes = [], []
         try:
             self.pipeline.check_row(item.row, self.input_key)
             refs = self.pipeline.image_refs(item.row, self.image_key)
@@ -89,7 +91,9 @@ class RowChecker:
         for ref in refs:
             try:
                 resolved.append(self._image(ref))
-                self.last_sizes.append(self._sizes.get(resolved[-1]))
+                found = self._sizes.get(resolved[-1])
+                self.last_sizes.append(found[:2] if found else None)
+                self.last_bytes.append(found[2] if found else 0)
             except ImageProblem as exc:
                 problems.append(Problem(item.where, str(exc)))
         error = None
@@ -110,7 +114,7 @@ class RowChecker:
             if is_local or self.check_remote_images:
                 data = read_ref_bytes(path, endpoint_url=self.endpoint_url)
                 checked = check_image(data, ref)
-                size = (checked.width, checked.height)
+                size = (checked.width, checked.height, len(data))
                 if is_local and self.stage_to is not None:
                     key = layout.staged_key(sha256_hex(data), checked.extension)
                     if key not in self._staged:
@@ -186,12 +190,18 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
         total = count_rows(spec.input, endpoint_url=endpoint_url)
         rows_per_shard = max(1, math.ceil(total / shards)) if total else 1
     rows_per_shard = rows_per_shard or DEFAULT_ROWS_PER_SHARD
+    byte_cap = None
+    if spec.option("api_mode") == "batch":  # one shard is one provider batch: keep it within its limits
+        from dfk8s.batch import request_bytes, shard_limits
+
+        max_requests, byte_cap = shard_limits(spec.serving)
+        rows_per_shard = min(rows_per_shard, max_requests)
     checker = RowChecker(get_pipeline(spec.pipeline), spec.input_key, spec.image_key, spec.id_key,
                          default_image_root(spec.input, image_root),
                          stage_to=run_storage if stage_images and not count_only else None,
                          endpoint_url=endpoint_url)
     manifest = Manifest(spec.input, endpoint_url=endpoint_url)
-    shard_index, in_shard, total_rows, bad = 0, 0, 0, 0
+    shard_index, in_shard, total_rows, bad, shard_bytes = 0, 0, 0, 0, 0
     with tempfile.TemporaryDirectory(prefix="dfk8s-plan-") as tmp:
         buffer_path = os.path.join(tmp, "shard.jsonl")
         buffer = open(buffer_path, "w", encoding="utf-8")
@@ -199,6 +209,15 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
             for item in manifest:
                 shard_row, problems = checker.check(item)
                 bad += bool(problems)
+                if byte_cap is not None:
+                    row_bytes = request_bytes(shard_row, checker.last_bytes)
+                    if in_shard and shard_bytes + row_bytes > byte_cap:  # the batch file would be too big
+                        buffer.close()
+                        if not count_only:
+                            run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
+                        shard_index, in_shard, shard_bytes = shard_index + 1, 0, 0
+                        buffer = open(buffer_path, "w", encoding="utf-8")
+                    shard_bytes += row_bytes
                 if tally is not None:
                     tally.add(shard_row, checker.last_sizes, row_texts(checker.pipeline, shard_row["row"],
                                                                        spec.input_key,
@@ -211,7 +230,7 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
                     buffer.close()
                     if not count_only:
                         run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
-                    shard_index, in_shard = shard_index + 1, 0
+                    shard_index, in_shard, shard_bytes = shard_index + 1, 0, 0
                     buffer = open(buffer_path, "w", encoding="utf-8")
                 if on_row is not None and total_rows % 1000 == 0:
                     on_row(total_rows)

@@ -77,6 +77,10 @@ def _existing_run(request: RunRequest, storage: Storage, run_id: str) -> RunSpec
 def _new_spec(request: RunRequest, run_id: str, serving: str) -> RunSpec:
     if not request.input:
         raise SpecError(f"run {run_id} does not exist under {request.output}; pass --input to start it")
+    if request.options.get("api_mode") == "batch":
+        from dfk8s.batch import check_batch_mode
+
+        check_batch_mode(request.pipeline, serving)
     return RunSpec(run_id=run_id, pipeline=request.pipeline, serving=serving,
                    options={k: v for k, v in request.options.items() if v is not None},
                    input=_same_source(request.input), input_key=request.input_key,

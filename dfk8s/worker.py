@@ -227,6 +227,11 @@ class ShardRunner:
         planned_bad = [r for r in pending if r.get("error")]
         await self.add(self.failed_record(r, {**r["error"], "attempts": 0}) for r in planned_bad)
         todo = [r for r in pending if not r.get("error")]
+        if todo and self.spec.option("api_mode") == "batch":
+            from dfk8s.batch import BatchShard  # one provider batch per shard, at the batch price
+
+            await BatchShard(self).run(todo)
+            return
         if todo:
             if self.serving is None:
                 self.serving = build_serving(self.spec)
