@@ -353,10 +353,11 @@ class FakeAPI:
 
     def _routes(self, app: web.Application) -> None:
         from dfk8s.testing import fake_gemini  # here, not at the top: fake_gemini imports this module
-        from dfk8s.testing.fake_batch import OpenAIBatches
+        from dfk8s.testing.fake_batch import GeminiBatches, OpenAIBatches
 
-        self.batches = OpenAIBatches(self)
+        self.batches, self.gemini_batches = OpenAIBatches(self), GeminiBatches(self)
         self.batches.routes(app)
+        self.gemini_batches.routes(app)  # before models/{target}: batchGenerateContent is matched first
 
         openai_routes = {"/chat/completions": ("chat.completions", self._parse_chat, self._reply_chat),
                          "/images/generations": ("images.generations", self._parse_generate,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -92,7 +93,9 @@ class OpenAIBatches:
         return web.json_response(self._file(data, upload.filename or "upload", str(purpose)))
 
     async def h_get_file(self, request: web.Request) -> web.Response:
-        """GET /v1/files/{id}: the file object."""
+        """GET /v1/files/{id}: the file object (a Gemini name under /v1 goes to the Gemini fake)."""
+        if not request.match_info["id"].startswith("file-"):
+            return await self.api.gemini_batches.h_file(request)
         found = self.files.get(request.match_info["id"])
         if found is None:
             return _error(404, f"No such File object: {request.match_info['id']}", param="id")
@@ -142,6 +145,8 @@ class OpenAIBatches:
 
     async def h_get_batch(self, request: web.Request) -> web.Response:
         """GET /v1/batches/{id}: the batch, moved on as time (or polls) passed."""
+        if not request.match_info["id"].startswith("batch_"):  # google-genai also uses /v1/batches/{name}
+            return await self.api.gemini_batches.h_get(request)
         state = self.batches.get(request.match_info["id"])
         if state is None:
             return _error(404, f"No such batch: {request.match_info['id']}", param="batch_id")
@@ -163,7 +168,9 @@ class OpenAIBatches:
         return web.json_response(batch)
 
     async def h_list_batches(self, request: web.Request) -> web.Response:
-        """GET /v1/batches: newest first, paged by limit and after."""
+        """GET /v1/batches: newest first, paged by limit and after (Gemini clients get theirs)."""
+        if "x-goog-api-key" in request.headers:
+            return await self.api.gemini_batches.h_list(request)
         items = sorted((s["batch"] for s in self.batches.values()), key=lambda b: b["created_at"],
                        reverse=True)
         after = request.query.get("after")
@@ -291,3 +298,272 @@ def _jsonl(records: list[dict]) -> bytes:
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                         "code": None}}, status=status)
+
+
+# ----- Gemini: Files (resumable upload) and Batch Mode ------------------------------------------------
+
+_GEMINI_STATES = ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING", "BATCH_STATE_RUNNING",
+                  "BATCH_STATE_SUCCEEDED")
+_GEMINI_DONE = ("BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED",
+                "BATCH_STATE_EXPIRED")
+_BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
+GEMINI_MAX_FILE_BYTES = 2 * 1024 * 1024 * 1024
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1e6):06d}Z"
+
+
+@dataclass
+class _Host:
+    """Where a client reached the server (for URLs in answers)."""
+
+    scheme: str
+    host: str
+
+
+class _GeminiLineRequest:
+    """What `fake_gemini.parse` reads from an aiohttp request, for one batch line."""
+
+    def __init__(self, model: str, body: dict):
+        self.match_info = {"target": f"{model}:generateContent"}
+        self._body = body
+
+    async def json(self) -> dict:
+        return self._body
+
+
+class GeminiBatches:
+    """google-genai's `client.files.upload` / `files.download` and `client.batches.*`, in memory.
+
+    Uploads follow the resumable protocol the SDK speaks: a `start` POST answered with an
+    `X-Goog-Upload-URL`, then `upload[, finalize]` chunks at `X-Goog-Upload-Offset`, the last one answered
+    `X-Goog-Upload-Status: final` and the File JSON. Batches are long-running operations named
+    `batches/...` whose `metadata.state` walks BATCH_STATE_PENDING -> RUNNING -> SUCCEEDED (or FAILED,
+    CANCELLED, EXPIRED); results are a JSONL file (`metadata.output.responsesFile`), one
+    `{"key", "response" | "error"}` line per request.
+    """
+
+    def __init__(self, api: FakeAPI):
+        self.api = api
+        self.uploads: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.created = 0
+
+    def routes(self, app: web.Application) -> None:
+        """Register before the generic `models/{target}` route, so batchGenerateContent lands here."""
+        for version in ("v1beta", "v1", "v1alpha"):
+            app.router.add_post(f"/upload/{version}/files", self.h_upload)
+            app.router.add_get(f"/{version}/files/{{name}}", self.h_file)
+            app.router.add_post(f"/{version}/models/{{model}}:batchGenerateContent", self.h_create)
+            app.router.add_get(f"/{version}/batches", self.h_list)
+            app.router.add_get(f"/{version}/batches/{{name}}", self.h_get)
+            app.router.add_post(f"/{version}/batches/{{name}}:cancel", self.h_cancel)
+        app.router.add_post("/upload/files", self.h_upload)
+
+    # ----- files -----------------------------------------------------------------------------------
+
+    async def h_upload(self, request: web.Request) -> web.Response:
+        """The resumable upload: `start`, then `upload` chunks, the last with `finalize`."""
+        command = request.headers.get("X-Goog-Upload-Command", "")
+        upload_id = request.query.get("upload_id")
+        if upload_id is None:
+            if request.headers.get("X-Goog-Upload-Protocol") != "resumable" or "start" not in command:
+                return _gemini_error(400, "Uploads must use the resumable protocol "
+                                          "(X-Goog-Upload-Command: start).")
+            body = await request.json() if request.can_read_body else {}
+            meta = (body or {}).get("file") or {}
+            size = int(request.headers.get("X-Goog-Upload-Header-Content-Length", "0"))
+            if size > GEMINI_MAX_FILE_BYTES:
+                return _gemini_error(400, f"File is {size} bytes; the limit is {GEMINI_MAX_FILE_BYTES}.")
+            upload_id = uuid.uuid4().hex
+            self.uploads[upload_id] = {"meta": meta, "size": size, "data": bytearray(),
+                                       "mime": request.headers.get("X-Goog-Upload-Header-Content-Type", "")}
+            url = f"{request.scheme}://{request.host}{request.path}?upload_id={upload_id}&upload_protocol=resumable"
+            return web.Response(headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"})
+        session = self.uploads.get(upload_id)
+        if session is None:
+            return _gemini_error(404, "No such upload session.")
+        offset = int(request.headers.get("X-Goog-Upload-Offset", "-1"))
+        if offset != len(session["data"]):
+            return _gemini_error(400, f"Upload offset {offset} does not match the {len(session['data'])} "
+                                      "bytes received.")
+        session["data"] += await request.read()
+        if "finalize" not in command:
+            return web.Response(headers={"X-Goog-Upload-Status": "active"})
+        if len(session["data"]) != session["size"]:
+            return _gemini_error(400, f"Uploaded {len(session['data'])} bytes, announced {session['size']}.")
+        del self.uploads[upload_id]
+        name = session["meta"].get("name") or f"files/{uuid.uuid4().hex[:12]}"
+        mime = session["mime"] or session["meta"].get("mimeType", "")
+        file = self._file(name, bytes(session["data"]), mime, session["meta"].get("displayName"),
+                          _Host(request.scheme, request.host), source="UPLOADED")
+        return web.json_response({"file": file}, headers={"X-Goog-Upload-Status": "final"})
+
+    def _file(self, name: str, data: bytes, mime: str, display: str | None, request: web.Request,
+              source: str) -> dict[str, Any]:
+        now = time.time()
+        file = {"name": name, "mimeType": mime, "sizeBytes": str(len(data)), "createTime": _iso(now),
+                "updateTime": _iso(now), "expirationTime": _iso(now + 48 * 3600),
+                "sha256Hash": "", "uri": f"{request.scheme}://{request.host}/v1beta/{name}",
+                "state": "ACTIVE", "source": source}
+        if display:
+            file["displayName"] = display
+        if source == "GENERATED":
+            file["downloadUri"] = f"{request.scheme}://{request.host}/v1beta/{name}:download?alt=media"
+        self.files[name] = {"meta": file, "data": data}
+        return file
+
+    async def h_file(self, request: web.Request) -> web.Response:
+        """`files/{name}` (the File) and `files/{name}:download?alt=media` (its bytes)."""
+        name, _, method = _name(request).partition(":")
+        found = self.files.get(f"files/{name}")
+        if found is None:
+            return _gemini_error(404, f"File files/{name} not found.")
+        if method == "download":
+            return web.Response(body=found["data"], content_type="application/octet-stream")
+        return web.json_response(found["meta"])
+
+    # ----- batches ---------------------------------------------------------------------------------
+
+    async def h_create(self, request: web.Request) -> web.Response:
+        """`models/{model}:batchGenerateContent` with a file (or inlined requests)."""
+        body = await request.json()
+        batch = body.get("batch") or {}
+        source = batch.get("inputConfig") or batch.get("input_config") or {}
+        model = request.match_info["model"]
+        if "fileName" in source:
+            found = self.files.get(source["fileName"])
+            if found is None:
+                return _gemini_error(400, f"File {source['fileName']} not found.")
+            lines, problem = _gemini_lines(found["data"])
+        elif "requests" in source:
+            lines = [{"key": str(k), "request": r.get("request", r)}
+                     for k, r in enumerate(source["requests"].get("requests") or [])]
+            problem = None if lines else "No requests."
+        else:
+            return _gemini_error(400, "batch.inputConfig needs fileName or requests.")
+        name = f"batches/{uuid.uuid4().hex[:16]}"
+        now = time.time()
+        state = {"name": name, "model": f"models/{model}", "display": batch.get("displayName"),
+                 "lines": lines, "problem": problem, "state": _GEMINI_STATES[0], "created": now,
+                 "updated": now, "started": time.monotonic(), "polls": 0, "output": None,
+                 "host": _Host(request.scheme, request.host)}
+        self.batches[name] = state
+        with self.api._lock:
+            self.created += 1
+            self.api._stats["gemini_batches_created"] = self.created
+        return web.json_response(self._operation(state))
+
+    def _operation(self, state: dict) -> dict[str, Any]:
+        meta: dict[str, Any] = {"@type": _BATCH_TYPE, "name": state["name"], "model": state["model"],
+                                "state": state["state"],
+                                "createTime": _iso(state["created"]), "updateTime": _iso(state["updated"]),
+                                "batchStats": {"requestCount": str(len(state["lines"]))}}
+        if state["display"]:
+            meta["displayName"] = state["display"]
+        done = state["state"] in _GEMINI_DONE
+        if done:
+            meta["endTime"] = _iso(state["updated"])
+        if state["output"]:
+            meta["output"] = {"responsesFile": state["output"]}
+        op: dict[str, Any] = {"name": state["name"], "metadata": meta, "done": done}
+        if state["state"] == "BATCH_STATE_FAILED":
+            op["error"] = {"code": 3, "message": state["problem"] or "failed"}
+        return op
+
+    async def h_get(self, request: web.Request) -> web.Response:
+        """`batches/{name}`: the operation, moved on as time (or polls) passed."""
+        state = self.batches.get(f"batches/{_name(request)}")
+        if state is None:
+            return _gemini_error(404, f"Batch batches/{_name(request)} not found.")
+        state["polls"] += 1
+        await self._advance(state)
+        return web.json_response(self._operation(state))
+
+    async def h_cancel(self, request: web.Request) -> web.Response:
+        """`batches/{name}:cancel`: it ends cancelled, with the lines done so far."""
+        state = self.batches.get(f"batches/{_name(request)}")
+        if state is None:
+            return _gemini_error(404, f"Batch batches/{_name(request)} not found.")
+        if state["state"] not in _GEMINI_DONE:
+            await self._write(state, len(state["lines"]) // 2 if state["polls"] else 0)
+            state["state"], state["updated"] = "BATCH_STATE_CANCELLED", time.time()
+        return web.json_response({})
+
+    async def h_list(self, request: web.Request) -> web.Response:
+        """`batches`: newest first (one page)."""
+        items = sorted(self.batches.values(), key=lambda s: s["created"], reverse=True)
+        return web.json_response({"operations": [self._operation(s) for s in items]})
+
+    async def _advance(self, state: dict) -> None:
+        if state["state"] in _GEMINI_DONE:
+            return
+        if state["problem"]:
+            state["state"], state["updated"] = "BATCH_STATE_FAILED", time.time()
+            return
+        seconds = self.api.config.batch_seconds
+        if seconds <= 0:
+            stage = min(state["polls"], 3)
+        else:
+            done = (time.monotonic() - state["started"]) / seconds
+            stage = 0 if done < 0.1 else 1 if done < 1 else 3
+        state["state"], state["updated"] = _GEMINI_STATES[stage], time.time()
+        if stage == 3:
+            if self.api.config.batch_expire >= 1:
+                state["state"] = "BATCH_STATE_EXPIRED"  # Gemini returns nothing for an expired batch
+            else:
+                await self._write(state, len(state["lines"]))
+
+    async def _write(self, state: dict, done: int) -> None:
+        from dfk8s.testing import fake_gemini
+
+        api = self.api
+        out = []
+        for line in state["lines"][:done]:
+            with api._lock:
+                fail = api.config.batch_line_fail > 0 and api._rng.random() < api.config.batch_line_fail
+            if fail:
+                out.append({"key": line["key"], "error": {"code": 500, "message": "Internal error (fake).",
+                                                          "status": "INTERNAL"}})
+                continue
+            shim = _GeminiLineRequest(state["model"].removeprefix("models/"), line["request"])
+            try:
+                call = await fake_gemini.parse(api, shim, {})
+                if call.images:
+                    api._inspect(call)
+                answer = fake_gemini.reply(api, shim, call, call.trigger())
+                out.append({"key": line["key"], "response": answer})
+            except ApiError as exc:
+                status = fake_gemini.STATUS_NAMES.get(exc.status, "UNKNOWN")
+                out.append({"key": line["key"], "error": {"code": exc.status, "message": exc.message,
+                                                          "status": status}})
+        name = f"files/batch-{state['name'].split('/')[-1]}"
+        self._file(name, _jsonl(out), "application/jsonl", None, state["host"], source="GENERATED")
+        state["output"] = name
+
+
+def _name(request: web.Request) -> str:
+    return request.match_info.get("name") or request.match_info["id"]
+
+
+def _gemini_lines(data: bytes) -> tuple[list[dict], str | None]:
+    lines = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            return [], f"Line {number} is not valid JSON."
+        if not isinstance(line, dict) or "request" not in line:
+            return [], f"Line {number} needs key and request."
+        lines.append({"key": str(line.get("key", number)), "request": line["request"]})
+    return (lines, None) if lines else ([], "The input file has no requests.")
+
+
+def _gemini_error(status: int, message: str) -> web.Response:
+    from dfk8s.testing.fake_gemini import error_body
+
+    return web.json_response(error_body(status, message), status=status)
