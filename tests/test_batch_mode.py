@@ -104,7 +104,7 @@ def test_worker_killed_mid_batch_resumes_without_a_second_batch(tmp_path, fake_a
             worker.kill()
             worker.wait()
     assert fake_api.stats()["batches_created"] == 1
-    assert storage.read_json(batch.batch_key(0))["status"] not in batch.TERMINAL
+    assert not storage.read_json(batch.batch_key(0))["done"]
     stats = process_shard(open_storage(storage.url()), 0)
     assert stats.ok == 4 and fake_api.stats()["batches_created"] == 1
 
@@ -127,9 +127,9 @@ def test_restart_between_create_and_record_adopts_the_batch(tmp_path, fake_api, 
     client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
                           metadata={"dfk8s_token": "tok1"})
     client.close()
-    storage.write_json(batch.batch_key(0), {"provider": "openai", "endpoint": "/v1/chat/completions",
-                                            "token": "tok1", "input_file_id": upload.id, "status": "creating",
-                                            "requests": 2, "created_at": time.time()})
+    storage.write_json(batch.batch_key(0), {"provider": "openai", "token": "tok1", "input_file": upload.id,
+                                            "status": "creating", "done": False, "requests": 2,
+                                            "created_at": time.time()})
     stats = process_shard(storage, 0)
     assert stats.ok == 2 and fake_api.stats()["batches_created"] == 1
     assert [r["caption"].split(":")[1].split("(")[0].strip() for r in
@@ -158,3 +158,50 @@ def test_batch_mode_refused_where_there_is_no_batch_endpoint(tmp_path, api_key):
     with pytest.raises(SpecError, match="not available for imageedit with openai-images"):
         prepare_run(RunRequest(pipeline="imageedit", serving="openai-images", input=str(manifest),
                                output=str(tmp_path / "runs"), options={"api_mode": "batch"}))
+
+
+def _gemini_rows(tmp_path, edit=False):
+    from tests.test_spend import _png
+
+    img = _png(tmp_path / "in.png", (96, 64))
+    rows = [{"id": f"g{i}", "conversation": [{"from": "human", "value": f"a {c} owl"}], **(
+        {"image": img} if edit else {})} for i, c in enumerate(("green", "red", "blue"))]
+    path = tmp_path / ("edit.jsonl" if edit else "gen.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("pipeline", ["text2image", "imageedit"])
+def test_gemini_batch_end_to_end(tmp_path, fake_api, monkeypatch, pipeline):
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    manifest = _gemini_rows(tmp_path, edit=pipeline == "imageedit")
+    summary = run_local(RunRequest(pipeline=pipeline, serving="gemini-images", input=str(manifest),
+                                   output=str(tmp_path / "runs"), run_id="g",
+                                   options={"api_url": fake_api.url, "api_mode": "batch",
+                                            "batch_poll_seconds": 0.05}), workers=1)
+    assert summary.ok == 3, summary
+    assert fake_api.stats()["gemini_batches_created"] == 1
+    assert not [r for r in fake_api.requests() if r["endpoint"] == "gemini.generateContent"]
+    out_key = "edited_images" if pipeline == "imageedit" else "images"
+    rows = _result(tmp_path, "g")
+    assert all(os.path.exists(r[out_key][0]) for r in rows)
+    data = json.loads((tmp_path / "runs/g/summary.json").read_text())
+    usage = data["usage"]
+    assert usage["images"] == 3 and usage["output_image_tokens"] == 3 * 1290
+    text_out = usage["output_tokens"] - usage["output_image_tokens"]
+    sync = (usage["input_tokens"] * 0.30 + text_out * 2.50 + 3 * 1290 * 30.0) / 1e6
+    assert data["cost_usd"] == pytest.approx(sync / 2, abs=1e-6)  # the batch price
+    record = json.loads((tmp_path / "runs/g/batches/00000.json").read_text())
+    assert record["status"] == "JOB_STATE_SUCCEEDED" and record["batch_id"].startswith("batches/")
+
+
+def test_gemini_batch_expired_rows_are_not_processed(tmp_path, fake_api, monkeypatch):
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    fake_api.configure(batch_expire=1)
+    manifest = _gemini_rows(tmp_path)
+    run_local(RunRequest(pipeline="text2image", serving="gemini-images", input=str(manifest),
+                         output=str(tmp_path / "runs"), run_id="x",
+                         options={"api_url": fake_api.url, "api_mode": "batch", "batch_poll_seconds": 0.05}),
+              workers=1)
+    errors = [r["error"] for r in _result(tmp_path, "x")]
+    assert [e["type"] for e in errors] == ["NotProcessed"] * 3 and "JOB_STATE_EXPIRED" in errors[0]["message"]
