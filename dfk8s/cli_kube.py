@@ -441,13 +441,46 @@ def logs(run_id, namespace, context, kubeconfig, index, reducer, follow, tail):
         clients.close()
 
 
+def _cancel_batches(run_uri: str) -> None:
+    """Batch mode: cancel the run's provider batches too (what they completed is kept for a resume)."""
+    import asyncio
+
+    from dfk8s.batch import cancel_batches
+    from dfk8s.errors import Dfk8sError
+    from dfk8s.spec import RunSpec
+    from dfk8s.storage import open_storage
+
+    try:
+        storage = open_storage(run_uri)
+        spec = RunSpec.load(storage)
+        if spec.option("api_mode") != "batch":
+            return
+        ids = asyncio.run(cancel_batches(storage, spec))
+    except Dfk8sError as exc:
+        _err(f"warning: could not cancel the run's provider batches: {exc}")
+        return
+    if ids:
+        _err(f"cancelled provider batches {', '.join(ids)}; what they completed is kept: resuming maps it")
+
+
 @click.command()
 @click.argument("run_id", metavar="RUN")
 @_connection_options
-def cancel(run_id, namespace, context, kubeconfig):
-    """Stop a run: delete its Jobs and their pods. Its data stays; submit --run-id RUN resumes it."""
+@click.option("--output", "-o", metavar="DIR",
+              help="A `dfk8s run` run under this local folder: only cancel its provider batches "
+                   "(batch mode).")
+def cancel(run_id, namespace, context, kubeconfig, output):
+    """Stop a run: delete its Jobs and their pods. Its data stays; submit --run-id RUN resumes it.
+
+    In batch mode the provider batches are cancelled too; what they completed is kept.
+    """
     from dfk8s.kube.launcher import cancel_run
 
+    if output and not output.startswith("s3://"):
+        from dfk8s.runs import run_storage
+
+        _cancel_batches(run_storage(output, run_id).url())
+        return
     clients, namespace = _connect(context, kubeconfig, namespace)
     try:
         jobs, pods, run_uri = cancel_run(clients, namespace, run_id)
@@ -459,6 +492,7 @@ def cancel(run_id, namespace, context, kubeconfig):
         + f" and {len(pods)} pods in namespace {namespace}"
     )
     if run_uri:
+        _cancel_batches(run_uri)
         output = run_uri.rsplit("/", 1)[0]
         _err(
             f"its data stays at {run_uri}; resume with: dfk8s submit --pipeline ... --output {output} "

@@ -205,3 +205,31 @@ def test_gemini_batch_expired_rows_are_not_processed(tmp_path, fake_api, monkeyp
               workers=1)
     errors = [r["error"] for r in _result(tmp_path, "x")]
     assert [e["type"] for e in errors] == ["NotProcessed"] * 3 and "JOB_STATE_EXPIRED" in errors[0]["message"]
+
+
+def test_cancel_cancels_the_batch_and_keeps_what_completed(tmp_path, fake_api, api_key):
+    manifest = _captions(tmp_path, 4)
+    fake_api.configure(batch_seconds=30.0)
+    storage, spec, _ = prepare_run(RunRequest(pipeline="caption", input=str(manifest),
+                                              output=str(tmp_path / "runs"), run_id="c",
+                                              options=_options(fake_api)))
+    cmd = [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--index", "0"]
+    worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if storage.exists(batch.batch_key(0)) and \
+                    storage.read_json(batch.batch_key(0)).get("status") == "in_progress":
+                break
+            time.sleep(0.05)
+        result = CliRunner().invoke(cli, ["cancel", "c", "--output", str(tmp_path / "runs")])
+        assert "cancelled provider batches batch_" in result.output, result.output
+        assert worker.wait(60) == 0  # the worker sees the batch cancelled and maps what it has
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    rows = [json.loads(line) for line in storage.open_lines(layout.shard_output_key(0))]
+    assert sum("caption" in r for r in rows) == 2  # what completed before the cancel is kept
+    assert [r["error"]["type"] for r in rows if "error" in r] == ["NotProcessed"] * 2
+    assert fake_api.stats()["batches_created"] == 1
