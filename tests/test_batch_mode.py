@@ -233,3 +233,22 @@ def test_cancel_cancels_the_batch_and_keeps_what_completed(tmp_path, fake_api, a
     assert sum("caption" in r for r in rows) == 2  # what completed before the cancel is kept
     assert [r["error"]["type"] for r in rows if "error" in r] == ["NotProcessed"] * 2
     assert fake_api.stats()["batches_created"] == 1
+
+
+def test_submit_dry_run_shows_both_prices_and_a_small_batch_pod(s3_bucket):
+    import yaml
+
+    from tests.kube.test_submit import NS, caption_args, invoke, pod_spec
+
+    output = f"s3://{s3_bucket}/runs"
+    args = caption_args(output, "--dry-run", "--namespace", NS, "--model", "gpt-4o", "--max-tokens", "50")
+    sync = invoke(*args)
+    batched = invoke(*args, "--api-mode", "batch")
+    assert sync.exit_code == 0 and batched.exit_code == 0, batched.output
+    for result, mine in ((sync, "sync"), (batched, "batch")):
+        assert "prices: dfk8s built-in prices" in result.stderr
+        assert f"{mine}" in next(line for line in result.stderr.splitlines() if "<- this run" in line)
+    resources = [pod_spec(next(yaml.safe_load_all(r.stdout)))["containers"][0]["resources"]
+                 for r in (sync, batched)]
+    assert resources[0]["requests"]["cpu"] == "1" and resources[1]["requests"]["cpu"] == "100m"
+    assert resources[1]["limits"]["memory"] == "1Gi"
