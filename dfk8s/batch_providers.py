@@ -199,8 +199,8 @@ def _chat_response(body: dict) -> Response:
     """A batch line's chat completion, checked as the sync serving checks it."""
     from openai.types.chat import ChatCompletion
 
-    from dfk8s.cost import usage_from_openai_chat
     from dfk8s.servings.api import RowFailure
+    from dfk8s.usage import usage_from_openai_chat
 
     completion = ChatCompletion.model_validate(body)
     if not completion.choices:

@@ -95,7 +95,8 @@ def run(output, workers, shard_retries, progress, write_report_after, dry_run, *
 
 
 def _print_budget_stop(storage, spec, summary) -> None:
-    from dfk8s.cost import read_cost_record, usd
+    from dfk8s.budget import read_cost_record
+    from dfk8s.cost import usd
 
     max_cost = (read_cost_record(storage) or {}).get("max_cost")
     if max_cost is not None and summary.cost_usd is not None and summary.cost_usd >= max_cost \

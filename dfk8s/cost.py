@@ -1,44 +1,34 @@
-"""What a run costs: the price table, image-token rules, the estimate before a run, usage and spend during it.
+"""What a run will cost: the dated price table, the providers' image-token rules, the estimate.
 
 * :func:`load_prices` reads the dated price table shipped as ``dfk8s/prices.yaml`` (or ``--prices FILE``).
 * :class:`Tally` collects, during planning, what the requests will carry (text, image sizes);
   :func:`estimate` prices it in sync and batch mode.
-* :func:`usage_from_openai_chat`, :func:`usage_from_openai_images` and :func:`usage_from_gemini` turn a
-  response's ``usage`` into :class:`Usage` (dicts or SDK objects alike, so any request path can call them).
-* :class:`Budget` is the worker's view of the run's spend against ``--max-cost``.
 
-The run's pricing and budget live in ``cost.json`` (written at plan time, rewritten on a resume with a new
-``--max-cost``); each worker reports its shard's spend in ``spend/00000.json`` and its done marker.
+Actual usage is :mod:`dfk8s.usage`; the budget during a run is :mod:`dfk8s.budget`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from dfk8s.errors import EXIT_DO_NOT_RETRY, Dfk8sError, NotFound, SpecError
+from dfk8s.errors import SpecError
+from dfk8s.usage import Usage
 
 log = logging.getLogger(__name__)
 
 #: The price table shipped in the package.
 DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")
-#: The run's pricing and budget (see module docstring).
-COST_KEY = "cost.json"
-SPEND_PREFIX = "spend"
 #: Servings that call a paid API, and the model each uses when --model is not given.
 API_DEFAULT_MODELS = {"openai-chat": "gpt-4o-mini", "openai-images": "gpt-image-1.5",
                       "gemini-images": "gemini-2.5-flash-image"}
 #: An input image whose size is not known at plan time (an s3:// image the plan did not open).
 UNKNOWN_IMAGE_SIZE = (1024, 1024)
-#: Seconds between reads of the other shards' spend (each read lists spend/ and the done markers).
-BUDGET_POLL_SECONDS = 5.0
 
 
 def usd(amount: float) -> str:
@@ -46,17 +36,6 @@ def usd(amount: float) -> str:
     if amount >= 100:
         return f"${amount:,.2f}"
     return f"${amount:,.4f}" if amount >= 0.01 else f"${amount:.6f}"
-
-
-def spend_key(index: int) -> str:
-    """Key of shard ``index``'s live spend."""
-    return f"{SPEND_PREFIX}/{index:05d}.json"
-
-
-class BudgetExceeded(Dfk8sError):
-    """The run's spend passed ``--max-cost``: the shard stopped with what it finished kept (resumable)."""
-
-    exit_code = EXIT_DO_NOT_RETRY
 
 
 # ----- image tokens --------------------------------------------------------------------------------
@@ -248,106 +227,6 @@ def load_prices(path: str | None = None) -> PriceTable:
                       sources=tuple(str(s) for s in sources), models=data["models"])
 
 
-# ----- usage ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Usage:
-    """Tokens and images a request (or a shard, or a run) used.
-
-    Attributes:
-        input_tokens: All input tokens (text and images).
-        output_tokens: All output tokens (text and images).
-        input_image_tokens: The part of ``input_tokens`` that were images (billed apart by image models).
-        output_image_tokens: The part of ``output_tokens`` that were generated images.
-        images: Images generated.
-        requests: Requests answered.
-        priced_images_usd: Images priced per image because the response had no token usage (dall-e).
-    """
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    input_image_tokens: int = 0
-    output_image_tokens: int = 0
-    images: int = 0
-    requests: int = 0
-    priced_images_usd: float = 0.0
-
-    def add(self, other: Usage) -> Usage:
-        """Add ``other`` into this one; returns self."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        return self
-
-    def to_dict(self) -> dict:
-        """JSON form (stored in part records, spend objects and done markers)."""
-        out = asdict(self)
-        out["priced_images_usd"] = round(out["priced_images_usd"], 6)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> Usage:
-        """Parse :meth:`to_dict`'s output (unknown keys ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in names})
-
-
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    """A field of an SDK object or a dict, trying each name (snake and camel case)."""
-    if obj is None:
-        return default
-    for name in names:
-        value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def usage_from_openai_chat(usage: Any) -> Usage | None:
-    """Usage of a chat completion (``usage.prompt_tokens`` / ``completion_tokens``); None without one."""
-    if usage is None:
-        return None
-    return Usage(input_tokens=int(_get(usage, "prompt_tokens", default=0)),
-                 output_tokens=int(_get(usage, "completion_tokens", default=0)), requests=1)
-
-
-def usage_from_openai_images(usage: Any, images: int) -> Usage:
-    """Usage of an images response (``usage`` is there for GPT image models, absent for dall-e)."""
-    if usage is None:
-        return Usage(images=images, requests=1)
-    details = _get(usage, "input_tokens_details")
-    output = int(_get(usage, "output_tokens", default=0))
-    return Usage(input_tokens=int(_get(usage, "input_tokens", default=0)), output_tokens=output,
-                 input_image_tokens=int(_get(details, "image_tokens", default=0)),
-                 output_image_tokens=output, images=images, requests=1)
-
-
-def usage_from_gemini(metadata: Any, images: int) -> Usage | None:
-    """Usage of a generateContent answer (``usage_metadata``); None without one.
-
-    Output tokens are split by ``candidates_tokens_details`` (modality IMAGE / TEXT); an answer without
-    that split and with images counts all its output as image tokens (the dearer rate: never under).
-
-    Args:
-        metadata: ``usage_metadata`` (SDK object) or ``usageMetadata`` (JSON).
-        images: Images in the answer.
-    """
-    if metadata is None:
-        return None
-    prompt = int(_get(metadata, "prompt_token_count", "promptTokenCount", default=0))
-    output = int(_get(metadata, "candidates_token_count", "candidatesTokenCount", default=0)) + \
-        int(_get(metadata, "thoughts_token_count", "thoughtsTokenCount", default=0))
-    image_out = None
-    for item in _get(metadata, "candidates_tokens_details", "candidatesTokensDetails", default=[]) or []:
-        modality = str(getattr(_get(item, "modality"), "value", _get(item, "modality")) or "")
-        if modality.upper() == "IMAGE":
-            image_out = (image_out or 0) + int(_get(item, "token_count", "tokenCount", default=0))
-    if image_out is None:
-        image_out = output if images else 0
-    return Usage(input_tokens=prompt, output_tokens=output, output_image_tokens=image_out, images=images,
-                 requests=1)
-
-
 # ----- the estimate --------------------------------------------------------------------------------
 
 
@@ -537,136 +416,3 @@ def row_texts(pipeline, row: dict, input_key: str | None, system_prompt: str | N
     system = system_prompt if system_prompt is not None else pipeline.system_prompt
     texts = [system] if system and not any(t.role == "system" for t in turns) else []
     return texts + [strip_image_placeholders(t.text) for t in turns]
-
-
-# ----- cost.json and the budget --------------------------------------------------------------------
-
-
-def write_cost_record(storage, *, prices: PriceTable, est: Estimate | None, serving: str, options: dict,
-                      max_cost: float | None) -> dict:
-    """Write the run's cost.json: the price of its model, the estimate and the budget."""
-    model = run_model(serving, options)
-    price = prices.price(model).to_dict() if model else None
-    record = {"table": prices.describe(), "date": prices.date, "model": model, "price": price,
-              "api_mode": options.get("api_mode") or "sync", "max_cost": max_cost,
-              "estimate": est.to_dict() if est else None}
-    storage.write_json(COST_KEY, record)
-    return record
-
-
-def read_cost_record(storage) -> dict | None:
-    """The run's cost.json, or None (runs planned before it existed, or serving without a price)."""
-    try:
-        return storage.read_json(COST_KEY)
-    except NotFound:
-        return None
-
-
-def set_budget(storage, max_cost: float | None) -> dict | None:
-    """Change a planned run's ``--max-cost`` (a resume with a new budget); returns the new record."""
-    record = read_cost_record(storage)
-    if record is None or record.get("max_cost") == max_cost:
-        return record
-    record["max_cost"] = max_cost
-    storage.write_json(COST_KEY, record)
-    return record
-
-
-def check_estimate(est: Estimate | None, max_cost: float | None) -> None:
-    """Refuse a run whose estimate is over ``--max-cost``.
-
-    Raises:
-        SpecError: The estimate is over the budget (nothing has been sent).
-    """
-    if max_cost is None or est is None or est.no_cost:
-        return
-    if est.usd > max_cost:
-        raise SpecError(f"the estimated cost {usd(est.usd)} ({est.api_mode} mode, {est.model}) is over "
-                        f"--max-cost {usd(max_cost)}; nothing was sent (raise --max-cost, or use "
-                        "--api-mode batch, --max-image-side or --max-tokens to spend less)")
-
-
-def shard_cost(storage, index: int) -> dict | None:
-    """A shard's spend so far: its done marker's, else its live spend object; None if it spent nothing."""
-    from dfk8s import layout
-
-    for key in (layout.shard_done_key(index), spend_key(index)):
-        try:
-            data = storage.read_json(key)
-        except NotFound:
-            continue
-        if "cost_usd" in data:
-            return {"usage": data.get("usage") or {}, "cost_usd": float(data.get("cost_usd") or 0.0)}
-    return None
-
-
-class Budget:
-    """A worker's view of the run's spend: its own shard live, the others read every few seconds."""
-
-    def __init__(self, storage, index: int, record: dict | None):
-        self.storage = storage
-        self.index = index
-        self.record = record or {}
-        price = self.record.get("price")
-        self.price = ModelPrice.from_dict(price["name"], {k: v for k, v in price.items() if k != "name"}) \
-            if price else None
-        self.batch = self.record.get("api_mode") == "batch"
-        self.max_cost = self.record.get("max_cost")
-        self.usage = Usage()
-        self._others = 0.0
-        self._others_read = -math.inf
-
-    @property
-    def spent(self) -> float:
-        """This shard's spend in USD."""
-        return self.price.cost(self.usage, batch=self.batch) if self.price else 0.0
-
-    def add(self, usage: dict | Usage | None) -> None:
-        """Count one answered request's usage."""
-        if usage:
-            self.usage.add(usage if isinstance(usage, Usage) else Usage.from_dict(usage))
-
-    def report(self) -> dict:
-        """This shard's usage and cost, for spend/ and the done marker."""
-        return {"usage": self.usage.to_dict(), "cost_usd": round(self.spent, 6)}
-
-    def write(self) -> None:
-        """Publish this shard's spend so other workers and the reducer see it."""
-        if self.price is not None:
-            self.storage.write_json(spend_key(self.index), self.report())
-
-    def _read_others(self) -> float:
-        from dfk8s import layout
-
-        total = 0.0
-        indexes = set()
-        for key in self.storage.list(SPEND_PREFIX):
-            indexes.add(int(key.rsplit("/", 1)[-1].split(".")[0]))
-        for key in self.storage.list(layout.OUTPUT_PREFIX):
-            index = layout.done_index(key)
-            if index is not None:
-                indexes.add(index)
-        for index in indexes - {self.index}:
-            spent = shard_cost(self.storage, index)
-            total += spent["cost_usd"] if spent else 0.0
-        return total
-
-    def due(self) -> bool:
-        """Whether the other shards' spend should be read again (a budget is set, and it is time)."""
-        return (self.max_cost is not None and self.price is not None
-                and time.monotonic() - self._others_read >= BUDGET_POLL_SECONDS)
-
-    def refresh(self) -> None:
-        """Read the other shards' spend from storage (blocking: call it off the event loop)."""
-        self._others, self._others_read = self._read_others(), time.monotonic()
-
-    def exceeded(self) -> bool:
-        """Whether the run's spend (this shard live, the others as last read) has passed ``--max-cost``."""
-        if self.max_cost is None or self.price is None:
-            return False
-        return self._others + self.spent >= float(self.max_cost)
-
-    def describe(self) -> str:
-        """One line for the stop."""
-        return (f"the run's spend {usd(self._others + self.spent)} passed --max-cost {usd(self.max_cost)}; "
-                "finished rows are kept; resume with --run-id and a higher --max-cost")

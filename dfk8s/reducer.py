@@ -98,7 +98,8 @@ def reduce_run(storage, *, failed_shards: list[int] | None = None) -> Summary:
 
 def _add_costs(storage, spec: RunSpec, summary: Summary, done_stats: dict[int, dict]) -> None:
     """Sum every shard's spend (a shard that stopped early was paid for too) into the summary."""
-    from dfk8s.cost import Usage, read_cost_record, shard_cost
+    from dfk8s.budget import read_cost_record, shard_cost
+    from dfk8s.usage import Usage
 
     if read_cost_record(storage) is None:
         return  # no price known for the run's model (or a serving without one): nothing is counted

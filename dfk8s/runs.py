@@ -103,7 +103,7 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
         SpecError: Bad pipeline/serving, no input for a new run, a resume that does not match, no price
             known for the model, or an estimate over ``max_cost``.
     """
-    from dfk8s import cost
+    from dfk8s import budget, cost
 
     pipeline = get_pipeline(request.pipeline)
     serving = request.serving or pipeline.default_serving
@@ -114,7 +114,7 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
     if spec is not None:
         log.info("resuming run %s (%d shards)", run_id, spec.shards)
         if request.max_cost is not None:
-            cost.set_budget(storage, request.max_cost)
+            budget.set_budget(storage, request.max_cost)
         return storage, spec, True
     spec = _new_spec(request, run_id, serving)
     prices = _prices_for(request, serving, spec.options)
@@ -124,10 +124,10 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
          on_row=on_row, tally=tally)
     if prices is not None:
         estimate = cost.estimate(tally, serving, spec.options, prices)
-        cost.write_cost_record(storage, prices=prices, est=estimate, serving=serving, options=spec.options,
+        budget.write_cost_record(storage, prices=prices, est=estimate, serving=serving, options=spec.options,
                                max_cost=request.max_cost)
         try:
-            cost.check_estimate(estimate, request.max_cost)
+            budget.check_estimate(estimate, request.max_cost)
         except SpecError as exc:
             raise SpecError(f"{exc}; run {run_id} is planned: resume it with --run-id {run_id} "
                             "and a higher --max-cost") from None
@@ -153,7 +153,7 @@ def dry_run(request: RunRequest, *, on_row=None) -> DryRun:
     Raises:
         SpecError: As :func:`prepare_run` (the same resume checks), or no price known for the model.
     """
-    from dfk8s import cost
+    from dfk8s import budget, cost
 
     pipeline = get_pipeline(request.pipeline)
     serving = request.serving or pipeline.default_serving
@@ -162,7 +162,7 @@ def dry_run(request: RunRequest, *, on_row=None) -> DryRun:
     storage = run_storage(request.output, run_id, request.endpoint_url)
     spec = _existing_run(request, storage, run_id) if request.run_id else None
     if spec is not None:
-        record = cost.read_cost_record(storage) or {}
+        record = budget.read_cost_record(storage) or {}
         saved = record.get("estimate")
         estimate = cost.Estimate(**saved) if saved else None
         return DryRun(spec, storage, True, estimate.requests if estimate else spec.rows, estimate)

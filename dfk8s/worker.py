@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from dfk8s import layout
-from dfk8s.cost import Budget, BudgetExceeded, Usage, read_cost_record, spend_key
+from dfk8s.budget import Budget, BudgetExceeded, read_cost_record, spend_key
 from dfk8s.errors import NotFound, ServingUnavailable, ShardError, SpecError
 from dfk8s.images import ImageProblem, read_image
 from dfk8s.pipelines import Pipeline, get_pipeline
@@ -24,6 +24,7 @@ from dfk8s.resize import shrink_image
 from dfk8s.servings import Response, RowError, Serving, build_serving
 from dfk8s.servings.base import ImageInput
 from dfk8s.spec import RunSpec
+from dfk8s.usage import Usage
 
 log = logging.getLogger(__name__)
 

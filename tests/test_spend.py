@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from dfk8s import cost, layout
+from dfk8s import budget, layout
 from dfk8s.cli import cli
 from dfk8s.resize import shrink_image
 from dfk8s.runs import RunRequest, run_local
@@ -172,4 +172,4 @@ def test_caption_sends_the_downscaled_image_and_keeps_the_path(tmp_path, fake_ap
     rows = [json.loads(line) for line in (tmp_path / "runs/s/result.jsonl").read_text().splitlines()]
     assert all("400x300 png" in r["caption"] for r in rows)  # the fake describes what it received
     assert all(r["image"] == "img.png" for r in rows)
-    assert open_storage(str(tmp_path / "runs/s")).exists(cost.COST_KEY)
+    assert open_storage(str(tmp_path / "runs/s")).exists(budget.COST_KEY)

@@ -191,7 +191,8 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
 
 
 def _stored_estimate(storage):
-    from dfk8s.cost import Estimate, read_cost_record
+    from dfk8s.budget import read_cost_record
+    from dfk8s.cost import Estimate
 
     saved = (read_cost_record(storage) or {}).get("estimate")
     return Estimate(**saved) if saved else None

@@ -21,11 +21,11 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from dfk8s.cost import usage_from_gemini
 from dfk8s.errors import SpecError
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.image_models import GeminiImageParams, as_png, check_gemini, returned_image
+from dfk8s.usage import usage_from_gemini
 
 log = logging.getLogger(__name__)
 

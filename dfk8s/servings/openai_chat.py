@@ -6,10 +6,10 @@ import base64
 
 from openai.types.chat import ChatCompletion
 
-from dfk8s.cost import usage_from_openai_chat
 from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.openai_common import make_client, openai_errors
+from dfk8s.usage import usage_from_openai_chat
 
 DEFAULT_MODEL = "gpt-4o-mini"
 

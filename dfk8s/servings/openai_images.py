@@ -13,13 +13,13 @@ import io
 import logging
 import os
 
-from dfk8s.cost import usage_from_openai_images
 from dfk8s.errors import SpecError
 from dfk8s.images import ImageProblem, check_image, read_ref_bytes, resolve_ref
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Request, Response
 from dfk8s.servings.image_models import OpenAIImageParams, as_png, check_openai, returned_image
 from dfk8s.servings.openai_common import make_client, openai_errors
+from dfk8s.usage import usage_from_openai_images
 
 log = logging.getLogger(__name__)
 
