@@ -305,9 +305,10 @@ class Estimate:
         """The estimate as the CLI prints it."""
         if self.no_cost:
             return [f"  cost: {self.no_cost}"]
+        bad = self.rows - self.requests
         out = [f"  prices: {self.table}", f"  model {self.model}: {self.requests:,} requests"
-               + (f" ({self.rows - self.requests:,} rows fail at plan time, no request)"
-                  if self.rows > self.requests else "")]
+               + (f" ({bad:,} {'row fails' if bad == 1 else 'rows fail'} at plan time, no request)"
+                  if bad else "")]
         inputs = f"  input: {self.input_text_tokens:,} text tokens (characters / 4)"
         if self.input_images:
             inputs += (f" + {self.input_image_tokens:,} image tokens for {self.input_images:,} images "

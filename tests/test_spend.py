@@ -173,3 +173,14 @@ def test_caption_sends_the_downscaled_image_and_keeps_the_path(tmp_path, fake_ap
     assert all("400x300 png" in r["caption"] for r in rows)  # the fake describes what it received
     assert all(r["image"] == "img.png" for r in rows)
     assert open_storage(str(tmp_path / "runs/s")).exists(budget.COST_KEY)
+
+
+def test_mask_and_max_image_side_exclude_each_other(tmp_path, api_key):
+    from dfk8s.errors import SpecError
+    from dfk8s.servings.openai_images import OpenAIImagesServing
+    from dfk8s.spec import RunSpec
+
+    spec = RunSpec(run_id="m", pipeline="imageedit", serving="openai-images",
+                   options={"mask": str(tmp_path / "mask.png"), "max_image_side": 512})
+    with pytest.raises(SpecError, match="exclude each other"):
+        OpenAIImagesServing.from_spec(spec)

@@ -132,6 +132,9 @@ class OpenAIImagesServing(ApiServing):
         if spec.pipeline not in ("text2image", "imageedit"):
             raise SpecError(f"openai-images runs text2image and imageedit, not {spec.pipeline}")
         mask_ref = spec.option("mask")
+        if mask_ref and spec.option("max_image_side"):
+            raise SpecError("openai-images: --mask and --max-image-side exclude each other (the mask must "
+                            "match the image size the API receives)")
         params = check_openai(options.model, pipeline=spec.pipeline, n=spec.option("images_per_prompt"),
                               size=spec.option("size"), quality=spec.option("quality"),
                               response_format=spec.option("response_format"), mask=bool(mask_ref))
