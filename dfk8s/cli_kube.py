@@ -292,6 +292,10 @@ def _print_summary_line(summary: dict) -> None:
     line = f"{summary.get('rows', 0)} rows: {summary.get('ok', 0)} ok, {summary.get('failed', 0)} failed"
     if summary.get("not_processed") or summary.get("failed_shards"):
         line += f", {summary.get('not_processed', 0)} not processed (shards {summary.get('failed_shards')})"
+    if summary.get("cost_usd") is not None:
+        from dfk8s.cost import usd
+
+        line += f"; cost {usd(summary['cost_usd'])}"
     _err(line)
 
 
