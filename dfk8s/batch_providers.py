@@ -203,18 +203,17 @@ def _chat_response(body: dict) -> Response:
     from dfk8s.usage import usage_from_openai_chat
 
     completion = ChatCompletion.model_validate(body)
+    usage = usage_from_openai_chat(completion.usage)
+    paid = {"usage": usage.to_dict()} if usage is not None else {}  # a refusal is billed too
     if not completion.choices:
-        raise RowFailure("EmptyResponse", "the response has no choices")
+        raise RowFailure("EmptyResponse", "the response has no choices", paid)
     message = completion.choices[0].message
     if getattr(message, "refusal", None):
-        raise RowFailure("Refusal", message.refusal)
+        raise RowFailure("Refusal", message.refusal, paid)
     if not message.content:
         raise RowFailure("EmptyResponse", "the model returned no text",
-                         {"finish_reason": completion.choices[0].finish_reason})
-    meta: dict[str, Any] = {"finish_reason": completion.choices[0].finish_reason}
-    usage = usage_from_openai_chat(completion.usage)
-    if usage is not None:
-        meta["usage"] = usage.to_dict()
+                         {"finish_reason": completion.choices[0].finish_reason, **paid})
+    meta: dict[str, Any] = {"finish_reason": completion.choices[0].finish_reason, **paid}
     return Response(text=message.content, meta=meta)
 
 

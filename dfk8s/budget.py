@@ -102,6 +102,17 @@ class Budget:
         self.batch = self.record.get("api_mode") == "batch"
         self.max_cost = self.record.get("max_cost")
         self.usage = Usage()
+        #: Spend of the shard's earlier, finished life: a shard reopened by ``dfk8s retry`` starts from
+        #: its final ledger (its kept rows carry no usage any more), so nothing paid is forgotten.
+        self.prior = Usage()
+        if self.price is not None:
+            try:
+                ledger = storage.read_json(spend_key(index))
+            except NotFound:
+                ledger = {}
+            if ledger.get("final"):
+                self.prior = Usage.from_dict(ledger.get("usage"))
+                self.usage.add(self.prior)
         self._others = 0.0
         self._others_read = -math.inf
 
@@ -119,10 +130,13 @@ class Budget:
         """This shard's usage and cost, for spend/ and the done marker."""
         return {"usage": self.usage.to_dict(), "cost_usd": round(self.spent, 6)}
 
-    def write(self) -> None:
-        """Publish this shard's spend so other workers and the reducer see it."""
+    def write(self, *, final: bool = False) -> None:
+        """Publish this shard's spend so other workers and the reducer see it (``final``: it finished)."""
         if self.price is not None:
-            self.storage.write_json(spend_key(self.index), self.report())
+            report = self.report()
+            if final:
+                report["final"] = True
+            self.storage.write_json(spend_key(self.index), report)
 
     def _read_others(self) -> float:
         from dfk8s import layout

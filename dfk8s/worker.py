@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from dfk8s import layout
-from dfk8s.budget import Budget, BudgetExceeded, read_cost_record, spend_key
+from dfk8s.budget import Budget, BudgetExceeded, read_cost_record
 from dfk8s.errors import NotFound, ServingUnavailable, ShardError, SpecError
 from dfk8s.images import ImageProblem, read_image
 from dfk8s.pipelines import Pipeline, get_pipeline
@@ -129,7 +129,12 @@ class ShardRunner:
     def finish(self, shard_row: dict, result: Response | RowError) -> dict:
         """Turn a serving result into the row's output record (errors never escape)."""
         if isinstance(result, RowError):
-            return self.failed_record(shard_row, result.to_record())
+            usage = result.details.pop("usage", None)  # a refused answer is paid for as well
+            self.budget.add(usage)
+            record = self.failed_record(shard_row, result.to_record())
+            if usage:
+                record["usage"] = usage
+            return record
         usage = result.meta.get("usage")
         self.budget.add(usage)
         record = self._finish(shard_row, result)
@@ -332,11 +337,14 @@ def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resum
                        failed=len(failed_offsets), seconds=round(seconds, 3), failed_offsets=failed_offsets,
                        resumed_rows=resumed)
     if budget is not None and budget.price is not None:
+        usage.add(budget.prior)
         stats.usage = usage.to_dict()
         stats.cost_usd = round(budget.price.cost(usage, batch=budget.batch), 6)
     storage.write_json(layout.shard_done_key(index), asdict(stats))
-    live_spend = [spend_key(index)] if budget is not None and budget.price is not None else []
-    for key in list(storage.list(layout.part_prefix(index))) + live_spend:
+    if budget is not None and budget.price is not None:
+        budget.usage = usage
+        budget.write(final=True)  # the ledger a reopened (retried) shard starts from
+    for key in list(storage.list(layout.part_prefix(index))):
         storage.delete(key)  # the output holds them now; parts were only checkpoints
     log.info("shard %d done: %d ok, %d failed in %.1fs", index, stats.ok, stats.failed, seconds)
     return stats

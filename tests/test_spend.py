@@ -184,3 +184,30 @@ def test_mask_and_max_image_side_exclude_each_other(tmp_path, api_key):
                    options={"mask": str(tmp_path / "mask.png"), "max_image_side": 512})
     with pytest.raises(SpecError, match="exclude each other"):
         OpenAIImagesServing.from_spec(spec)
+
+
+def test_a_reopened_shard_keeps_what_it_already_cost(tmp_path, fake_api, api_key):
+    """`dfk8s retry` reopens a finished shard as one part of plain records (no usage): its spend stays."""
+    from dfk8s.worker import process_shard
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"conversation": [{"from": "human", "value": text}]}) + "\n"
+                            for text in ("first question", "second [[refuse]]", "third question")))
+    storage = open_storage(str(tmp_path / "runs"))
+    run_local(RunRequest(pipeline="vqa", input=str(path), output=str(tmp_path / "runs"), run_id="r",
+                         options={"api_url": fake_api.url + "/v1", "model": "gpt-4o"}), workers=1)
+    run = storage.child("r")
+    first = run.read_json(layout.shard_done_key(0))
+    assert first["failed"] == 1 and first["usage"]["requests"] == 3  # the refusal was paid for too
+    # Reopen as a retry does: the output becomes a part of the kept rows, the done marker goes.
+    rows = [json.loads(line) for line in run.open_lines(layout.shard_output_key(0))]
+    shard = [json.loads(line) for line in run.open_lines(layout.shard_input_key(0))]
+    kept = [{"pos": s["pos"], "id": s["id"], "ok": True, "row": r} for s, r in zip(shard, rows, strict=True)
+            if "error" not in r]
+    run.write_bytes(layout.part_key(0, 0), "".join(json.dumps(k) + "\n" for k in kept).encode())
+    run.delete(layout.shard_done_key(0))
+    fake_api.configure(rate_refusal=0.0)
+    again = process_shard(run, 0)  # the refused row is sent again (and refused again: still paid)
+    assert again.usage["requests"] == first["usage"]["requests"] + 1
+    assert again.usage["input_tokens"] > first["usage"]["input_tokens"]
+    assert again.cost_usd > first["cost_usd"]

@@ -241,6 +241,8 @@ class GeminiImagesServing(ApiServing):
         if images:
             return Response(text=text, images=images, meta=meta)
         details = {"text": text, "finish_reason": finish}
+        if "usage" in meta:
+            details["usage"] = meta["usage"]  # an answer without an image is billed as well
         blocked = [_name(r.category) for r in candidate.safety_ratings or [] if r.blocked]
         if blocked:
             details["blocked_categories"] = blocked

@@ -75,13 +75,12 @@ class OpenAIChatServing(ApiServing):
         if not completion.choices:
             raise RetryableError("EmptyResponse", "the response has no choices")
         message = completion.choices[0].message
+        usage = usage_from_openai_chat(getattr(completion, "usage", None))
+        paid = {"usage": usage.to_dict()} if usage is not None else {}  # a refusal is billed too
         if getattr(message, "refusal", None):
-            raise RowFailure("Refusal", message.refusal)
+            raise RowFailure("Refusal", message.refusal, paid)
         if not message.content:
             raise RowFailure("EmptyResponse", "the model returned no text",
-                             {"finish_reason": completion.choices[0].finish_reason})
-        meta = {"finish_reason": completion.choices[0].finish_reason}
-        usage = usage_from_openai_chat(getattr(completion, "usage", None))
-        if usage is not None:
-            meta["usage"] = usage.to_dict()
-        return Response(text=message.content, meta=meta)
+                             {"finish_reason": completion.choices[0].finish_reason, **paid})
+        finish = completion.choices[0].finish_reason
+        return Response(text=message.content, meta={"finish_reason": finish, **paid})
