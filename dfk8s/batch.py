@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import tempfile
 import time
 import uuid
 
@@ -125,35 +127,50 @@ class BatchShard:
             await self.provider.aclose()
 
     async def _create(self, todo: list[dict], history: list) -> dict | None:
-        from dfk8s.servings.api import RowFailure
-
-        prepared = await asyncio.to_thread(lambda: [self.runner.request_for(r) for r in todo])
-        lines, bad = [], []
-        for row, request in zip(todo, prepared, strict=True):
-            if isinstance(request, RowError):
-                bad.append((row, request))
-                continue
-            try:
-                lines.append(self.provider.line(str(row["id"]), request))
-            except RowFailure as exc:  # a row without a prompt fails now, as in sync mode
-                bad.append((row, RowError(exc.kind, str(exc), 0)))
-        if bad:
-            await self.runner.add(self.runner.failed_record(r, e.to_record()) for r, e in bad)
-            await self.runner.flush()
-        if not lines:
-            return None
-        data = ("\n".join(lines) + "\n").encode()
-        max_requests, max_bytes = shard_limits(self.spec.serving)
-        if len(lines) > max_requests or len(data) > max_bytes:
-            raise SpecError(f"shard {self.index}: {len(lines)} requests, {len(data)} bytes: over the batch "
-                            f"limits ({max_requests} requests, {max_bytes} bytes); re-plan with fewer "
-                            "--rows-per-shard")
-        file_id = await self.provider.upload(data, self.display)
+        with tempfile.TemporaryDirectory(prefix="dfk8s-batch-") as tmp:
+            path = os.path.join(tmp, f"{self.display}.jsonl")
+            count = await self._write_requests(todo, path)
+            if not count:
+                return None
+            size = os.path.getsize(path)
+            max_requests, max_bytes = shard_limits(self.spec.serving)
+            if count > max_requests or size > max_bytes:
+                raise SpecError(f"shard {self.index}: {count} requests, {size} bytes: over the batch limits "
+                                f"({max_requests} requests, {max_bytes} bytes); re-plan with fewer "
+                                "--rows-per-shard")
+            file_id = await self.provider.upload(path, self.display)
         record = {"provider": self.provider.name, "token": uuid.uuid4().hex, "input_file": file_id,
-                  "status": "creating", "done": False, "requests": len(lines), "created_at": time.time(),
+                  "status": "creating", "done": False, "requests": count, "created_at": time.time(),
                   "history": history}
         await asyncio.to_thread(self.write_record, record)
         return await self._create_batch(record)
+
+    async def _write_requests(self, todo: list[dict], path: str) -> int:
+        """Write the request file a few rows at a time (memory stays flat); returns the lines written.
+
+        Rows that cannot be sent (a bad image, no prompt) fail now, as in sync mode.
+        """
+        from dfk8s.servings.api import RowFailure
+
+        count = 0
+        with open(path, "w", encoding="utf-8") as out:
+            for start in range(0, len(todo), 64):
+                chunk = todo[start:start + 64]
+                prepared = await asyncio.to_thread(lambda c=chunk: [self.runner.request_for(r) for r in c])
+                bad = []
+                for row, request in zip(chunk, prepared, strict=True):
+                    if isinstance(request, RowError):
+                        bad.append((row, request))
+                        continue
+                    try:
+                        out.write(self.provider.line(str(row["id"]), request) + "\n")
+                        count += 1
+                    except RowFailure as exc:
+                        bad.append((row, RowError(exc.kind, str(exc), 0)))
+                if bad:
+                    await self.runner.add(self.runner.failed_record(r, e.to_record()) for r, e in bad)
+        await self.runner.flush()
+        return count
 
     async def _create_batch(self, record: dict) -> dict:
         state = await self.provider.create(record["input_file"], record["token"], self.display)

@@ -100,9 +100,9 @@ class OpenAIBatchProvider:
         return json.dumps({"custom_id": row_id, "method": "POST", "url": self.endpoint, "body": body},
                           ensure_ascii=False, separators=(",", ":"))
 
-    async def upload(self, data: bytes, display: str) -> str:
+    async def upload(self, path: str, display: str) -> str:
         """Upload the input file; returns its id."""
-        with self._errors():
+        with self._errors(), open(path, "rb") as data:
             return (await self.client.files.create(file=(f"{display}.jsonl", data), purpose="batch")).id
 
     def _state(self, batch) -> BatchState:
@@ -262,15 +262,13 @@ class GeminiBatchProvider:
         body["generationConfig"] = config
         return json.dumps({"key": row_id, "request": body}, ensure_ascii=False, separators=(",", ":"))
 
-    async def upload(self, data: bytes, display: str) -> str:
-        """Upload the input file (the SDK's resumable upload); returns its name (``files/...``)."""
-        import io
-
+    async def upload(self, path: str, display: str) -> str:
+        """Upload the input file (the SDK's resumable upload, in chunks); returns its name (``files/...``)."""
         from google.genai import types
 
         with self._errors():
             file = await self.client.files.upload(
-                file=io.BytesIO(data), config=types.UploadFileConfig(mime_type="jsonl", display_name=display))
+                file=path, config=types.UploadFileConfig(mime_type="jsonl", display_name=display))
         return file.name
 
     def _state(self, job) -> BatchState:
