@@ -173,3 +173,19 @@ class Budget:
         """One line for the stop."""
         return (f"the run's spend {usd(self._others + self.spent)} passed --max-cost {usd(self.max_cost)}; "
                 "finished rows are kept; resume with --run-id and a higher --max-cost")
+
+
+def describe_spend(storage, shards: int) -> list[str]:
+    """``spent: $X (of --max-cost $Y), estimate $Z`` for ``dfk8s status``; empty for unpriced runs."""
+    record = read_cost_record(storage)
+    if record is None:
+        return []
+    spent = sum((shard_cost(storage, index) or {}).get("cost_usd", 0.0) for index in range(shards))
+    line = f"  spent: {usd(spent)}"
+    if record.get("max_cost") is not None:
+        line += f" of --max-cost {usd(record['max_cost'])}"
+    estimate = record.get("estimate") or {}
+    if estimate.get("api_mode"):
+        mode = estimate["api_mode"]
+        line += f"; estimate {usd(estimate['batch_usd' if mode == 'batch' else 'sync_usd'])} ({mode})"
+    return [line]

@@ -315,8 +315,10 @@ def _local_status(output: str, run_id: str, as_json: bool) -> None:
                f"{state['failed']:,} failed); {len(state['shards_done'])}/{state['shards']} shards done"
                + (f" ({format_indexes(state['shards_done'])})" if state["shards_done"] else ""))
     from dfk8s.batch import describe_batches
+    from dfk8s.budget import describe_spend
 
-    for line in describe_batches(run_storage(output, run_id), state["shards"]):
+    storage = run_storage(output, run_id)
+    for line in describe_batches(storage, state["shards"]) + describe_spend(storage, state["shards"]):
         click.echo(line)
     summary = state["summary"]
     if summary:

@@ -94,7 +94,8 @@ COST_OPTIONS = [
                       "in dfk8s, dfk8s/prices.yaml)."),
     click.option("--api-mode", type=click.Choice(["sync", "batch"]),
                  help="sync (default): one request per row now. batch: each shard is one provider batch "
-                      "(OpenAI Batch API: caption, vqa, text2image), half the price, results within 24 h."),
+                      "at half the price, results within 24 h (OpenAI Batch API: caption, vqa, text2image; "
+                      "Gemini Batch Mode: text2image, imageedit)."),
     click.option("--batch-poll-seconds", type=click.FloatRange(min=0.01), metavar="S",
                  help="Batch mode: longest wait between polls of a batch (default 60; polls start fast "
                       "and back off)."),

@@ -68,6 +68,8 @@ def test_summary_line_prints_the_cost(tmp_path, fake_api, api_key):
     assert result.exit_code == 0, result.output
     cost_usd = _summary(tmp_path, "line")["cost_usd"]
     assert f"cost ${cost_usd:.6f}" in result.output and "2 images" not in result.output
+    status = CliRunner().invoke(cli, ["status", "line", "--output", str(tmp_path / "runs")])
+    assert f"spent: ${cost_usd:.6f}; estimate $" in status.output and "(sync)" in status.output
 
 
 def test_image_usage_is_priced_by_modality(tmp_path, fake_api, api_key, monkeypatch):
