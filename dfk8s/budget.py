@@ -18,6 +18,7 @@ COST_KEY = "cost.json"
 SPEND_PREFIX = "spend"
 #: Seconds between reads of the other shards' spend (each read lists spend/ and the done markers).
 BUDGET_POLL_SECONDS = 5.0
+BUDGET_NEAR_POLL_SECONDS = 0.5
 
 
 def spend_key(index: int) -> str:
@@ -155,9 +156,16 @@ class Budget:
         return total
 
     def due(self) -> bool:
-        """Whether the other shards' spend should be read again (a budget is set, and it is time)."""
-        return (self.max_cost is not None and self.price is not None
-                and time.monotonic() - self._others_read >= BUDGET_POLL_SECONDS)
+        """Whether the other shards' spend should be read again (a budget is set, and it is time).
+
+        Every 5 s while the run is far from its budget; every 0.5 s once it has spent half of it, so
+        parallel workers overshoot by little.
+        """
+        if self.max_cost is None or self.price is None:
+            return False
+        near = self._others + self.spent >= 0.5 * float(self.max_cost)
+        every = BUDGET_NEAR_POLL_SECONDS if near else BUDGET_POLL_SECONDS
+        return time.monotonic() - self._others_read >= every
 
     def refresh(self) -> None:
         """Read the other shards' spend from storage (blocking: call it off the event loop)."""

@@ -123,6 +123,9 @@ def test_run_stops_when_spend_passes_the_budget_and_resumes(tmp_path, fake_api, 
     sent = len(fake_api.requests())
     per_request = 1000.0 * 15 / 1e6
     assert 0.1 / per_request / 2 < sent < 40  # it stopped once the spend passed $0.10, well before the end
+    # Shard 0 spent the budget; the shards after it read its spend and sent nothing.
+    numbers = {int(r["prompt"].split("number ")[1].split(".")[0]) for r in fake_api.requests()}
+    assert max(numbers) < 10
     data = _summary(tmp_path, "b")
     assert data["cost_usd"] >= 0.1 and data["cost_usd"] < 0.1 + 2 * per_request * 1.5
     assert data["failed_shards"] and data["not_processed"] > 0
@@ -213,3 +216,21 @@ def test_a_reopened_shard_keeps_what_it_already_cost(tmp_path, fake_api, api_key
     assert again.usage["requests"] == first["usage"]["requests"] + 1
     assert again.usage["input_tokens"] > first["usage"]["input_tokens"]
     assert again.cost_usd > first["cost_usd"]
+
+
+def test_parallel_workers_share_the_budget(tmp_path, fake_api, api_key):
+    manifest = _captions(tmp_path, 200)
+    prices = _cheap_estimate_prices(tmp_path)
+    fake_api.configure(latency=0.2)  # ~10 requests/s per worker: a realistic pace, not a burst
+    result = CliRunner().invoke(cli, [
+        "run", "--pipeline", "caption", "--input", str(manifest), "--output", str(tmp_path / "runs"),
+        "--api-url", fake_api.url + "/v1", "--model", "gpt-4o", "--prices", str(prices), "--workers", "2",
+        "--max-concurrency", "2", "--save-interval", "1", "--shards", "2", "--run-id", "p",
+        "--max-cost", "0.3"])
+    assert result.exit_code == 1, result.output
+    data = _summary(tmp_path, "p")
+    assert set(data["shard_costs"]) == {"0", "1"}  # both shards ran at once
+    # Each worker sees the other's spend: together they stop near $0.30 (not at $0.30 each). The overshoot
+    # is what each worker sends between two reads (0.5 s near the budget) plus its requests in flight.
+    assert 0.3 <= data["cost_usd"] < 0.5
+    assert len(fake_api.requests()) < 200
