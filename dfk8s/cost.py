@@ -291,6 +291,7 @@ class Estimate:
     unscaled_image_tokens: int = 0
     unscaled_sync_usd: float = 0.0
     no_cost: str = ""
+    batch_note: str = ""
 
     @property
     def usd(self) -> float:
@@ -325,7 +326,10 @@ class Estimate:
         mine = " <- this run" if self.api_mode == "sync" else ""
         out.append(f"  price sync: {usd(self.sync_usd)}{mine}")
         mine = " <- this run" if self.api_mode == "batch" else ""
-        out.append(f"  price batch ({self.batch_discount:.0%} off): {usd(self.batch_usd)}{mine}")
+        if self.batch_note:
+            out.append(f"  price batch: {self.batch_note}")
+        else:
+            out.append(f"  price batch ({self.batch_discount:.0%} off): {usd(self.batch_usd)}{mine}")
         if self.max_image_side and self.unscaled_image_tokens != self.input_image_tokens:
             saved = self.unscaled_sync_usd - self.sync_usd
             out.append(f"  --max-image-side {self.max_image_side}: image tokens "
@@ -343,7 +347,8 @@ def run_model(serving: str, options: dict) -> str | None:
     return options.get("model") or API_DEFAULT_MODELS[serving]
 
 
-def estimate(tally: Tally, serving: str, options: dict, prices: PriceTable) -> Estimate:
+def estimate(tally: Tally, serving: str, options: dict, prices: PriceTable,
+             pipeline: str | None = None) -> Estimate:
     """Price a tally for the run's serving and options, in sync and batch mode.
 
     Raises:
@@ -400,6 +405,11 @@ def estimate(tally: Tally, serving: str, options: dict, prices: PriceTable) -> E
                  priced_images_usd=fixed_usd)
     est.sync_usd = price.cost(base)
     est.batch_usd = price.cost(base, batch=True)
+    if pipeline is not None:
+        from dfk8s.batch_providers import BATCH_PIPELINES
+
+        if pipeline not in BATCH_PIPELINES.get(serving, ()):
+            est.batch_note = f"not available for {pipeline} with {serving}"
     unscaled_usage = Usage(**{**base.to_dict(), "input_tokens": est.input_text_tokens + unscaled,
                               "input_image_tokens": unscaled, "priced_images_usd": fixed_usd})
     est.unscaled_sync_usd = price.cost(unscaled_usage)

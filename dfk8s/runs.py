@@ -123,7 +123,7 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
          image_root=request.image_root, stage_images=stage_images, endpoint_url=request.endpoint_url,
          on_row=on_row, tally=tally)
     if prices is not None:
-        estimate = cost.estimate(tally, serving, spec.options, prices)
+        estimate = cost.estimate(tally, serving, spec.options, prices, spec.pipeline)
         budget.write_cost_record(storage, prices=prices, est=estimate, serving=serving, options=spec.options,
                                max_cost=request.max_cost)
         try:
@@ -173,7 +173,7 @@ def dry_run(request: RunRequest, *, on_row=None) -> DryRun:
          image_root=request.image_root, endpoint_url=request.endpoint_url, on_row=on_row, count_only=True,
          tally=tally)
     try:
-        estimate = cost.estimate(tally, serving, spec.options, prices)
+        estimate = cost.estimate(tally, serving, spec.options, prices, spec.pipeline)
     except SpecError as exc:  # no price known: say so instead of guessing, and still show the plan
         estimate = cost.Estimate(model=cost.run_model(serving, spec.options) or serving,
                                  table=prices.describe(), requests=tally.requests, rows=tally.rows,

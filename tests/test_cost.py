@@ -89,7 +89,7 @@ def test_caption_estimate_matches_hand_computed_figures(tmp_path):
     assert est.output_tokens == 2 * 50 and "--max-tokens" in est.output_note
     # gpt-4o: $2.50 / 1M input, $10 / 1M output.
     assert est.sync_usd == pytest.approx((84 + 1870) * 2.5e-6 + 100 * 10e-6)  # $0.005885
-    assert est.batch_usd == pytest.approx(est.sync_usd / 2)
+    assert est.batch_usd == pytest.approx(est.sync_usd / 2) and not est.batch_note
 
 
 def test_max_image_side_shows_the_saving(tmp_path):
@@ -130,6 +130,10 @@ def test_openai_images_estimate(tmp_path):
     est = dry_run(request).estimate
     assert est.sync_usd == pytest.approx(3 * 0.2 + text * 5e-6)
     assert "the most it can cost" in est.image_note
+    tally = cost.Tally(rows=1, requests=1, text_chars=8, messages=1)
+    edit = cost.estimate(tally, "openai-images", {"model": "gpt-image-1.5"}, cost.load_prices(), "imageedit")
+    assert edit.batch_note == "not available for imageedit with openai-images"
+    assert "  price batch: not available for imageedit with openai-images" in edit.lines()
 
 
 def test_gemini_edit_estimate(tmp_path):
