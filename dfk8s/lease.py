@@ -43,8 +43,8 @@ class RunLease:
 
     def _body(self) -> dict:
         return {"owner": self.owner, "command": self.command, "pid": os.getpid(),
-                "host": socket.gethostname(), "started_at": round(self.started_at, 3), "heartbeat": round(time.time(), 3),
-                "stale_after": self.stale_after}
+                "host": socket.gethostname(), "started_at": round(self.started_at, 3),
+                "heartbeat": round(time.time(), 3), "stale_after": self.stale_after}
 
     def _current(self) -> dict | None:
         try:

@@ -124,7 +124,8 @@ def _reopen(storage, index: int, failed: set[int], chosen: frozenset[str] | None
         return False
     shard_rows = [json.loads(line) for line in storage.open_lines(layout.shard_input_key(index))
                   if line.strip()]
-    outputs = [json.loads(line) for line in storage.open_lines(layout.shard_output_key(index)) if line.strip()]
+    outputs = [json.loads(line) for line in storage.open_lines(layout.shard_output_key(index))
+               if line.strip()]
     if len(outputs) != len(shard_rows):
         raise SpecError(f"shard {index}: its output has {len(outputs)} rows, its input {len(shard_rows)}")
     kept, picked = [], 0
