@@ -140,10 +140,16 @@ def _mark_unprocessed(storage, index, known_failed: bool, result, errors, summar
     for line in _chain(first, lines):
         if not line.strip():
             continue
-        shard_row = json.loads(line)
-        row = dict(shard_row["row"])
-        row["error"] = {"type": "NotProcessed", "message": f"shard {index}: {reason}", "attempts": 0,
-                        "shard": index}
+        try:
+            shard_row = json.loads(line)
+            row = dict(shard_row["row"])
+            error = {"type": "NotProcessed", "message": f"shard {index}: {reason}", "attempts": 0,
+                     "shard": index}
+        except (ValueError, KeyError, TypeError):  # a corrupt shard line still keeps its place
+            shard_row, row = None, {}
+            error = {"type": "NotProcessed", "message": f"shard {index}: {reason}; its input line is corrupt",
+                     "attempts": 0, "shard": index, "raw": line[:500].decode("utf-8", "replace")}
+        row["error"] = error
         text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
         result.write(text.encode() + b"\n")
         errors.write(_error_line(shard_row, row))
