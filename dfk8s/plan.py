@@ -223,9 +223,12 @@ class _Unusable:
     not_json: int = 0
     missing_images: int = 0
     first: str = ""
+    first_bad_pos: int | None = None
+    first_raw: str = ""
 
     def count(self, item: ManifestItem, problems: list[Problem]) -> None:
-        self.first = self.first or str(problems[0])
+        if not self.first:
+            self.first, self.first_bad_pos, self.first_raw = str(problems[0]), item.pos, item.raw or ""
         if item.row is None and (item.error or "").startswith("bad JSON"):
             self.not_json += 1
         elif all(" not found" in p.message and p.message.startswith("image ") for p in problems):
@@ -240,9 +243,23 @@ class _Unusable:
         if self.not_json == rows:
             raise ManifestError("is neither JSON nor JSONL (a CSV?): no line is a JSON object; expected a "
                                 "JSON array of rows or one JSON object a line", source=source)
-        if fmt == "jsonl" and rows == 1 and source.endswith(".json") and self.first:
+        if fmt == "jsonl" and self.first and (rows == 1 and source.endswith(".json") or (
+                self.first_bad_pos == 0 and self.first_raw.strip() == "{" and _is_json_object(source))):
             raise ManifestError("is one JSON object, not a JSON array of rows (or JSONL)", source=source)
         if self.missing_images == rows:
             where = f"--image-root {image_root}" if image_root else "the manifest's folder"
             raise SpecError(f"no image of any row was found (first: {self.first}); relative paths are "
                             f"read from {where}: pass --image-root DIR")
+
+
+def _is_json_object(source: str, limit: int = 64 << 20) -> bool:
+    """Whether a local manifest is, as a whole, one (pretty-printed) JSON object."""
+    if "://" in source:
+        return False
+    try:
+        if os.path.getsize(source) > limit:
+            return False
+        with open(source, "rb") as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
