@@ -403,6 +403,11 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
     parallelism = os.environ.get("DFK8S_PARALLELISM", "")
     if parallelism.isdigit() and int(parallelism) > 0:
         spec.parallelism = int(parallelism)  # the launcher's real parallelism, not the first run's
+    if spec.option("rpm"):
+        from dfk8s.servings.api import ApiOptions
+
+        log.info("--rpm %g for the run: %g a minute for this worker (%d workers)", float(spec.option("rpm")),
+                 ApiOptions.from_spec(spec, "").rpm, min(spec.parallelism, spec.shards))
     done_key = layout.shard_done_key(index)
     if storage.exists(done_key):
         log.info("shard %d is already done", index)

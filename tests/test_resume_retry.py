@@ -174,3 +174,22 @@ def test_a_tripped_breaker_stops_the_run_with_its_one_line(tmp_path, monkeypatch
     assert caught.value.exit_code == 42
     assert caught.value.summary.failed_shards  # reduced before stopping: the rest is resumable
     assert storage.exists("result.jsonl")
+
+
+def test_rpm_is_split_by_the_workers_really_running_not_by_the_first_run(tmp_path):
+    import tempfile
+
+    from dfk8s.executors.local import LocalExecutor
+    from dfk8s.runs import RunRequest, prepare_run
+
+    manifest = _manifest(tmp_path, [f"p{i}" for i in range(8)])
+    run_id = f"rpm-{os.getpid()}-{time.monotonic_ns()}"
+    # Planned by a run with one worker (run.json: parallelism 1), resumed with four.
+    storage, spec, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=str(manifest),
+                                              output=str(tmp_path / "o"), run_id=run_id, rows_per_shard=2,
+                                              options={"rpm": 600}, parallelism=1))
+    assert spec.parallelism == 1 and spec.shards == 4
+    LocalExecutor(workers=4, show_progress=False).execute(storage, spec)
+    logs = "".join(p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
+    budgets = [line for line in logs.splitlines() if "--rpm 600 for the run" in line]
+    assert budgets and all("150 a minute for this worker (4 workers)" in line for line in budgets), budgets
