@@ -312,7 +312,11 @@ def worker(run_uri, index, serve, s3_endpoint):
     except WorkerStopped as exc:
         _err(f"error: {exc}")
         logging.shutdown()
-        os._exit(exc.exit_code)
+        os._exit(exc.exit_code)  # a model call may still run in a thread: do not wait for it
+    except BaseException:
+        session.close()
+        raise
+    session.close()  # the HTTP session closes on its own event loop
     _err(f"shard {stats.index}: {stats.ok} ok, {stats.failed} failed")
 
 

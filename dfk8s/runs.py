@@ -35,7 +35,8 @@ class RunRequest:
         serving: Serving name; None for the pipeline's default.
         options: Serving options (model, api_url, concurrency, ...); no secrets.
         given: Names of the fields and options the user set explicitly (flags on the command line).
-            A resume refuses those that differ from run.json; None means every field not left at None.
+            A resume refuses those that differ from run.json; None (callers that cannot tell a default
+            from a choice) checks only the pipeline, input and serving.
     """
 
     pipeline: str | None
@@ -92,8 +93,12 @@ def check_resume(spec: RunSpec, request: RunRequest) -> None:
         raise SpecError(f"run {spec.run_id} was planned from {spec.input}, not {request.input}; "
                         "resume without --input, or start a new run")
     given = request.given
+    if given is None:  # a caller that does not say which flags were given (submit, Python): keep run.json
+        if request.serving and request.serving != spec.serving:
+            raise SpecError(f"run {spec.run_id} uses serving {spec.serving}, not {request.serving}")
+        return
     for name, value in request.options.items():
-        if value is None or (given is not None and name not in given):
+        if value is None or name not in given:
             continue
         frozen = spec.options.get(name)
         if frozen != value:
@@ -102,8 +107,7 @@ def check_resume(spec: RunSpec, request: RunRequest) -> None:
                             f"{value}: dfk8s retry {spec.run_id} -o {request.output} {_flag(name)} {value}")
     for name in _SPEC_FIELDS:
         value = getattr(request, name)
-        if value is None or (given is not None and name not in given) or (given is None and name in
-                                                                          ("save_interval", "seed")):
+        if value is None or name not in given:
             continue
         frozen = getattr(spec, name)
         if name == "shards" and value >= frozen:
