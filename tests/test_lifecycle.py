@@ -104,7 +104,7 @@ def test_a_signal_to_the_launcher_stops_its_workers_gracefully_and_leaves_no_orp
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"orphaned workers: {alive}"
     log = (tmp_path / "launcher.log").read_text()
-    assert f"resume with: dfk8s run --run-id sig -o {output}" in log and "Traceback" not in log
+    assert f"resume with --run-id sig: dfk8s run --run-id sig -o {output}" in log and "Traceback" not in log
     first = fake_api.stats()["requests_total"]
     resume = subprocess.run([sys.executable, "-m", "dfk8s", "run", "--run-id", "sig", "-o", str(output),
                              "--no-progress"], capture_output=True, text=True, env=_env(), cwd=tmp_path)

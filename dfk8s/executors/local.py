@@ -45,8 +45,8 @@ class Interrupted(Dfk8sError):
         self.signal_name = signal_name
         self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
         where = f" -o {output}" if output else ""
-        super().__init__(f"interrupted ({signal_name}); finished rows are saved; resume with: "
-                         f"dfk8s run --run-id {run_id}{where}")
+        super().__init__(f"interrupted ({signal_name}); finished rows are checkpointed; resume with --run-id "
+                         f"{run_id}: dfk8s run --run-id {run_id}{where}")
 
 
 class BreakerTripped(Dfk8sError):
