@@ -550,8 +550,16 @@ def _serve_one(storage, index: int, session: WorkerSession, endpoint_url: str | 
         else:
             log.error("shard %d: %s", index, exc)
         reply.update(code=code, message=f"{type(exc).__name__}: {exc}"[:1000])
-        if code == EXIT_DO_NOT_RETRY and (type(exc).__name__ == "SystematicFailure"
-                                           or _exists(storage, layout.BREAKER_KEY)):
+        tripped = type(exc).__name__ == "SystematicFailure"
+        if tripped and not _exists(storage, layout.BREAKER_KEY):
+            try:  # the breaker contract: breaker.json names the cause for the launcher's one line
+                storage.write_json(layout.BREAKER_KEY, {
+                    "shard": index, "type": str(getattr(exc, "type", "") or getattr(exc, "kind", "")),
+                    "message": str(getattr(exc, "message", "") or exc),
+                    "hint": str(getattr(exc, "hint", ""))})
+            except StorageError as write_error:
+                log.warning("could not write %s: %s", layout.BREAKER_KEY, write_error)
+        if code == EXIT_DO_NOT_RETRY and (tripped or _exists(storage, layout.BREAKER_KEY)):
             reply["breaker"] = True
     return reply["code"], reply
 
