@@ -60,16 +60,24 @@ class Bench:
         return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
 
     def worker_sigterm(self):
+        from dfk8s.runs import RunRequest, prepare_run
+
         self.api.reset()
-        launcher = self.launch(self.args(_manifest(self.folder, 400), "w-term", "--workers", "1",
-                                         "--rows-per-shard", "400", "--save-interval", "100",
-                                         "--max-concurrency", "16"))
-        proc = psutil.Process(launcher.pid)
-        worker = _wait(lambda: proc.children() and proc.children()[0])
+        # Planned by this checkout (run.json and shards have the same layout in every build), then the
+        # build's own `dfk8s worker` runs the shard, as a pod would: SIGTERM at 150 rows, then a retry.
+        storage, _, _ = prepare_run(RunRequest(
+            pipeline="vqa", serving="openai-chat", input=str(_manifest(self.folder, 400)),
+            output=str(self.folder / "o"), run_id="w-term", rows_per_shard=400, save_interval=100,
+            options={"api_url": self.api.url + "/v1", "model": "m", "max_concurrency": 16}))
+        worker = [self.dfk8s, "worker", "--run", storage.url(), "--index", "0"]
+        process = subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
         _wait(lambda: self.ok() >= 150)
-        worker.send_signal(signal.SIGTERM)
-        code = launcher.wait(600)
-        return {"case": "worker SIGTERM mid-shard (400 rows, 1 shard)", "exit": code,
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(120)
+        stopped_at = self.api.stats()["requests_total"]
+        again = subprocess.run(worker, capture_output=True, env=self.env)
+        return {"case": "worker SIGTERM at 150 of 400 rows, then a retry", "exit": code,
+                "requests_before_retry": stopped_at, "retry_exit": again.returncode,
                 "requests": self.api.stats()["requests_total"], "rows": 400}
 
     def launcher_signal(self, sig):
