@@ -91,8 +91,10 @@ def _launcher_env(storage_patience: float, grace: float) -> None:
 @cli.command()
 @local_run_options
 @_lifecycle_options
+@report_option
 @click.pass_context
-def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed_fraction, progress, **flags):
+def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed_fraction, progress,
+        write_report_after, **flags):
     """Run a pipeline on this machine: plan shards, run workers, reduce to one ordered result.jsonl.
 
     Re-running with --run-id resumes: finished shards and rows are skipped, nothing is duplicated, and
@@ -157,13 +159,15 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
         finally:
             record_session(storage, {"action": "resume" if resumed else "run", "outcome": outcome,
                                      "workers": workers, "seconds": round(time.monotonic() - started, 3)})
-    _finish(summary, max_failed_fraction)
+    _finish(summary, max_failed_fraction, lambda: after_run(write_report_after, storage.url(), spec.run_id,
+                                                            output, request.endpoint_url))
 
 
-def _finish(summary, max_failed_fraction: float) -> None:
-    """Print the summary; exit non-zero when shards did not finish or too many rows failed."""
+def _finish(summary, max_failed_fraction: float, report=None) -> None:
+    """Print the summary, then call ``report``; exit non-zero when shards failed or too many rows did."""
     _print_summary(summary)
-    after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
+    if report is not None:
+        report()
     if not summary.complete:
         raise click.exceptions.Exit(1)
     failed_fraction = summary.failed / summary.rows if summary.rows else 0.0
