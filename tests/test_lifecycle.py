@@ -185,3 +185,32 @@ def test_one_worker_loads_flux_once_for_four_shards(tmp_path):
     logs = "".join(p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
     assert logs.count("shard ") and logs.count("done:") == 4
     assert logs.count("loaded FluxPipeline") == 1, logs
+
+
+def test_requests_that_outlast_the_grace_period_are_cancelled_and_stay_pending(tmp_path, fake_api):
+    fake_api.configure(latency=60)
+    storage, _, _ = prepare_run(RunRequest(
+        pipeline="vqa", serving="openai-chat", input=str(_manifest(tmp_path, 20)), output=str(tmp_path / "o"),
+        run_id="grace",
+        options={"api_url": fake_api.url + "/v1", "model": "fake-model", "max_concurrency": 4}))
+    worker = [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--index", "0"]
+    process = subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=_env(DFK8S_GRACE_SECONDS="1"))
+    try:
+        _wait_for(lambda: fake_api.stats()["inflight"] >= 4, what="four requests in flight")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 143 and time.monotonic() - started < 20  # the grace (1 s) is kept, not the 60 s latency
+    assert "did not finish within the grace period" in process.stderr.read()
+    assert not list(storage.list("output"))
+    fake_api.configure(latency=0.0)
+    again = subprocess.run(worker, capture_output=True, text=True, env=_env())
+    assert again.returncode == 0, again.stderr
+    rows = [json.loads(line) for line in storage.open_lines("output/00000.jsonl")]
+    assert len(rows) == 20 and all(r["answer"] for r in rows)
+    assert fake_api.stats()["requests_total"] == 4 + 20  # the four cut off are sent again, nothing else
