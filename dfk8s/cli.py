@@ -39,6 +39,7 @@ def cli(log_level):
     dfk8s logs      worker or reducer pod logs
     dfk8s cancel    delete a run's Jobs and pods (its storage stays; resubmit resumes)
     dfk8s list      the runs in a namespace
+    dfk8s model     pull a model once (here or into a cluster's PVC) and list a model cache
     """
     setup_logging(log_level)
 
@@ -211,3 +212,4 @@ from dfk8s.cli_kube import register  # noqa: E402 - the Kubernetes commands join
 
 register(cli)
 cli.add_command(report_command)
+cli.add_command(__import__("dfk8s.cli_model", fromlist=["model"]).model)  # dfk8s model pull / list

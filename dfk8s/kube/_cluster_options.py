@@ -48,6 +48,8 @@ class ClusterOptions:
     service_account: str | None = None
     backoff_limit_per_index: int = 2
     max_failed_indexes: int | None = None
+    model_cache_pvc: str | None = None
+    model_cache_subpath: str | None = None
 
 
 # ----- flag parsing -----------------------------------------------------------------------------
@@ -124,8 +126,7 @@ def check_credentials(
             "pods get no S3 credentials (no --s3-secret): they need a workload identity "
             "(IRSA, GKE/Azure workload identity) that can read and write the output"
         )
-    if options.hf_token_secret is None and serving == "diffusers" and environ.get("HF_TOKEN"):
-        warnings.append("pods get no Hugging Face token (no --hf-token-secret): gated models will not load")
+    # Hugging Face token warnings depend on the model and its cache: dfk8s.model_jobs.model_cache_warnings.
     if options.service_account is None:
         warnings.append(
             "the reduce Job runs as the namespace's default ServiceAccount; it must be allowed "
@@ -160,6 +161,8 @@ def kube_run_config(
         service_account=options.service_account,
         backoff_limit_per_index=options.backoff_limit_per_index,
         max_failed_indexes=options.max_failed_indexes,
+        model_cache_pvc=options.model_cache_pvc,
+        model_cache_subpath=options.model_cache_subpath,
     )
 
 
