@@ -426,11 +426,15 @@ def test_should_read_the_claim_and_subpath_when_a_profile_names_them(tmp_path, m
     from dfk8s.profiles import JOBS_DIR_ENV
 
     text = (load_profile("text2image").source).read_text()
-    shared = text.replace("      size: 100Gi\n      # pvc: hf-cache\n", "      pvc: hf-cache\n      subpath: models\n")
+    shared = text.replace(
+        "      size: 100Gi\n      # pvc: hf-cache\n", "      pvc: hf-cache\n      subpath: models\n"
+    )
     assert shared != text
     (tmp_path / "text2image.yaml").write_text(shared)
     monkeypatch.setenv(JOBS_DIR_ENV, str(tmp_path))
     assert load_profile("text2image").model_cache == ModelCache(pvc="hf-cache", subpath="models")
-    (tmp_path / "text2image.yaml").write_text(text.replace("      # pvc: hf-cache\n", "      subpath: models\n"))
+    (tmp_path / "text2image.yaml").write_text(
+        text.replace("      # pvc: hf-cache\n", "      subpath: models\n")
+    )
     with pytest.raises(SpecError, match="only a `pvc` cache has a subpath"):
         load_profile("text2image")
