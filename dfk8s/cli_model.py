@@ -57,6 +57,13 @@ def _where(to, pvc) -> None:
 @click.option("--image", help="With --pvc: the Job's image (default: the dfk8s CPU image of this version).")
 @click.option("--wait", is_flag=True, help="With --pvc: follow the Job until the model is in the claim.")
 @click.option("--dry-run", is_flag=True, help="With --pvc: print the Job as YAML and create nothing.")
+@click.option(
+    "--progress-seconds",
+    type=click.FloatRange(min=0.05),
+    default=30.0,
+    hidden=True,
+    help="With --to: seconds between progress lines.",
+)
 @_connection_options
 def pull(
     model_name,
@@ -69,6 +76,7 @@ def pull(
     image,
     wait,
     dry_run,
+    progress_seconds,
     namespace,
     context,
     kubeconfig,
@@ -99,7 +107,7 @@ def pull(
                 )
         if wait or dry_run:
             raise click.UsageError("--wait and --dry-run are for --pvc")
-        _pull_here(model_name, to, revision)
+        _pull_here(model_name, to, revision, progress_seconds)
         return
     _pull_on_cluster(
         model_name,
@@ -117,12 +125,12 @@ def pull(
     )
 
 
-def _pull_here(model_name: str, to: str, revision: str | None) -> None:
+def _pull_here(model_name: str, to: str, revision: str | None, progress_seconds: float) -> None:
     from dfk8s.models import format_bytes, pull_model
 
     # The pull's own lines (what is fetched, progress in pods) are INFO; the CLI's default level is WARNING.
     logging.getLogger("dfk8s.models").setLevel(logging.INFO)
-    result = pull_model(model_name, to, revision=revision)
+    result = pull_model(model_name, to, revision=revision, progress_seconds=progress_seconds)
     _err(
         f"pulled {result.model}@{result.revision} (commit {result.commit[:12]}): {len(result.files)} files, "
         f"{format_bytes(result.bytes)} (fetched {format_bytes(result.fetched_bytes)} now) into {to}"

@@ -291,7 +291,15 @@ def pull_model(
     stop = threading.Event()
     reporter = threading.Thread(
         target=_report_progress,
-        args=(repo_dir / "blobs", before, total, stop, progress_seconds, model),
+        # What is on disk now, model_index.json included: the reporter counts the bytes that come after.
+        args=(
+            repo_dir / "blobs",
+            sum(files[p] for p in files if (snapshot / p).is_file()),
+            total,
+            stop,
+            progress_seconds,
+            model,
+        ),
         daemon=True,
     )
     reporter.start()
@@ -358,9 +366,9 @@ def _blob_bytes(blobs: Path) -> int:
 
 
 def _report_progress(
-    blobs: Path, before: int, total: int, stop: threading.Event, every: float, model: str
+    blobs: Path, on_disk: int, total: int, stop: threading.Event, every: float, model: str
 ) -> None:
-    baseline = _blob_bytes(blobs) - before
+    baseline = _blob_bytes(blobs) - on_disk
     while not stop.wait(every):
         done = min(total, _blob_bytes(blobs) - baseline)
         log.info("%s: %s of %s on disk", model, format_bytes(done), format_bytes(total))

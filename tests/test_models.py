@@ -306,6 +306,14 @@ def test_should_keep_finished_files_when_a_pull_is_killed_and_run_again(hub, tin
     assert entry.complete
 
 
+def test_should_log_the_bytes_on_disk_while_a_slow_pull_runs(hub, tmp_path):
+    hub.slow[SLOW_FILE] = 0.05
+    result = pull(hub, tmp_path / "hf", REPO_ID, "--progress-seconds", "0.3")
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if "on disk" in line]
+    assert progress and all(line.endswith("of 877 kB on disk") for line in progress), result.stderr
+
+
 def test_should_refuse_in_one_line_when_the_model_is_gated_or_unknown(hub, tmp_path):
     gated = pull(hub, tmp_path / "hf", GATED_ID)
     assert gated.returncode == 42, gated.stderr
