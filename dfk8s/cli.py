@@ -71,6 +71,7 @@ def run(output, workers, shard_retries, progress, write_report_after, **flags):
     request = run_request_from_flags(output, flags)
     request.parallelism = workers
     _check_credentials(request.serving, request.pipeline)
+    _local_model_warnings(request)
     from dfk8s.progress import progress_bar
 
     # Planning reads, checks and shards every row (~40k rows/s): a million rows deserve a counter.
@@ -95,6 +96,20 @@ def _print_summary(summary) -> None:
             + f" in {summary.wall_seconds:.1f}s")
     _err(line)
     click.echo(summary.result)
+
+
+def _local_model_warnings(request) -> None:
+    """Warn before planning when diffusers workers cannot get their model (offline and not cached, ...)."""
+    from dfk8s.pipelines import get_pipeline
+
+    serving = request.serving or get_pipeline(request.pipeline).default_serving
+    if serving != "diffusers" or not request.input:  # a resumed run keeps the model of its run.json
+        return
+    from dfk8s.models import local_run_warnings
+    from dfk8s.servings.diffusers_flux import MODELS
+
+    for warning in local_run_warnings(request.options.get("model") or MODELS[request.pipeline][1]):
+        _err(f"warning: {warning}")
 
 
 def _check_credentials(serving: str | None, pipeline: str) -> None:

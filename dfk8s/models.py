@@ -41,6 +41,7 @@ __all__ = [
     "format_bytes",
     "is_gated",
     "list_cache",
+    "local_run_warnings",
     "pull_model",
     "select_pipeline_files",
 ]
@@ -515,3 +516,59 @@ def cached_models_from_log(text: str) -> list[CachedModel]:
             return [CachedModel(**item) for item in json.loads(line)["dfk8s_models"]]
     tail = " | ".join(text.strip().splitlines()[-3:])
     raise Dfk8sError(f"the list pod printed no model list: {tail or 'empty log'}")
+
+
+def _local_hub_cache(environ) -> Path:
+    # huggingface_hub's own resolution (HF_HUB_CACHE, else HF_HOME/hub), read now rather than at its import.
+    if environ.get("HF_HUB_CACHE"):
+        return Path(environ["HF_HUB_CACHE"]).expanduser()
+    home = environ.get("HF_HOME") or os.path.join(environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return hub_cache(Path(home).expanduser())
+
+
+def local_run_warnings(model: str, environ=None) -> list[str]:
+    """One line per reason a ``dfk8s run`` with the diffusers serving will fail to get ``model``.
+
+    Checked before planning, so a run that cannot load its model is not planned and started first:
+    offline with the model not cached, or a gated model not cached with no token to download it.
+
+    Args:
+        model: The ``--model`` value (a Hub name or a local folder).
+        environ: The environment the workers inherit (default: this process's).
+
+    Returns:
+        The warning lines (empty for a local folder or a cached model).
+
+    """
+    environ = os.environ if environ is None else environ
+    if not is_hub_name(model):
+        return []
+    repo = _local_hub_cache(environ) / ("models--" + model.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    cached = ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "model_index.json").is_file()
+    if cached:
+        return []
+    pull_hint = f"pull it first: dfk8s model pull {model} --to DIR, then HF_HOME=DIR"
+    if str(environ.get("HF_HUB_OFFLINE", "")).strip().lower() in ("1", "true", "yes", "on"):
+        return [
+            f"HF_HUB_OFFLINE is set and {model} is not in the cache {repo.parent}: every worker will fail; "
+            f"{pull_hint}"
+        ]
+    if is_gated(model) and not environ.get("HF_TOKEN") and not _stored_token(environ):
+        return [
+            f"{model} is a gated model, not cached here, and no Hugging Face token is set (HF_TOKEN or "
+            f"`hf auth login`): its download will fail; accept its licence on the Hub and set HF_TOKEN, or "
+            f"{pull_hint}"
+        ]
+    return []
+
+
+def _stored_token(environ) -> bool:
+    path = environ.get("HF_TOKEN_PATH") or os.path.join(
+        environ.get("HF_HOME") or os.path.join(environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"),
+        "token",
+    )
+    try:
+        return bool(Path(path).expanduser().read_text().strip())
+    except OSError:
+        return False

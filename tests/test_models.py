@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dfk8s.errors import SpecError
-from dfk8s.models import is_gated, list_cache, select_pipeline_files
+from dfk8s.models import is_gated, list_cache, local_run_warnings, select_pipeline_files
 from dfk8s.testing.fake_hub import FakeHub
 from tests.conftest import REPO
 
@@ -205,6 +205,27 @@ def test_should_refuse_the_repo_when_a_component_has_only_variant_weights():
 
 def test_should_know_the_gated_organisation_when_a_model_is_named():
     assert is_gated("black-forest-labs/FLUX.1-dev") and not is_gated("tiny-org/tiny-flux")
+
+
+def test_should_warn_a_local_run_when_the_model_cannot_be_loaded_or_downloaded(tmp_path):
+    home = tmp_path / "hf"
+    offline = local_run_warnings(REPO_ID, {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    assert len(offline) == 1 and "HF_HUB_OFFLINE is set" in offline[0] and "dfk8s model pull" in offline[0]
+    assert local_run_warnings(REPO_ID, {"HF_HOME": str(home)}) == []  # online, not gated: it downloads
+    (gated,) = local_run_warnings("black-forest-labs/FLUX.1-dev", {"HF_HOME": str(home)})
+    assert "gated model" in gated and "HF_TOKEN" in gated
+    assert local_run_warnings("black-forest-labs/FLUX.1-dev", {"HF_HOME": str(home), "HF_TOKEN": "x"}) == []
+    home.mkdir()
+    (home / "token").write_text("hf_stored\n")  # `hf auth login`
+    assert local_run_warnings("black-forest-labs/FLUX.1-dev", {"HF_HOME": str(home)}) == []
+    # Once pulled, offline is fine; a local folder is never checked.
+    repo = home / "hub" / "models--tiny-org--tiny-flux"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    (repo / "snapshots" / "c0ffee" / "model_index.json").write_text("{}")
+    assert local_run_warnings(REPO_ID, {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}) == []
+    assert local_run_warnings(str(tmp_path), {"HF_HUB_OFFLINE": "1"}) == []
 
 
 # --- pulling ------------------------------------------------------------------------------------
@@ -406,6 +427,7 @@ def test_should_run_tiny_flux_from_the_pulled_cache_when_offline(hub, tiny_repo,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
+    assert "warning:" not in result.stderr  # the model is in the cache: nothing to warn about
     rows = [
         json.loads(line) for line in (tmp_path / "runs" / "cached1" / "result.jsonl").read_text().splitlines()
     ]
@@ -425,4 +447,30 @@ def test_should_fail_the_shard_at_once_when_the_cache_lacks_the_model(hub, tmp_p
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert "tiny-org/not-pulled" in errors[0] and "dfk8s model pull" in errors[0]
+    # `dfk8s run` says so before planning, and its shard is not retried (exit 42).
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(json.dumps({"conversations": [{"role": "user", "content": "a cat"}]}) + "\n")
+    run = dfk8s(
+        "run",
+        "-p",
+        "text2image",
+        "--model",
+        "tiny-org/not-pulled",
+        "--input",
+        manifest,
+        "--output",
+        tmp_path / "runs2",
+        "--workers",
+        "1",
+        "--no-progress",
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 1, run.stderr
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert (
+        len(warnings) == 1
+        and "HF_HUB_OFFLINE is set and tiny-org/not-pulled is not in the cache" in warnings[0]
+    )
+    assert "cannot succeed (exit 42)" in run.stderr
     assert len(hub.requests) == requests_before
