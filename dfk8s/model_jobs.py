@@ -21,7 +21,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from dfk8s.errors import EXIT_DO_NOT_RETRY, KubernetesError, SpecError
@@ -44,6 +44,7 @@ __all__ = [
     "build_pull_job",
     "create_model_job",
     "delete_model_job",
+    "merge_warnings",
     "model_cache_warnings",
     "model_job_log",
     "pull_job_name",
@@ -59,23 +60,17 @@ MODEL_JOB_LABEL = "dfk8s.io/model-job"
 # ----- warnings at submit -----------------------------------------------------------------------
 
 
-def model_cache_warnings(
-    cfg: KubeRunConfig, model: str | None, environ: Mapping[str, str] | None = None
-) -> list[str]:
+def model_cache_warnings(cfg: KubeRunConfig, model: str | None) -> list[str]:
     """One line per problem a submit's model download will have; empty when there is none.
 
     Args:
         cfg: The run's config (shards = pods over the whole run, GPUs, cache volume, token).
         model: The ``model`` serving option (a Hub name or a local folder); None for the serving's default.
-        environ: The submitting shell's env (only checked for a local ``HF_TOKEN``).
 
     Returns:
         The warning lines.
 
     """
-    import os
-
-    environ = os.environ if environ is None else environ
     if cfg.profile.model_cache is None or cfg.serving != "diffusers":
         return []
     if model is None:
@@ -95,19 +90,27 @@ def model_cache_warnings(
             f"emptyDir cache{total}: pull it once with `dfk8s model pull {model} --pvc NAME` and submit with "
             "--model-cache-pvc NAME"
         )
-    if not shared and cfg.hf_token_secret is None:
-        if is_gated(model):
-            warnings.append(
-                f"{model} is a gated model and the pods get no Hugging Face token: every pod will fail to "
-                "download it; pass --hf-token-secret NAME/KEY (a Secret with the token of an account that "
-                f"accepted its licence), or pull it once (`dfk8s model pull {model} --pvc NAME "
-                "--hf-token-secret NAME/KEY`) and submit with --model-cache-pvc NAME"
-            )
-        elif environ.get("HF_TOKEN"):
-            warnings.append(
-                "pods get no Hugging Face token (no --hf-token-secret): gated models will not load"
-            )
+    if not shared and cfg.hf_token_secret is None and is_gated(model):
+        warnings.append(
+            f"{model} is a gated model and the pods get no Hugging Face token: every pod will fail to "
+            "download it; pass --hf-token-secret NAME/KEY (a Secret with the token of an account that "
+            f"accepted its licence), or pull it once (`dfk8s model pull {model} --pvc NAME "
+            "--hf-token-secret NAME/KEY`) and submit with --model-cache-pvc NAME"
+        )
     return warnings
+
+
+def merge_warnings(
+    credential_warnings: list[str], model_warnings: list[str], cfg: KubeRunConfig
+) -> list[str]:
+    """A submit's warnings: check_credentials' generic token line is dropped where it is not true or new.
+
+    With a shared cache the pods load offline and need no token; a gated model's own line says more.
+    """
+    from dfk8s.kube._cluster_options import HF_TOKEN_WARNING
+
+    redundant = cfg.model_cache_claim is not None or any("gated model" in w for w in model_warnings)
+    return [w for w in credential_warnings if not (redundant and w == HF_TOKEN_WARNING)] + model_warnings
 
 
 # ----- the Jobs ---------------------------------------------------------------------------------
@@ -167,7 +170,9 @@ def _model_job(
         # It talks to the Hub only; a token would be a credential for nothing.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": _pod_security(),
+        # fsGroup makes the claim writable for the non-root user; checking only its root keeps a retry
+        # from re-chowning tens of GB of weights (read-only mounts are never chowned).
+        "securityContext": {**_pod_security(), "fsGroupChangePolicy": "OnRootMismatch"},
         "containers": [container],
         "volumes": [
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},

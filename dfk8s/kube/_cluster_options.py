@@ -24,6 +24,7 @@ from dfk8s.runs import RunRequest
 #: guesses for typical hosted endpoints (a short caption; one 1024px image); real latency varies.
 API_SERVINGS: dict[str, float] = {"openai-chat": 3.0, "openai-images": 20.0, "gemini-images": 10.0}
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+HF_TOKEN_WARNING = "pods get no Hugging Face token (no --hf-token-secret): gated models will not load"
 
 
 @dataclass
@@ -126,7 +127,8 @@ def check_credentials(
             "pods get no S3 credentials (no --s3-secret): they need a workload identity "
             "(IRSA, GKE/Azure workload identity) that can read and write the output"
         )
-    # Hugging Face token warnings depend on the model and its cache: dfk8s.model_jobs.model_cache_warnings.
+    if options.hf_token_secret is None and serving == "diffusers" and environ.get("HF_TOKEN"):
+        warnings.append(HF_TOKEN_WARNING)
     if options.service_account is None:
         warnings.append(
             "the reduce Job runs as the namespace's default ServiceAccount; it must be allowed "

@@ -17,7 +17,14 @@ from click.testing import CliRunner
 from dfk8s.cli import cli
 from dfk8s.errors import SpecError
 from dfk8s.kube import SUPPORTED_KUBERNETES, KubeRunConfig, build_map_job
-from dfk8s.model_jobs import build_list_job, build_pull_job, model_cache_warnings, pull_job_name
+from dfk8s.kube._cluster_options import HF_TOKEN_WARNING
+from dfk8s.model_jobs import (
+    build_list_job,
+    build_pull_job,
+    merge_warnings,
+    model_cache_warnings,
+    pull_job_name,
+)
 from dfk8s.profiles import ModelCache, load_profile
 from dfk8s.testing.fake_kube import FakeKube
 
@@ -193,6 +200,7 @@ def test_should_build_a_restricted_cpu_pull_job_with_a_write_mount_when_a_model_
     assert cache_volume(job) == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}
     assert cache_mount(job) == {"name": "model-cache", "mountPath": "/cache", "subPath": "models"}
     assert "nvidia.com/gpu" not in json.dumps(job) and "nodeSelector" not in pod(job)
+    assert pod(job)["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     env = env_of(job)
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}
     assert env["HF_HOME"]["value"] == "/cache/huggingface" and "HF_HUB_OFFLINE" not in env
@@ -226,7 +234,7 @@ def test_should_refuse_a_token_value_or_a_bad_model_when_the_pull_job_is_built()
 
 
 def test_should_warn_once_per_problem_when_gpu_pods_each_download_a_gated_model():
-    warnings = model_cache_warnings(config(shards=12), None, environ={})
+    warnings = model_cache_warnings(config(shards=12), None)
     assert warnings == [
         f"each of the 12 GPU pods (one per shard) downloads {FLUX} (~34 GB) into its own emptyDir cache, "
         f"~408 GB in all: pull it once with `dfk8s model pull {FLUX} --pvc NAME` and submit with "
@@ -241,23 +249,30 @@ def test_should_warn_once_per_problem_when_gpu_pods_each_download_a_gated_model(
 
 
 def test_should_not_warn_when_the_cache_is_shared_or_the_token_is_given():
-    assert model_cache_warnings(config(model_cache_pvc="hf-cache"), FLUX, environ={}) == []
-    token = model_cache_warnings(config(hf_token_secret=("hf", "HF_TOKEN")), FLUX, environ={})
+    assert model_cache_warnings(config(model_cache_pvc="hf-cache"), FLUX) == []
+    token = model_cache_warnings(config(hf_token_secret=("hf", "HF_TOKEN")), FLUX)
     assert len(token) == 1 and token[0].startswith("each of the 12 GPU pods")
-    assert model_cache_warnings(config(shards=1, hf_token_secret=("hf", "HF_TOKEN")), FLUX, environ={}) == []
-    assert model_cache_warnings(config(), "/models/flux", environ={}) == []  # a folder: no download
-    assert model_cache_warnings(config("caption"), None, environ={}) == []
-    assert model_cache_warnings(config(gpus=0), "some-org/model", environ={}) == []
+    assert model_cache_warnings(config(shards=1, hf_token_secret=("hf", "HF_TOKEN")), FLUX) == []
+    assert model_cache_warnings(config(), "/models/flux") == []  # a folder: no download
+    assert model_cache_warnings(config("caption"), None) == []
+    assert model_cache_warnings(config(gpus=0), "some-org/model") == []
 
 
 def test_should_leave_the_size_out_when_the_model_is_not_known():
-    (line,) = model_cache_warnings(config(shards=3), "some-org/sdxl-flux", environ={})
+    (line,) = model_cache_warnings(config(shards=3), "some-org/sdxl-flux")
     assert line.startswith("each of the 3 GPU pods (one per shard) downloads some-org/sdxl-flux into its own")
     assert "GB" not in line
-    with_local_token = model_cache_warnings(config(shards=1), "some-org/model", environ={"HF_TOKEN": "x"})
-    assert with_local_token == [
-        "pods get no Hugging Face token (no --hf-token-secret): gated models will not load"
-    ]
+    # check_credentials' generic token line (HF_TOKEN set here, none for the pods) stays for other models,
+    # and goes where the gated line says more or the pods load offline from a shared cache.
+    generic = [HF_TOKEN_WARNING]
+    assert (
+        merge_warnings(generic, model_cache_warnings(config(shards=1), "some-org/m"), config(shards=1))
+        == generic
+    )
+    gated = model_cache_warnings(config(shards=1), FLUX)
+    assert merge_warnings(generic, gated, config(shards=1)) == gated
+    shared = config(model_cache_pvc="hf-cache")
+    assert merge_warnings(generic, model_cache_warnings(shared, FLUX), shared) == []
 
 
 # --- the CLI ------------------------------------------------------------------------------------
