@@ -242,7 +242,6 @@ def pull_model(
 
     """
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.hf_api import RepoFile
 
     if not is_hub_name(model):
         raise SpecError(f"{model!r} is not a Hub model name (org/name): a local folder needs no pull")
@@ -256,12 +255,10 @@ def pull_model(
     api = HfApi(endpoint=endpoint)
     repo_dir = cache / ("models--" + model.replace("/", "--"))
     with _hub_errors(model, revision):
-        commit = api.model_info(model, revision=revision).sha
-        listing = {
-            entry.path: int(entry.size or 0)
-            for entry in api.list_repo_tree(model, recursive=True, revision=commit)
-            if isinstance(entry, RepoFile)
-        }
+        # One call gives the commit and every file with its size (siblings with blobs metadata).
+        info = api.model_info(model, revision=revision, files_metadata=True)
+        commit = info.sha
+        listing = {sibling.rfilename: int(sibling.size or 0) for sibling in info.siblings or ()}
         if "model_index.json" not in listing:
             raise SpecError(f"{model} has no model_index.json at {revision}: not a diffusers pipeline")
         snapshot = repo_dir / "snapshots" / commit
