@@ -12,10 +12,11 @@ else ``.bin``; no fp16/bf16 variants, no ``.pth``/``.ckpt``/ONNX/Flax copies, an
 but the pipeline's own config files (FLUX.1-dev's 24 GB single-file ``flux1-dev.safetensors`` and its
 ``ae.safetensors`` are left out: the pipeline never reads them).
 
-Resuming: files already in the cache are not fetched again; a dropped connection resumes the file
-with an HTTP Range request (huggingface_hub's retry). A process killed mid-file loses that file's
-partial bytes (huggingface_hub 2.x writes each download to a temporary file of its own); the next pull
-removes such leftovers and fetches that file again.
+Resuming: files already in the cache are not fetched again, and a file a killed pull left half-written
+goes on from its bytes on disk (``blobs/<etag>.dfk8s-partial``, fetched with huggingface_hub's
+``http_get`` and a Range request; huggingface_hub 2.x alone would start such a file over). A dropped
+connection resumes the same way within one pull. huggingface_hub writes in 10 MiB chunks, so up to that
+much of a file is fetched again after a kill.
 """
 
 from __future__ import annotations
@@ -303,6 +304,9 @@ def pull_model(
     reporter.start()
     try:
         with _hub_errors(model, revision):
+            _fetch_blobs(
+                model, commit, endpoint, repo_dir, [p for p in selected if not (snapshot / p).is_file()]
+            )
             # The revision name (not the commit) so huggingface_hub records refs/<revision>: workers that
             # load the model by name offline resolve it through that ref.
             folder = snapshot_download(
@@ -331,6 +335,58 @@ def pull_model(
     )
     _write_marker(Path(hf_home), result)
     return result
+
+
+def _fetch_blobs(model: str, commit: str, endpoint: str | None, repo_dir: Path, paths: list[str]) -> None:
+    """Download missing files into the cache's blobs, resuming a partial file left by a killed pull.
+
+    huggingface_hub 2.x writes each download to a temporary file of its own and never reuses one, so a
+    pod killed mid-file would fetch all of it again. Here each file goes to ``blobs/<etag>.dfk8s-partial``
+    with huggingface_hub's own ``http_get`` (a Range request from the bytes already there), then is
+    renamed to the blob; ``snapshot_download`` afterwards finds every blob and only links the snapshot.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    blobs = repo_dir / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+
+    def fetch(path: str) -> None:
+        meta = get_hf_file_metadata(
+            hf_hub_url(model, path, revision=commit, endpoint=endpoint), endpoint=endpoint
+        )
+        if not meta.etag:
+            return  # snapshot_download will say what is wrong
+        blob = blobs / meta.etag
+        partial = blobs / f"{meta.etag}.dfk8s-partial"
+        with WeakFileLock(blobs / f"{meta.etag}.dfk8s-lock"):
+            if blob.exists():
+                return
+            with open(partial, "ab") as handle:
+                resume = handle.tell()
+                if meta.size is not None and resume > meta.size:  # not this file's bytes: start over
+                    handle.truncate(0)
+                    resume = 0
+                if resume:
+                    log.info(
+                        "resuming %s at %s of %s", path, format_bytes(resume), format_bytes(meta.size or 0)
+                    )
+                http_get(
+                    meta.location,
+                    handle,
+                    resume_size=resume,
+                    headers=build_hf_headers(),
+                    expected_size=meta.size,
+                    displayed_filename=path,
+                )
+            os.replace(partial, blob)
+        (blobs / f"{meta.etag}.dfk8s-lock").unlink(missing_ok=True)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(fetch, paths))
 
 
 def _literal_pattern(path: str) -> str:

@@ -238,6 +238,8 @@ def test_should_fetch_only_the_pipeline_files_when_pulled_to_a_folder(hub, tiny_
     snapshot = Path(result.stdout.strip())
     assert snapshot == cache / "hub" / "models--tiny-org--tiny-flux" / "snapshots" / hub.commit(REPO_ID)
     assert hub.fetched() == pipeline_files(tiny_repo)
+    # Each file once: the blobs fetched first are only linked by snapshot_download.
+    assert hub.bytes_sent() == sum((tiny_repo / path).stat().st_size for path in pipeline_files(tiny_repo))
     for decoy in DECOYS:
         assert not (snapshot / decoy).exists(), decoy
         assert file_gets(hub, decoy) == [], decoy
@@ -272,13 +274,15 @@ def test_should_resume_the_file_with_a_range_request_when_the_connection_drops(h
     assert (snapshot / BIG_FILE).read_bytes() == hub.repos[BIG_ID].files[BIG_FILE].read_bytes()
 
 
-def test_should_keep_finished_files_when_a_pull_is_killed_and_run_again(hub, tiny_repo, tmp_path):
+def test_should_resume_from_the_bytes_on_disk_when_a_pull_is_killed_mid_file(hub, tmp_path):
+    from huggingface_hub import constants
+
     cache = tmp_path / "hf"
-    hub.slow[SLOW_FILE] = 0.2  # 8 KiB every 0.2 s: seconds for this one file, the rest at once
-    blobs = cache / "hub" / "models--tiny-org--tiny-flux" / "blobs"
-    others = len(pipeline_files(tiny_repo)) - 1
+    size = hub.repos[BIG_ID].files[BIG_FILE].stat().st_size
+    hub.slow[BIG_FILE] = 0.002  # 8 KiB every 2 ms: a few seconds for 24 MiB
+    blobs = cache / "hub" / "models--tiny-org--big-vae" / "blobs"
     process = subprocess.Popen(
-        [sys.executable, "-m", "dfk8s", "model", "pull", REPO_ID, "--to", str(cache)],
+        [sys.executable, "-m", "dfk8s", "model", "pull", BIG_ID, "--to", str(cache)],
         env=env_for(hub),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -286,43 +290,43 @@ def test_should_keep_finished_files_when_a_pull_is_killed_and_run_again(hub, tin
         cwd=REPO,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            done = (
-                [p for p in blobs.glob("*") if not p.name.endswith(".incomplete")] if blobs.is_dir() else []
-            )
-            partial = list(blobs.glob("*.incomplete")) if blobs.is_dir() else []
-            if len(done) >= others and partial:
+            partial = list(blobs.glob("*.dfk8s-partial")) if blobs.is_dir() else []
+            # huggingface_hub writes in 10 MiB chunks: wait for the first one on disk.
+            if partial and partial[0].stat().st_size >= constants.DOWNLOAD_CHUNK_SIZE:
                 break
             assert process.poll() is None, "the pull ended before it could be interrupted"
-            time.sleep(0.05)
+            time.sleep(0.02)
         else:
-            pytest.fail("the slow file never started")
-        time.sleep(0.5)  # some of the slow file on the wire
+            pytest.fail("the slow file never got a chunk to disk")
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     deadline = time.monotonic() + 30  # the server notices the broken connection at its next write
-    while not file_gets(hub, SLOW_FILE) and time.monotonic() < deadline:
+    while not file_gets(hub, BIG_FILE) and time.monotonic() < deadline:
         time.sleep(0.05)
-    ((start, sent_before_kill),) = file_gets(hub, SLOW_FILE)
-    assert start == 0 and 0 < sent_before_kill < (tiny_repo / SLOW_FILE).stat().st_size
-    assert len(hub.fetched()) == others + 1
-    # The killed process leaves its temporary file; an idle one is cleaned up by the next pull.
-    (leftover,) = blobs.glob("*.incomplete")
-    os.utime(leftover, (time.time() - 3600, time.time() - 3600))
+    ((first_start, _),) = file_gets(hub, BIG_FILE)
+    (partial,) = blobs.glob("*.dfk8s-partial")
+    on_disk = partial.stat().st_size
+    assert first_start == 0 and 0 < on_disk < size
+    # A temporary file huggingface_hub itself left behind long ago is cleaned up by the next pull.
+    stale = blobs / "0123abcd.1a2b3c4d.incomplete"
+    stale.write_bytes(b"x" * 100)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     hub.slow.clear()
-    before = {path: hub.bytes_sent(path) for path in pipeline_files(tiny_repo)}
-    again = pull(hub, cache)
+    sent_before = hub.bytes_sent()
+    again = pull(hub, cache, BIG_ID)
     assert again.returncode == 0, again.stderr
-    refetched = {
-        path: hub.bytes_sent(path) - sent for path, sent in before.items() if hub.bytes_sent(path) > sent
-    }
-    # Only the interrupted file comes again (whole: huggingface_hub 2.x never reuses a killed temp file).
-    assert refetched == {SLOW_FILE: (tiny_repo / SLOW_FILE).stat().st_size}
-    assert not leftover.exists()
+    # The killed file goes on from the bytes on disk; nothing else comes again.
+    assert file_gets(hub, BIG_FILE)[1:] == [(on_disk, size - on_disk)]
+    assert hub.bytes_sent() - sent_before == size - on_disk
+    assert "resuming vae/diffusion_pytorch_model.safetensors" in again.stderr
+    assert not stale.exists() and not list(blobs.glob("*.dfk8s-partial"))
+    snapshot = Path(again.stdout.strip())
+    assert (snapshot / BIG_FILE).read_bytes() == hub.repos[BIG_ID].files[BIG_FILE].read_bytes()
     (entry,) = list_cache(cache)
     assert entry.complete
 
