@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dfk8s.errors import Dfk8sError, SpecError
 
@@ -355,9 +356,8 @@ def _fetch_blobs(model: str, commit: str, endpoint: str | None, repo_dir: Path, 
     blobs.mkdir(parents=True, exist_ok=True)
 
     def fetch(path: str) -> None:
-        meta = get_hf_file_metadata(
-            hf_hub_url(model, path, revision=commit, endpoint=endpoint), endpoint=endpoint
-        )
+        url = hf_hub_url(model, path, revision=commit, endpoint=endpoint)
+        meta = get_hf_file_metadata(url, endpoint=endpoint)
         if not meta.etag:
             return  # snapshot_download will say what is wrong
         blob = blobs / meta.etag
@@ -374,11 +374,14 @@ def _fetch_blobs(model: str, commit: str, endpoint: str | None, repo_dir: Path, 
                     log.info(
                         "resuming %s at %s of %s", path, format_bytes(resume), format_bytes(meta.size or 0)
                     )
+                headers = build_hf_headers()
+                if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+                    headers.pop("authorization", None)  # a signed CDN URL: the token stays with the Hub
                 http_get(
                     meta.location,
                     handle,
                     resume_size=resume,
-                    headers=build_hf_headers(),
+                    headers=headers,
                     expected_size=meta.size,
                     displayed_filename=path,
                 )

@@ -331,6 +331,16 @@ def test_should_resume_from_the_bytes_on_disk_when_a_pull_is_killed_mid_file(hub
     assert entry.complete
 
 
+def test_should_keep_the_token_from_the_cdn_when_weights_are_redirected(hub, tiny_repo, tmp_path):
+    hub.cdn_redirect = True  # LFS files: 302 to a signed URL on another host, as on the Hub
+    result = pull(hub, tmp_path / "hf", GATED_ID, HF_TOKEN=hub.token)
+    assert result.returncode == 0, result.stderr
+    assert hub.cdn_auth and not any(hub.cdn_auth)  # the weights came from the CDN, never with the token
+    snapshot = Path(result.stdout.strip())
+    for path in pipeline_files(tiny_repo):
+        assert (snapshot / path).read_bytes() == (tiny_repo / path).read_bytes(), path
+
+
 def test_should_log_the_bytes_on_disk_while_a_slow_pull_runs(hub, tmp_path):
     hub.slow[SLOW_FILE] = 0.05
     result = pull(hub, tmp_path / "hf", REPO_ID, "--progress-seconds", "0.3")

@@ -13,6 +13,7 @@ and ``snapshot_download``:
   ``Range: bytes=N-`` answered with 206 and ``Content-Range`` (what a resumed download sends);
 - errors as the Hub signals them: ``X-Error-Code: RepoNotFound | RevisionNotFound | GatedRepo``.
 
+``cdn_redirect`` answers LFS files with a 302 to another host, as the Hub's CDN does.
 Fault knobs for tests: ``cut_once`` (file -> byte count: the first GET of that file closes the
 connection after that many bytes), ``slow`` (file -> seconds per 8 KiB chunk). Every file request is
 recorded in :attr:`FakeHub.requests` with the bytes sent, so a test can count what was fetched.
@@ -76,6 +77,11 @@ class FakeHub:
             repo_id: self._load(Path(folder), repo_id in gated) for repo_id, folder in repos.items()
         }
         self.cut_once: dict[str, int] = {}
+        #: Serve LFS files as the Hub does: the resolve URL answers 302 to a signed URL on another host
+        #: (``localhost`` instead of ``127.0.0.1``: still loopback), where :attr:`cdn_auth` records whether
+        #: an ``Authorization`` header came along (it must not).
+        self.cdn_redirect = False
+        self.cdn_auth: list[bool] = []
         self.slow: dict[str, float] = {}
         self.requests: list[FileRequest] = []
         self._cut_done: set[str] = set()
@@ -247,6 +253,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 ]
                 self._json(entries)
                 return
+            cdn = re.match(r"^/cdn/(?P<repo>[^/]+/[^/]+)/(?P<path>.+)$", url.path)
+            if cdn:
+                repo = hub.repos.get(unquote(cdn["repo"]))
+                path = unquote(cdn["path"])
+                if repo is None or path not in repo.files:
+                    self._error(404, "EntryNotFound", "no such blob")
+                    return
+                with hub._lock:
+                    hub.cdn_auth.append("Authorization" in self.headers)
+                self._send_file(repo, unquote(cdn["repo"]), path, send_body)
+                return
             resolve = _RESOLVE_RE.match(url.path)
             if not resolve:
                 self._error(404, "EntryNotFound", f"no route {url.path}")
@@ -258,7 +275,21 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if path not in repo.files:
                 self._error(404, "EntryNotFound", f"{path} does not exist at this revision")
                 return
+            if hub.cdn_redirect and hub._lfs(repo, path):
+                self._redirect_to_cdn(repo, unquote(resolve["repo"]), path)
+                return
             self._send_file(repo, unquote(resolve["repo"]), path, send_body)
+
+        def _redirect_to_cdn(self, repo: _Repo, repo_id: str, path: str) -> None:
+            port = self.server.server_address[1]
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{port}/cdn/{repo_id}/{path}?signature=fake")
+            self.send_header("X-Repo-Commit", repo.commit)
+            self.send_header("X-Linked-Etag", f'"{repo.sha256[path]}"')
+            self.send_header("X-Linked-Size", str(repo.files[path].stat().st_size))
+            self.send_header("ETag", f'"{repo.sha1[path]}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
         def _send_file(self, repo: _Repo, repo_id: str, path: str, send_body: bool) -> None:
             data = repo.files[path].read_bytes()
