@@ -243,7 +243,12 @@ def pull_model(
         Dfk8sError: The Hub could not be reached or failed (exit 1: a Job retries and resumes).
 
     """
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    try:
+        from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    except ImportError:
+        raise SpecError(
+            "dfk8s model pull needs the Hugging Face Hub client: pip install 'dfk8s[models]'"
+        ) from None
 
     if not is_hub_name(model):
         raise SpecError(f"{model!r} is not a Hub model name (org/name): a local folder needs no pull")
