@@ -42,6 +42,7 @@ def cli(log_level):
     dfk8s logs      worker or reducer pod logs
     dfk8s cancel    delete a run's Jobs and pods (its storage stays; resubmit resumes)
     dfk8s list      the runs in a namespace
+    dfk8s model     pull a model once (here or into a cluster's PVC) and list a model cache
     """
     setup_logging(log_level)
 
@@ -143,6 +144,7 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
         raise missing
     else:
         _check_credentials(request.serving, request.pipeline)
+        _local_model_warnings(request)
     with RunLease(storage):
         # Planning reads, checks and shards every row (~40k rows/s): a million rows deserve a counter.
         with progress_bar(None, enabled=progress) as bar:
@@ -305,6 +307,20 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
     _finish(summary, max_failed_fraction)
 
 
+def _local_model_warnings(request) -> None:
+    """Warn before planning when diffusers workers cannot get their model (offline and not cached, ...)."""
+    from dfk8s.pipelines import get_pipeline
+
+    serving = request.serving or get_pipeline(request.pipeline).default_serving
+    if serving != "diffusers" or not request.input:  # a resumed run keeps the model of its run.json
+        return
+    from dfk8s.models import local_run_warnings
+    from dfk8s.servings.diffusers_flux import MODELS
+
+    for warning in local_run_warnings(request.options.get("model") or MODELS[request.pipeline][1]):
+        _err(f"warning: {warning}")
+
+
 def _check_credentials(serving: str | None, pipeline: str) -> None:
     """Fail before planning when an API serving has no key (the worker would exit 42 on every shard)."""
     from dfk8s.pipelines import get_pipeline
@@ -450,3 +466,4 @@ from dfk8s.cli_kube import register  # noqa: E402 - the Kubernetes commands join
 
 register(cli)
 cli.add_command(report_command)
+cli.add_command(__import__("dfk8s.cli_model", fromlist=["model"]).model)  # dfk8s model pull / list

@@ -104,6 +104,15 @@ def _connect(context, kubeconfig, namespace):
     "--hf-token-secret", metavar="NAME/KEY", help="Secret key holding a Hugging Face token (gated models)."
 )
 @click.option(
+    "--model-cache-pvc",
+    metavar="NAME",
+    help="diffusers: an existing PersistentVolumeClaim holding the model cache, filled once by `dfk8s model "
+    "pull MODEL --pvc NAME`; workers mount it read-only and load offline (a missing model fails at once).",
+)
+@click.option(
+    "--model-cache-subpath", metavar="PATH", help="Folder inside the --model-cache-pvc claim to mount."
+)
+@click.option(
     "--gpus", type=click.IntRange(min=0), help="GPUs per worker pod (default: the profile's; 0: CPU nodes)."
 )
 @click.option(
@@ -168,6 +177,8 @@ def submit(
     api_key_secret,
     s3_secret,
     hf_token_secret,
+    model_cache_pvc,
+    model_cache_subpath,
     gpus,
     node_selector,
     toleration,
@@ -219,6 +230,8 @@ def submit(
         service_account=service_account,
         backoff_limit_per_index=backoff_limit_per_index,
         max_failed_indexes=max_failed_indexes,
+        model_cache_pvc=model_cache_pvc,
+        model_cache_subpath=model_cache_subpath,
     )
     if dry_run:
         _dry_run(launcher.dry_run(request, options, explicit=explicit))

@@ -24,6 +24,7 @@ from dfk8s.runs import RunRequest
 #: guesses for typical hosted endpoints (a short caption; one 1024px image); real latency varies.
 API_SERVINGS: dict[str, float] = {"openai-chat": 3.0, "openai-images": 20.0, "gemini-images": 10.0}
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+HF_TOKEN_WARNING = "pods get no Hugging Face token (no --hf-token-secret): gated models will not load"
 
 
 @dataclass
@@ -48,6 +49,8 @@ class ClusterOptions:
     service_account: str | None = None
     backoff_limit_per_index: int = 2
     max_failed_indexes: int | None = None
+    model_cache_pvc: str | None = None
+    model_cache_subpath: str | None = None
 
 
 # ----- flag parsing -----------------------------------------------------------------------------
@@ -125,7 +128,7 @@ def check_credentials(
             "(IRSA, GKE/Azure workload identity) that can read and write the output"
         )
     if options.hf_token_secret is None and serving == "diffusers" and environ.get("HF_TOKEN"):
-        warnings.append("pods get no Hugging Face token (no --hf-token-secret): gated models will not load")
+        warnings.append(HF_TOKEN_WARNING)
     if options.service_account is None:
         warnings.append(
             "the reduce Job runs as the namespace's default ServiceAccount; it must be allowed "
@@ -160,6 +163,8 @@ def kube_run_config(
         service_account=options.service_account,
         backoff_limit_per_index=options.backoff_limit_per_index,
         max_failed_indexes=options.max_failed_indexes,
+        model_cache_pvc=options.model_cache_pvc,
+        model_cache_subpath=options.model_cache_subpath,
     )
 
 
