@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 
 from dfk8s.errors import EXIT_DO_NOT_RETRY, KubernetesError
 
-__all__ = ["JobDeleted", "JobState", "format_indexes", "job_state", "parse_indexes", "wait_for_job_end"]
+__all__ = [
+    "JobDeleted",
+    "JobState",
+    "WaitNotAllowed",
+    "format_indexes",
+    "job_state",
+    "parse_indexes",
+    "wait_for_job_end",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,21 @@ class JobDeleted(KubernetesError):
     """The Job waited for was deleted (the run was cancelled); nothing is reduced."""
 
     exit_code = EXIT_DO_NOT_RETRY
+
+
+class WaitNotAllowed(KubernetesError):
+    """The credentials may not read the Job (401/403): a retried pod would be refused just the same."""
+
+    exit_code = EXIT_DO_NOT_RETRY
+
+
+def _retry_after(exc, default: float) -> float:
+    """Seconds a 429 asks to wait (its ``Retry-After`` header), else ``default``; at most 60."""
+    try:
+        value = float((exc.headers or {}).get("Retry-After"))
+    except (TypeError, ValueError):
+        return default
+    return min(60.0, max(0.0, value))
 
 
 def parse_indexes(text: str | None) -> list[int]:
@@ -236,7 +259,20 @@ def wait_for_job_end(
             if exc.status == 410:  # the resourceVersion is too old: list again
                 log.info("watch of job %s expired; listing again", name)
                 continue
-            if exc.status in (401, 403, 404) or exc.status is None or exc.status < 500:
+            if exc.status == 429:  # API priority and fairness (or a busy server): come back later
+                pause = _retry_after(exc, backoff)
+                log.warning("the API is busy (429) while watching job %s; retrying in %.0fs", name, pause)
+                sleep(pause)
+                backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+                continue
+            if exc.status in (401, 403):
+                error = kube_error(exc, f"watching job {name}")
+                raise WaitNotAllowed(
+                    f"{error} (watching job {name} in namespace {namespace} needs get/list/watch on jobs: "
+                    "run the reduce Job as the Helm chart's reducer ServiceAccount, --service-account "
+                    "<release>-dfk8s-reducer); not retrying"
+                ) from None
+            if exc.status in (404,) or exc.status is None or exc.status < 500:
                 raise kube_error(exc, f"watching job {name}") from None
             log.warning(
                 "the API answered %s while watching job %s; retrying in %.0fs", exc.status, name, backoff
