@@ -82,7 +82,11 @@ def parse_indexes(text: str | None) -> list[int]:
 
 
 def format_indexes(indexes) -> str:
-    """Write indexes the way the Job controller does: ``[1, 3, 4, 5]`` -> ``"1,3-5"``."""
+    """Write indexes the way the Job controller does: ``[1, 3, 4, 5, 7, 8]`` -> ``"1,3-5,7,8"``.
+
+    Two neighbours are written ``7,8``, three or more as a range (``orderedIntervals.String`` of the
+    Job controller).
+    """
     ordered = sorted(set(indexes))
     runs: list[str] = []
     i = 0
@@ -90,7 +94,10 @@ def format_indexes(indexes) -> str:
         j = i
         while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
             j += 1
-        runs.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        if i == j:
+            runs.append(str(ordered[i]))
+        else:
+            runs.append(f"{ordered[i]}{',' if j == i + 1 else '-'}{ordered[j]}")
         i = j + 1
     return ",".join(runs)
 

@@ -38,22 +38,27 @@ would, so a test can act on a pod before its process starts.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import http.server
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socketserver
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+
+from tests.cluster.controlplane import _die_with_parent
 
 GPU_RESOURCE = "nvidia.com/gpu"
 CPU_NODE = "dfk8s-cpu"
@@ -78,6 +83,7 @@ NODES: dict[str, dict] = {
     },
 }
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+STATE_ROOT = Path("/var/lib/dfk8s-node-agent")
 LEASE_SECONDS = 40
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -160,6 +166,7 @@ class _Pod:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             self.started_at = now()
         self.agent.procs[self.uid] = self.proc
@@ -275,7 +282,8 @@ class _Pod:
                 source = source / mount["subPath"]
                 source.mkdir(parents=True, exist_ok=True)
             mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
-        return mounts
+        # Parents before children (/tmp before /tmp/x), as container runtimes order them.
+        return sorted(mounts, key=lambda m: len(Path(m[1]).parts))
 
     def _projected(self, folder: Path, projected: dict) -> None:
         for source in projected.get("sources") or ():
@@ -560,7 +568,13 @@ class NodeAgent:
 
     def __init__(self, plane, *, state_dir: Path | None = None, venv_bin: Path | None = None):
         self.plane = plane
-        self.state_dir = Path(state_dir or plane.dir / "node")
+        # Like the kubelet's /var/lib/kubelet/pods: outside every path a pod mounts over (/tmp above
+        # all), so each volume's folder is still reachable when the next one is bind-mounted.
+        self._own_dir = state_dir is None
+        if state_dir is None:
+            STATE_ROOT.mkdir(parents=True, exist_ok=True)
+            state_dir = Path(tempfile.mkdtemp(prefix="node-", dir=STATE_ROOT))
+        self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.apiserver_port = plane.apiserver_port
         venv_bin = Path(venv_bin or Path(sys.executable).parent)
@@ -662,6 +676,7 @@ class NodeAgent:
         """Register the nodes, serve logs, and start watching pods."""
         self.api, self.core, self.coordination = self._clients()
         self.running = True
+        atexit.register(self.stop)
         self.log_port = self._serve_logs()
         for name, spec in NODES.items():
             self._register(name, spec)
@@ -685,6 +700,8 @@ class NodeAgent:
             self._log_server.shutdown()
             self._log_server.server_close()
         self.api.close()
+        if self._own_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> NodeAgent:
         return self.start()

@@ -107,7 +107,7 @@ def test_submit_wait_status_logs_list_cancel(kube_env, s3_bucket, fake_api, api_
 
     status = invoke("status", run_id)
     assert status.exit_code == 0, status.output
-    assert "in namespace batch: complete" in status.stdout and "2/2 indexes completed (0-1)" in status.stdout
+    assert "in namespace batch: complete" in status.stdout and "2/2 indexes completed (0,1)" in status.stdout
     assert "8/8 rows (4 ok, 4 failed); 2/2 shards done" in status.stdout
     assert f"result: {output}/{run_id}/result.jsonl" in status.stdout
     as_json = json.loads(invoke("status", run_id, "--json").stdout)
@@ -157,10 +157,12 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
     kube_env, held, s3_bucket, fake_api, api_key, run_id, seaweed
 ):
     cluster, output = kube_env, f"s3://{s3_bucket}/runs"
+    started = set()  # the indexes whose pods may start
     held.hold(
         lambda pod: (
             pod["metadata"].get("labels", {}).get("dfk8s.io/run") == run_id
             and pod["metadata"]["labels"].get("dfk8s.io/component") == "map"
+            and pod["metadata"]["annotations"][INDEX] not in started
         )
     )
     result = invoke(
@@ -180,10 +182,17 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
     pods = cluster.wait_for(
         lambda: (lambda p: p if len(p) == 4 else None)(run_pods(cluster, run_id)), what="4 map pods"
     )
-    # Shard 1's input disappears: its worker exits 42 and the FailIndex rule fails the index at once.
+    # Shard 1's input is gone when its pod starts: the worker exits 42 and the FailIndex rule fails
+    # the index at once. The input comes back before the reducer reads it.
     storage = open_storage(output).child(run_id)
     shard1 = storage.read_bytes(layout.shard_input_key(1))
     storage.delete(layout.shard_input_key(1))
+    started.add("1")
+    cluster.wait_for(
+        lambda: cluster.job(NS, f"dfk8s-{run_id}-map")["status"].get("failedIndexes") == "1",
+        what="index 1 to fail",
+    )
+    storage.write_bytes(layout.shard_input_key(1), shard1)
     # Index 2's pod is evicted through the Eviction API: the API server adds DisruptionTarget, and the
     # Job controller's Ignore rule creates a new pod without counting a failure.
     evicted = next(p for p in pods if p["metadata"]["annotations"][INDEX] == "2")
@@ -193,13 +202,7 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
         {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": evicted["metadata"]["name"]}},
     )
     cluster.wait_for(
-        lambda: (
-            len(cluster.pods(NS, f"dfk8s.io/run={run_id},{INDEX}=2")) == 2
-            or not any(
-                p["metadata"]["uid"] == evicted["metadata"]["uid"]
-                for p in cluster.pods(NS, f"dfk8s.io/run={run_id}")
-            )
-        ),
+        lambda: len(cluster.pods(NS, f"dfk8s.io/run={run_id},{INDEX}=2")) == 2,
         what="the evicted pod to be replaced",
     )
     held.release()
@@ -212,13 +215,18 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
     )
     assert reducer == 1, cluster.pod_logs(NS)
     summary = storage.read_json(layout.SUMMARY_KEY)
+    assert summary["failed_shards"] == [1], (
+        summary,
+        cluster.job(NS, f"dfk8s-{run_id}-map")["status"],
+        cluster.pod_logs(NS),
+    )
     assert (
         summary["failed_shards"] == [1] and summary["finished_shards"] == 3 and summary["not_processed"] == 2
     )
     errors = [json.loads(line) for line in storage.open_lines(layout.ERRORS_KEY)]
     assert any("shard 1: its shard failed" in e["error"]["message"] for e in errors)
     job = cluster.job(NS, f"dfk8s-{run_id}-map")["status"]
-    assert job["completedIndexes"] == "0,2-3" and job["failedIndexes"] == "1" and job["failed"] == 1
+    assert job["completedIndexes"] == "0,2,3" and job["failedIndexes"] == "1" and job["failed"] == 1
     failed_pod = [p for p in run_pods(cluster, run_id) if p["metadata"]["annotations"][INDEX] == "1"]
     assert (
         failed_pod
@@ -235,7 +243,6 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
         ),
         what="the Jobs to go",
     )
-    storage.write_bytes(layout.shard_input_key(1), shard1)
     requests_before = len(fake_api.requests())
     resumed = invoke(*caption_args(output, "--run-id", run_id, "--parallelism", "2", *wait_args(fake_api)))
     assert resumed.exit_code == 0, resumed.output + cluster.pod_logs(NS)
@@ -251,7 +258,13 @@ def test_map_job_failed_with_some_indexes_done_is_still_reduced(
     """--max-failed-indexes 0: shard 1 fails for good, so the Job ends Failed after shard 0; the reducer
     (a pod of the reduce Job, in-cluster credentials) assembles what exists and names the rest."""
     cluster, output = kube_env, f"s3://{s3_bucket}/runs"
-    held.hold(lambda pod: pod["metadata"].get("labels", {}).get("dfk8s.io/run") == run_id)
+    may_start = set()  # components whose pods may start
+    held.hold(
+        lambda pod: (
+            pod["metadata"].get("labels", {}).get("dfk8s.io/run") == run_id
+            and pod["metadata"]["labels"].get("dfk8s.io/component") not in may_start
+        )
+    )
     result = invoke(
         *caption_args(
             output,
@@ -267,9 +280,21 @@ def test_map_job_failed_with_some_indexes_done_is_still_reduced(
         )
     )
     assert result.exit_code == 0, result.output
+    # Shard 1's input is gone when its pod starts (exit 42, FailIndex); back before the reducer reads.
     storage = open_storage(output).child(run_id)
+    shard1 = storage.read_bytes(layout.shard_input_key(1))
     storage.delete(layout.shard_input_key(1))
-    held.release()
+    may_start.add("map")
+    cluster.wait_for(
+        lambda: any(
+            c["type"] == "Failed"
+            for c in cluster.job(NS, f"dfk8s-{run_id}-map")["status"].get("conditions") or ()
+        ),
+        what="the map Job to fail",
+        timeout=180,
+    )
+    storage.write_bytes(layout.shard_input_key(1), shard1)
+    may_start.add("reduce")
     cluster.wait_for(
         lambda: (cluster.job(NS, f"dfk8s-{run_id}-reduce") or {}).get("status", {}).get("succeeded"),
         what="the reduce Job",
@@ -287,7 +312,7 @@ def test_map_job_failed_with_some_indexes_done_is_still_reduced(
     assert (
         f"map job: dfk8s-{run_id}-map: Failed (MaxFailedIndexesExceeded), 1/3 indexes completed (0)" in status
     )
-    assert "failed shards: 1-2" in status and ": partial" in status
+    assert "failed shards: 1,2" in status and ": partial" in status
 
 
 def test_reduce_stops_when_the_map_job_is_deleted(kube_env, held, s3_bucket, run_id):

@@ -47,6 +47,15 @@ def test_index_lists_parse_and_format_like_the_job_controller(text, indexes):
     assert parse_indexes(format_indexes(indexes)) == indexes
 
 
+@pytest.mark.parametrize(
+    ("indexes", "text"),
+    [([], ""), ([0], "0"), ([0, 1], "0,1"), ([0, 2, 3], "0,2,3"), ([1, 3, 4, 5, 7, 8], "1,3-5,7,8")],
+)
+def test_index_lists_are_written_as_the_job_controller_writes_them(indexes, text):
+    # What kube-controller-manager put in status.completedIndexes of a real Job: "0,2,3", not "0,2-3".
+    assert format_indexes(indexes) == text
+
+
 @pytest.mark.parametrize("bad", ["a", "1-", "-1", "5-3", "1,,x", "1;2"])
 def test_bad_index_lists_are_refused(bad):
     with pytest.raises(ValueError):
