@@ -531,13 +531,11 @@ def _serve(args) -> None:
         agent = NodeAgent(plane, state_dir=folder / "state" / "node").start()
         try:
             shutil.copy(plane.kubeconfig, folder / "kubeconfig")
-            env = plane.env()
             (folder / "env").write_text(
                 f"# . .cluster/env: the local control plane (Kubernetes {plane.version})\n"
                 f"export KUBECONFIG={folder / 'kubeconfig'}\n"
                 f"export PATH={plane.bin['helm'].parent}:{plane.bin['kubectl'].parent}:$PATH\n"
             )
-            del env
             (folder / "ready").write_text(plane.server + "\n")
             while not stop["now"]:
                 time.sleep(0.5)
@@ -626,6 +624,7 @@ def _down(args) -> int:
     pid_file.unlink(missing_ok=True)
     for name in ("kubeconfig", "env", "ready"):
         (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / "state", ignore_errors=True)  # keys, tokens, etcd data; cluster.log stays
     print("local control plane stopped")
     return 0
 
