@@ -1,9 +1,9 @@
 """A node agent: the one stand-in of the local control plane, doing a kubelet's job for bound pods.
 
 Test code, not shipped. A real kubelet needs a container runtime (containerd + runc), a pause image
-from registry.k8s.io and a CNI network; none of these can run or be fetched here (see
-tests/cluster/README in the note of issue 7), so this agent does what the kubelet does, against the
-real kube-apiserver, for pods the real scheduler bound to its nodes:
+from registry.k8s.io and a CNI network; the images cannot be fetched here (only package registries
+are reachable) and DESIGN.md forbids the bridges and iptables rules a CNI needs. So this agent does
+what the kubelet does, against the real kube-apiserver, for pods the real scheduler bound to its nodes:
 
 * registers two Nodes, ``dfk8s-cpu`` and ``dfk8s-gpu`` (``nvidia.com/gpu`` capacity, the
   ``nvidia.com/gpu.present=true`` label and the ``nvidia.com/gpu:NoSchedule`` taint the text2image
@@ -214,7 +214,7 @@ class _Pod:
     # ----- the container's process ---------------------------------------------------------------
 
     def _prepare(self) -> tuple[list[str], dict[str, str], str]:
-        pod, container = self.pod, self.container
+        container = self.container
         mounts = self._volumes()
         env = self._env()
         command = [_expand(part, env) for part in container.get("command") or []]
@@ -234,7 +234,6 @@ class _Pod:
         script.append('exec "$@"')
         wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "pod"]
         cwd = container.get("workingDir") or str(self.dir)
-        del pod
         return wrapper + argv, env, cwd
 
     def _volumes(self) -> list[tuple[Path, str, bool]]:
