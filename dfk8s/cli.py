@@ -413,23 +413,30 @@ def reduce(run_uri, s3_endpoint, wait_job, namespace):
 @cli.command()
 @click.option("--pipeline", "-p", required=True, type=click.Choice(sorted(__import__(
     "dfk8s.pipelines", fromlist=["PIPELINES"]).PIPELINES)), help="Pipeline the rows are for.")
-@click.option("--input", "-i", "input_", required=True, metavar="PATH|S3URI", help="Manifest to check.")
+@click.option("--input", "-i", "input_", required=True, metavar="PATH|S3URI",
+              help="Manifest to check (file, folder or glob; JSON, JSONL or Parquet; or a folder of images).")
 @click.option("--input-key", help="Conversation key.")
 @click.option("--image-key", help="Input image key.")
 @click.option("--id-key", help="Row key holding a unique id.")
 @click.option("--image-root", type=click.Path(file_okay=False), help="Folder relative image paths start at.")
+@click.option("--prompt", metavar="TEXT", help="The user turn for rows without a conversation.")
+@click.option("--limit", type=click.IntRange(min=1), help="Check only the first N rows.")
+@click.option("--allow-private-image-hosts", is_flag=True, help="Do not refuse private image addresses.")
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
-def validate(pipeline, input_, input_key, image_key, id_key, image_root, s3_endpoint):
-    """Check a manifest without running anything: every problem with its line or element, and a count.
+def validate(pipeline, input_, input_key, image_key, id_key, image_root, prompt, limit,
+             allow_private_image_hosts, s3_endpoint):
+    """Check a manifest without running anything: every problem with its line, element or row, and a count.
 
-    Exits 1 when any row has a problem.
+    http(s) images are checked for syntax and scheme only (not fetched). Exits 1 when any row has a problem.
     """
     from dfk8s.plan import iter_problems
 
     counts: dict = {}
     problems = 0
+    options = {"prompt": prompt, "allow_private_image_hosts": allow_private_image_hosts}
     for problem in iter_problems(input_, pipeline, counts, input_key=input_key, image_key=image_key,
-                                 id_key=id_key, image_root=image_root, endpoint_url=s3_endpoint):
+                                 id_key=id_key, image_root=image_root, endpoint_url=s3_endpoint,
+                                 options=options, limit=limit):
         problems += 1
         click.echo(f"{input_}: {problem}")
     bad = counts["rows"] - counts["good"]

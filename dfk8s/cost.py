@@ -416,12 +416,16 @@ def estimate(tally: Tally, serving: str, options: dict, prices: PriceTable,
     return est
 
 
-def row_texts(pipeline, row: dict, input_key: str | None, system_prompt: str | None) -> list[str]:
-    """The texts one row's request carries (system prompt and turns); empty if the row is unusable."""
+def row_texts(pipeline, row: dict, input_key: str | None, system_prompt: str | None,
+              prompt: str | None = None) -> list[str]:
+    """The texts one row's request carries (system prompt and turns); empty if the row is unusable.
+
+    ``prompt`` is ``--prompt``: the user turn of a row without a conversation.
+    """
     from dfk8s.rows import RowProblem, strip_image_placeholders
 
     try:
-        turns = pipeline.check_row(row, input_key)
+        turns = pipeline.check_row(row, input_key, prompt)
     except RowProblem:
         return []
     system = system_prompt if system_prompt is not None else pipeline.system_prompt

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import os
 import posixpath
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +26,83 @@ DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 
 
 class ImageProblem(ValueError):
-    """An input image is missing, undecodable or too big; the message names the reference."""
+    """An input image is missing, undecodable, too big or refused; the message names the reference.
+
+    Attributes:
+        type: The row's error type: ``BadImage``, ``BlockedAddress``, ``ImageFetchError``, ...
+        details: Extra fields for the error record (``status``, ``url``, ...).
+    """
+
+    def __init__(self, message: str, type: str = "BadImage", details: dict | None = None):
+        super().__init__(message)
+        self.type = type
+        self.details = details or {}
+
+
+#: URL schemes a worker fetches images from (anything else with ``://`` but s3 is refused).
+FETCH_SCHEMES = ("http", "https")
+
+
+def is_http_url(ref) -> bool:
+    """Whether an image reference is an http(s) URL (fetched by the workers, never staged)."""
+    return isinstance(ref, str) and ref[:8].lower().startswith(("http://", "https://"))
+
+
+def is_data_uri(ref) -> bool:
+    """Whether an image reference is a ``data:`` URI (the image inline in the row)."""
+    return isinstance(ref, str) and ref[:5].lower() == "data:"
+
+
+def short_ref(ref) -> str:
+    """A reference as messages show it: inline images (bytes, data: URIs) are not printed whole."""
+    if isinstance(ref, bytes):
+        return f"<{len(ref)} bytes>"
+    if is_data_uri(ref) and len(ref) > 60:
+        return f"{ref[:ref.find(',') + 1 if 0 < ref.find(',') < 40 else 30]}...({len(ref)} chars)"
+    return ref
+
+
+def decode_data_uri(ref: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a ``data:[<mime>][;base64],<data>`` URI, within ``max_bytes``.
+
+    Raises:
+        ImageProblem: Not a well-formed data URI, or too big.
+    """
+    head, comma, payload = ref.partition(",")
+    if not comma:
+        raise ImageProblem("image data: URI has no ',' before its data")
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise ImageProblem(f"image data: URI holds over the {max_bytes} byte limit")
+    try:
+        if head.lower().endswith(";base64"):
+            data = base64.b64decode(payload.strip(), validate=True)
+        else:
+            data = urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError):
+        raise ImageProblem("image data: URI is not valid base64") from None
+    if len(data) > max_bytes:
+        raise ImageProblem(f"image data: URI is {len(data)} bytes, over the {max_bytes} byte limit")
+    return data
+
+
+def check_url(ref: str) -> urllib.parse.SplitResult:
+    """Check an image URL's syntax and scheme (plan time: nothing is fetched or resolved).
+
+    Raises:
+        ImageProblem: ``BlockedAddress`` for a scheme other than http/https, ``BadImage`` for a URL
+            without a host.
+    """
+    try:
+        parts = urllib.parse.urlsplit(ref)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ImageProblem(f"image {ref} is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in FETCH_SCHEMES:
+        raise ImageProblem(f"image {ref}: scheme {parts.scheme!r} is refused (only http, https, s3)",
+                           type="BlockedAddress", details={"url": ref})
+    if not parts.hostname:
+        raise ImageProblem(f"image {ref} is not a valid URL: no host")
+    return parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +132,7 @@ def resolve_ref(ref: str, base_dir: str | None) -> str:
         ref: As written in the row: relative path, absolute path or ``s3://`` URI.
         base_dir: Folder relative paths are taken from (``--image-root`` or the manifest's folder).
     """
-    if "://" in ref or ref.startswith(RUN_REF_SCHEME):
+    if "://" in ref or ref.startswith(RUN_REF_SCHEME) or is_data_uri(ref):
         return ref
     if base_dir and base_dir.startswith("s3://") and not ref.startswith(("/", "~")):
         # A manifest on S3 refers to its images relative to its own prefix.
@@ -114,8 +193,13 @@ def read_ref_bytes(ref: str, *, run_storage=None, endpoint_url: str | None = Non
         elif ref.startswith("s3://"):
             bucket, _, key = ref[5:].partition("/")
             data = _bucket(bucket, endpoint_url).read_bytes(key)
+        elif is_data_uri(ref):
+            data = decode_data_uri(ref, max_bytes=max_bytes)
         elif "://" in ref:
-            raise ImageProblem(f"image {ref}: only local paths and s3:// URIs are supported")
+            # http(s) images are fetched by dfk8s.fetch on the worker's event loop, not here.
+            scheme = ref.split("://", 1)[0]
+            raise ImageProblem(f"image {ref}: scheme {scheme!r} is refused (only http, https, s3)",
+                               type="BlockedAddress", details={"url": ref})
         else:
             size = os.path.getsize(ref)
             if size > max_bytes:

@@ -1,9 +1,19 @@
-"""Read a manifest (JSONL or a JSON array, local or s3://) as a stream of rows, never whole."""
+"""Read a manifest as a stream of rows, never whole.
+
+A manifest is a JSONL file, a JSON array or a Parquet file, local or ``s3://``; or a folder or glob of
+them (one manifest, in sorted file order); or a folder of images with no manifest at all (one row per
+image file). ``limit`` and ``sample`` pick which rows are read.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import hashlib
+import heapq
 import json
+import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -23,6 +33,7 @@ class ManifestItem:
         row: The parsed row, or None when the element is not a JSON object.
         error: Why the element is not a row, or None.
         raw: The raw text of a bad JSONL line, kept so nothing is lost.
+        binary: The row may hold ``bytes`` (a Parquet binary column).
     """
 
     pos: int
@@ -30,6 +41,7 @@ class ManifestItem:
     row: dict | None
     error: str | None = None
     raw: str | None = None
+    binary: bool = False
 
 
 class _HashingReader:
@@ -88,14 +100,29 @@ class _Prefixed:
         return self.rest.readline()
 
 
+#: File names read as manifests in a folder or glob (anything else there is ignored).
+MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq")
+#: File names read as images when a folder holds no manifest: one row per image.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_GLOB_CHARS = ("*", "?", "[")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def _s3_client(bucket: str, endpoint_url: str | None):
+    from dfk8s.images import _bucket
+
+    return _bucket(bucket, endpoint_url).client
+
+
 def _open(source: str, endpoint_url: str | None) -> IO[bytes]:
     if source.startswith("s3://"):
-        from dfk8s.storage import open_storage
-
-        bucket_root, _, key = source[5:].partition("/")
-        storage = open_storage(f"s3://{bucket_root}", endpoint_url=endpoint_url)
+        bucket, key = _split_s3(source)
         try:
-            return storage.client.get_object(Bucket=bucket_root, Key=key)["Body"]
+            return _s3_client(bucket, endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
         except Exception as exc:  # botocore errors carry no secret, but keep the message short
             raise ManifestError(f"cannot read manifest: {exc}", source=source) from None
     try:
@@ -106,35 +133,212 @@ def _open(source: str, endpoint_url: str | None) -> IO[bytes]:
         raise ManifestError(f"cannot read manifest: {exc.strerror}", source=source) from None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a manifest location holds.
+
+    Attributes:
+        files: The files to read, in order (absolute paths or s3:// URIs).
+        kind: ``file`` (one manifest), ``files`` (a folder or glob of manifests) or ``images`` (a folder
+            or glob of image files, one row each).
+        root: The folder the files are named relative to (and relative image paths start at).
+    """
+
+    files: tuple[str, ...]
+    kind: str
+    root: str
+
+
+def expand_source(source: str, *, endpoint_url: str | None = None) -> Layout:
+    """Find the files behind a manifest location: a file, a folder or a glob, local or s3://.
+
+    Raises:
+        ManifestError: Nothing is there, or a folder holds neither manifests nor images.
+    """
+    is_glob = any(c in source for c in _GLOB_CHARS)
+    if source.startswith("s3://"):
+        bucket, key = _split_s3(source)
+        if is_glob:
+            prefix = key[:min(key.index(c) for c in _GLOB_CHARS if c in key)].rsplit("/", 1)[0]
+            names = [f"s3://{bucket}/{k}" for k in _s3_keys(bucket, prefix, endpoint_url)
+                     if fnmatch.fnmatchcase(k, key)]
+            root = f"s3://{bucket}/{prefix}".rstrip("/")
+        else:
+            if key and not key.endswith("/") and _s3_exists(bucket, key, endpoint_url):
+                return Layout((source,), "file", source.rsplit("/", 1)[0])
+            prefix = key.rstrip("/")
+            names = [f"s3://{bucket}/{k}" for k in _s3_keys(bucket, prefix, endpoint_url)]
+            root = f"s3://{bucket}/{prefix}".rstrip("/")
+            if not names:
+                raise ManifestError("no such file or folder", source=source)
+    else:
+        path = os.path.abspath(os.path.expanduser(source))
+        if is_glob:
+            names = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+            root = os.path.dirname(path[:min(path.index(c) for c in _GLOB_CHARS if c in path)].rstrip("/")
+                                   + "/x")
+        elif os.path.isdir(path):
+            names = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
+            root = path
+        else:
+            return Layout((source,), "file", os.path.dirname(path))
+    manifests = [n for n in names if n.lower().endswith(MANIFEST_SUFFIXES)]
+    if manifests:
+        return Layout(tuple(manifests), "files", root)
+    images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    if images:
+        return Layout(tuple(images), "images", root)
+    raise ManifestError(f"no manifest ({', '.join(MANIFEST_SUFFIXES)}) or image files found", source=source)
+
+
+def _s3_keys(bucket: str, prefix: str, endpoint_url: str | None) -> list[str]:
+    client = _s3_client(bucket, endpoint_url)
+    keys: list[str] = []
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=(prefix + "/") if prefix else "")
+        for page in pages:
+            keys.extend(obj["Key"] for obj in page.get("Contents", ()) if not obj["Key"].endswith("/"))
+    except Exception as exc:
+        raise ManifestError(f"cannot list: {exc}", source=f"s3://{bucket}/{prefix}") from None
+    return sorted(keys)
+
+
+def _s3_exists(bucket: str, key: str, endpoint_url: str | None) -> bool:
+    try:
+        _s3_client(bucket, endpoint_url).head_object(Bucket=bucket, Key=key)
+        return True
+    except Exception:
+        return False
+
+
+def _relative(name: str, root: str) -> str:
+    prefix = root.rstrip("/") + "/"
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
 class Manifest:
     """A streaming reader of one manifest; iterate it once to get :class:`ManifestItem` s.
 
-    After iterating, :attr:`digest` holds the sha256 of the bytes read and :attr:`nbytes` their count.
+    After a complete pass, :attr:`digest` holds a sha256 of the input (of the bytes read for a single
+    JSON/JSONL file) and :attr:`nbytes` the bytes read; both stay unset when ``limit`` stopped early.
+
+    Args:
+        source: A file, folder or glob, local or s3://.
+        endpoint_url: S3 endpoint.
+        image_key: The key a folder of images puts each image under (default ``image``).
+        limit: Read only the first ``limit`` rows.
+        sample: Keep a uniform random sample of this many rows (reservoir sampling, one pass), in input
+            order; with ``limit``, a sample of the first ``limit`` rows.
+        seed: Seed of the sample.
     """
 
-    def __init__(self, source: str, *, endpoint_url: str | None = None):
+    def __init__(self, source: str, *, endpoint_url: str | None = None, image_key: str | None = None,
+                 limit: int | None = None, sample: int | None = None, seed: int = 0):
         self.source = source
         self.endpoint_url = endpoint_url
+        self.image_key = image_key or "image"
+        self.limit = limit
+        self.sample = sample
+        self.seed = seed
         self.digest: str | None = None
         self.nbytes = 0
         self.format: str | None = None
+        self._file_digest: str | None = None
 
     def __iter__(self) -> Iterator[ManifestItem]:
-        raw = _open(self.source, self.endpoint_url)
+        items = self._all()
+        if self.limit is not None:
+            items = _first(items, self.limit)
+        if self.sample is not None:
+            yield from _reservoir(items, self.sample, self.seed)
+        else:
+            yield from items
+
+    def _all(self) -> Iterator[ManifestItem]:
+        layout = expand_source(self.source, endpoint_url=self.endpoint_url)
+        self.digest, self.nbytes = None, 0
+        if layout.kind == "images":
+            self.format = "images"
+            yield from self._image_rows(layout)
+            return
+        if layout.kind == "file":
+            yield from self._file(layout.files[0], 0, "")
+            self.digest = self._file_digest
+            return
+        digests, pos = hashlib.sha256(), 0
+        for name in layout.files:
+            relative = _relative(name, layout.root)
+            for item in self._file(name, pos, relative + " "):
+                pos = item.pos + 1
+                yield item
+            digests.update(f"{relative}\0{self._file_digest}\n".encode())
+        self.format = "files"
+        self.digest = digests.hexdigest()
+
+    def _image_rows(self, layout: Layout) -> Iterator[ManifestItem]:
+        digest = hashlib.sha256()
+        for pos, name in enumerate(layout.files):
+            relative = _relative(name, layout.root)
+            digest.update(relative.encode() + b"\n")
+            yield ManifestItem(pos, relative, {self.image_key: relative})
+        self.digest = digest.hexdigest()
+
+    def _file(self, name: str, start: int, label: str) -> Iterator[ManifestItem]:
+        """The items of one file, numbered from ``start``; ``label`` prefixes their location."""
+        before = self.nbytes
+        if name.lower().endswith((".parquet", ".pq")):
+            self.format = "parquet"
+            yield from self._parquet(name, start, label)
+            return
+        raw = _open(name, self.endpoint_url)
         reader = _HashingReader(raw)
         try:
             first = reader.peek_first_char()
             # Anything not starting with "[" is read as JSONL: a bad line becomes an error item.
             self.format = "json" if first == b"[" else "jsonl"
-            items = self._json_array(reader) if self.format == "json" else self._jsonl(reader)
-            yield from items
+            items = self._json_array(reader, name) if self.format == "json" else self._jsonl(reader)
+            for item in items:
+                item.pos += start
+                if label:
+                    item.where = label + item.where
+                yield item
             # Drain what is left (trailing whitespace) so the digest covers the whole file.
             while reader.read(1 << 20):
                 pass
-            self.digest = reader.sha.hexdigest()
-            self.nbytes = reader.nbytes
+            self._file_digest = reader.sha.hexdigest()
+            self.nbytes = before + reader.nbytes
         finally:
             raw.close()
+
+    def _parquet(self, name: str, start: int, label: str) -> Iterator[ManifestItem]:
+        from dfk8s.parquet import S3RangeFile, iter_parquet_rows
+
+        before = self.nbytes
+        if name.startswith("s3://"):
+            bucket, key = _split_s3(name)
+            try:
+                file = S3RangeFile(_s3_client(bucket, self.endpoint_url), bucket, key)
+            except Exception as exc:
+                raise ManifestError(f"cannot read manifest: {exc}", source=name) from None
+            identity, size = f"{name} {file.size} {file.etag}", file.size
+        else:
+            try:
+                stat = os.stat(name)
+            except FileNotFoundError:
+                raise ManifestError("no such file", source=name) from None
+            file = name
+            identity, size = None, stat.st_size
+        pos = start
+        for number, row, binary in iter_parquet_rows(file, name):
+            yield ManifestItem(pos, f"{label}row {number}", row, binary=binary)
+            pos += 1
+        if identity is None:  # a local file is hashed whole (fast next to parsing it)
+            with open(name, "rb") as f:
+                self._file_digest = hashlib.file_digest(f, "sha256").hexdigest()
+        else:  # an S3 object is known by its ETag: downloading it twice to hash it is not worth it
+            self._file_digest = hashlib.sha256(identity.encode()).hexdigest()
+        self.nbytes = before + size
 
     def _jsonl(self, reader: _HashingReader) -> Iterator[ManifestItem]:
         pos = 0
@@ -156,7 +360,7 @@ class Manifest:
                                        text.decode("utf-8", "replace"))
             pos += 1
 
-    def _json_array(self, reader: _HashingReader) -> Iterator[ManifestItem]:
+    def _json_array(self, reader: _HashingReader, name: str) -> Iterator[ManifestItem]:
         pos = 0
         try:
             for value in ijson.items(reader, "item", use_float=True):
@@ -170,7 +374,7 @@ class Manifest:
         except ijson.JSONError as exc:
             # A broken array cannot be resynchronised: stop with the element where it broke.
             raise ManifestError(f"bad JSON array after element {pos}: {_short(exc)}",
-                                source=self.source) from None
+                                source=name) from None
 
 
 def _short(exc: Exception) -> str:
@@ -182,9 +386,36 @@ def _kind(value: Any) -> str:
         type(value), "a number")
 
 
-def count_rows(source: str, *, endpoint_url: str | None = None) -> int:
-    """Count a manifest's rows in one streaming pass (used to split into a fixed number of shards)."""
-    return sum(1 for _ in Manifest(source, endpoint_url=endpoint_url))
+def _first(items: Iterator[ManifestItem], limit: int) -> Iterator[ManifestItem]:
+    if limit <= 0:
+        return
+    for item in items:
+        yield item
+        if item.pos + 1 >= limit:
+            return
 
 
-__all__ = ["Manifest", "ManifestItem", "count_rows"]
+def _reservoir(items: Iterator[ManifestItem], size: int, seed: int) -> Iterator[ManifestItem]:
+    """A uniform sample of ``size`` items in one pass (Algorithm R), given back in input order."""
+    rng = random.Random(seed)
+    kept: list[ManifestItem] = []
+    for seen, item in enumerate(items):
+        if seen < size:
+            kept.append(item)
+        else:
+            slot = rng.randrange(seen + 1)
+            if slot < size:
+                kept[slot] = item
+    yield from heapq.nsmallest(len(kept), kept, key=lambda i: i.pos)
+
+
+def count_rows(source: str, *, endpoint_url: str | None = None, **selection) -> int:
+    """Count a manifest's rows in one streaming pass (used to split into a fixed number of shards).
+
+    ``selection`` takes :class:`Manifest`'s ``limit``, ``sample`` and ``seed``.
+    """
+    return sum(1 for _ in Manifest(source, endpoint_url=endpoint_url, **selection))
+
+
+__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "Layout", "Manifest", "ManifestItem", "count_rows",
+           "expand_source"]

@@ -20,13 +20,22 @@ PIPELINE_OPTIONS = [
     click.option("--pipeline", "-p", required=True, type=click.Choice(sorted(PIPELINES)),
                  help="What to do with each row."),
     click.option("--input", "-i", "input_", metavar="PATH|S3URI",
-                 help="Manifest: JSONL or a JSON array, local or s3:// (not needed to resume)."),
+                 help="Manifest: JSONL, a JSON array or Parquet, local or s3://; or a folder or glob of them "
+                      "(read in sorted file order); or a folder of images, one row each (not needed to "
+                      "resume)."),
     click.option("--run-id", help="Resume this run, or give a new run this id."),
     click.option("--serving", type=click.Choice(sorted(SERVINGS)),
                  help="Backend; default: openai-chat for caption/vqa, diffusers for text2image/imageedit."),
     click.option("--model", help="API model name, or a hub name / local folder for diffusers."),
-    click.option("--input-key", help="Conversation key (default: conversations, then conversation)."),
-    click.option("--image-key", help="Input image key (default: images, then image)."),
+    click.option("--input-key", help="Conversation key (default: conversations, then conversation); a plain "
+                                      "string column (e.g. LAION's caption) is a one-turn prompt."),
+    click.option("--image-key", help="Input image key (default: images, then image); it may hold paths, "
+                                      "s3://, http(s):// or data: URIs, or image bytes (Parquet binary)."),
+    click.option("--prompt", metavar="TEXT",
+                 help="The user turn for rows without a conversation (a folder of images, a table of URLs)."),
+    click.option("--limit", type=click.IntRange(min=1), help="Plan only the manifest's first N rows."),
+    click.option("--sample", type=click.IntRange(min=1),
+                 help="Plan a uniform random sample of N rows (drawn with --seed), kept in input order."),
     click.option("--output-key", help="Key the result is written to (default per pipeline)."),
     click.option("--id-key", help="Row key holding a unique id (default: the row's position)."),
     click.option("--image-root", type=click.Path(file_okay=False),
@@ -40,6 +49,16 @@ PIPELINE_OPTIONS = [
                  help="Run seed; each row's seed derives from it and the row id."),
     click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL",
                  help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)."),
+    click.option("--image-timeout", type=click.FloatRange(min=0, min_open=True),
+                 help="Seconds to fetch one http(s) image (default 30)."),
+    click.option("--allow-private-image-hosts", is_flag=True, default=False,
+                 help="Let workers fetch images from loopback, private and link-local addresses (on-premise "
+                      "hosts); by default such URLs fail with BlockedAddress."),
+    click.option("--allow-image-network", "allowed_image_networks", metavar="CIDR", multiple=True,
+                 help="Allow image URLs in this network only (repeatable), e.g. 10.20.0.0/16."),
+    click.option("--image-fetch", type=click.Choice(["worker", "provider"]),
+                 help="Who fetches http(s) images: the worker (default; checked like local files) or, for "
+                      "openai-chat, the provider (URLs are passed to the API as image URLs)."),
 ]
 
 API_OPTIONS = [
@@ -110,7 +129,8 @@ SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max
                         "batch_size", "images_per_prompt", "dtype", "cpu_offload", "size", "quality",
                         "aspect_ratio", "image_size", "response_format", "mask", "max_area",
                         "auto_resize", "max_sequence_length", "max_image_side", "api_mode",
-                        "batch_poll_seconds")
+                        "batch_poll_seconds", "prompt", "image_timeout", "allow_private_image_hosts",
+                        "allowed_image_networks", "image_fetch")
 
 shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS + COST_OPTIONS)
 #: ``dfk8s run``: the same flags, but --pipeline may be left out to resume (run.json knows it).
@@ -130,9 +150,11 @@ def run_request_from_flags(output: str, flags: dict):
     return RunRequest(
         pipeline=flags["pipeline"], output=output, input=flags.get("input_"), run_id=flags.get("run_id"),
         serving=flags.get("serving"),
-        options={name: flags.get(name) for name in SERVING_OPTION_NAMES if flags.get(name) is not None},
+        options={name: list(flags[name]) if isinstance(flags.get(name), tuple) else flags.get(name)
+                 for name in SERVING_OPTION_NAMES if flags.get(name) is not None and flags.get(name) != ()},
         input_key=flags.get("input_key"), image_key=flags.get("image_key"),
         output_key=flags.get("output_key"), id_key=flags.get("id_key"), image_root=flags.get("image_root"),
         shards=flags.get("shards"), rows_per_shard=flags.get("rows_per_shard"),
         save_interval=flags.get("save_interval") or 100, seed=flags.get("seed") or 0,
-        endpoint_url=flags.get("s3_endpoint"), max_cost=flags.get("max_cost"), prices=flags.get("prices"))
+        endpoint_url=flags.get("s3_endpoint"), max_cost=flags.get("max_cost"), prices=flags.get("prices"),
+        limit=flags.get("limit"), sample=flags.get("sample"))

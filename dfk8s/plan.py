@@ -13,8 +13,21 @@ from pathlib import Path
 
 from dfk8s import layout, rows
 from dfk8s.cost import row_texts
-from dfk8s.images import ImageProblem, check_image, read_ref_bytes, resolve_ref, sha256_hex
-from dfk8s.manifest import Manifest, ManifestItem, count_rows
+from dfk8s.errors import ManifestError, SpecError
+from dfk8s.images import (
+    DEFAULT_MAX_BYTES,
+    ImageProblem,
+    check_image,
+    check_url,
+    decode_data_uri,
+    is_data_uri,
+    is_http_url,
+    read_ref_bytes,
+    resolve_ref,
+    sha256_hex,
+    short_ref,
+)
+from dfk8s.manifest import MANIFEST_SUFFIXES, Manifest, ManifestItem, count_rows, expand_source
 from dfk8s.pipelines import Pipeline, get_pipeline
 from dfk8s.spec import RunSpec
 
@@ -31,6 +44,7 @@ class Problem:
 
     where: str
     message: str
+    type: str = "BadRow"
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
@@ -43,6 +57,13 @@ class RowChecker:
     Attributes:
         stage_to: When set, local images are uploaded into this run storage (content-addressed) and
             rows refer to them as ``run:staged/<sha>.<ext>``; otherwise rows carry absolute paths.
+        blob_store: The run's storage: inline images (a Parquet binary column, ``data:`` URIs) are always
+            staged there, since a worker cannot read them from anywhere else. None when only checking.
+        options: The run's options: ``prompt`` (the user turn of rows without a conversation),
+            ``allow_private_image_hosts`` and ``allowed_image_networks`` (the URL guard).
+        check_remote_images: Also read and check ``s3://`` images (validate). http(s) images are never
+            fetched at plan time (a million rows would be a million requests): only their syntax,
+            scheme and literal IP addresses are checked.
     """
 
     pipeline: Pipeline
@@ -53,6 +74,8 @@ class RowChecker:
     stage_to: object | None = None
     endpoint_url: str | None = None
     check_remote_images: bool = False
+    blob_store: object | None = None
+    options: dict = field(default_factory=dict)
     _image_cache: dict = field(default_factory=dict)
     _seen_ids: set = field(default_factory=set)
     _staged: set = field(default_factory=set)
@@ -62,6 +85,12 @@ class RowChecker:
     last_bytes: list = field(default_factory=list)
     _sizes: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        from dfk8s.fetch import AddressGuard
+
+        self.prompt = self.options.get("prompt")
+        self.guard = AddressGuard.from_options(self.options)
+
     def check(self, item: ManifestItem) -> tuple[dict, list[Problem]]:
         """Return the shard row for a manifest item and the problems found (empty if the row is good)."""
         if item.row is None:
@@ -69,9 +98,10 @@ class RowChecker:
                          "error": {"type": "BadRow", "message": f"{item.where}: {item.error}",
                                    "raw": item.raw}}
             return shard_row, [Problem(item.where, item.error or "bad row")]
+        row = item.row
         problems: list[Problem] = []
         try:
-            rid = rows.row_id(item.row, item.pos, self.id_key)
+            rid = rows.row_id(row, item.pos, self.id_key)
         except rows.RowProblem as exc:
             rid = str(item.pos)
             problems.append(Problem(item.where, str(exc)))
@@ -83,11 +113,12 @@ class RowChecker:
         resolved: list[str] = []
         self.last_sizes, self.last_bytes = [], []
         try:
-            self.pipeline.check_row(item.row, self.input_key)
-            refs = self.pipeline.image_refs(item.row, self.image_key)
+            self.pipeline.check_row(row, self.input_key, self.prompt)
+            refs = self.pipeline.image_refs(row, self.image_key)
         except rows.RowProblem as exc:
             problems.append(Problem(item.where, str(exc)))
             refs = []
+        inline: dict[int, str] = {}
         for ref in refs:
             try:
                 resolved.append(self._image(ref))
@@ -95,13 +126,48 @@ class RowChecker:
                 self.last_sizes.append(found[:2] if found else None)
                 self.last_bytes.append(found[2] if found else 0)
             except ImageProblem as exc:
-                problems.append(Problem(item.where, str(exc)))
+                # A plain bad image is a BadRow as ever; a refused URL says BlockedAddress.
+                kind = "BadRow" if exc.type == "BadImage" else exc.type
+                problems.append(Problem(item.where, str(exc), kind))
+                continue
+            if isinstance(ref, bytes):
+                inline[id(ref)] = self._inline_url(resolved[-1])
+        if item.binary:
+            row = self._json_row(row, inline)
         error = None
         if problems:
-            error = {"type": "BadRow", "message": "; ".join(str(p) for p in problems)}
-        return {"id": rid, "pos": item.pos, "row": item.row, "images": resolved, "error": error}, problems
+            error = {"type": problems[0].type if len({p.type for p in problems}) == 1 else "BadRow",
+                     "message": "; ".join(str(p) for p in problems)}
+        return {"id": rid, "pos": item.pos, "row": row, "images": resolved, "error": error}, problems
 
-    def _image(self, ref: str) -> str:
+    def _inline_url(self, resolved: str) -> str:
+        """Where an image that came as bytes is now, for the output row."""
+        if self.blob_store is not None and resolved.startswith(layout.RUN_REF_SCHEME):
+            return self.blob_store.url(resolved[len(layout.RUN_REF_SCHEME):])
+        return resolved
+
+    def _json_row(self, row: dict, inline: dict[int, str]) -> dict:
+        """A row with bytes: image bytes become their staged image's URL, other bytes base64 text."""
+        from dfk8s.parquet import json_safe
+
+        def swap(value):
+            if isinstance(value, bytes) and id(value) in inline:
+                return inline[id(value)]
+            if isinstance(value, dict):
+                if isinstance(value.get("bytes"), bytes) and id(value["bytes"]) in inline:
+                    return {**value, "bytes": None, "path": value.get("path") or inline[id(value["bytes"])]}
+                return {k: swap(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [swap(v) for v in value]
+            return value
+
+        return json_safe(swap(row))
+
+    def _image(self, ref: str | bytes) -> str:
+        if isinstance(ref, bytes) or is_data_uri(ref):
+            return self._inline_image(ref)
+        if is_http_url(ref):
+            return self._url(ref)
         path = resolve_ref(ref, self.image_root)
         if path in self._image_cache:
             cached = self._image_cache[path]
@@ -116,47 +182,88 @@ class RowChecker:
                 checked = check_image(data, ref)
                 size = (checked.width, checked.height, len(data))
                 if is_local and self.stage_to is not None:
-                    key = layout.staged_key(sha256_hex(data), checked.extension)
-                    if key not in self._staged:
-                        if not self.stage_to.exists(key):
-                            self.stage_to.write_bytes(key, data)
-                        self._staged.add(key)
-                    path = layout.RUN_REF_SCHEME + key
+                    path = layout.RUN_REF_SCHEME + self._stage(self.stage_to, data, checked.extension)
         except ImageProblem as exc:
             # Say what the manifest said, and where we looked, in one line.
             problem = ImageProblem(str(exc).replace(f"image {path}", f"image {ref!r} ({path})", 1)
-                                   if ref != path else str(exc))
-            self._image_cache[path] = problem
+                                   if ref != path else str(exc), exc.type, exc.details)
+            self._remember(path, problem)
             raise problem from None
-        if len(self._image_cache) > 100_000:  # bound memory on manifests with millions of distinct images
-            self._image_cache.clear()
-            self._sizes.clear()
-        self._image_cache[path] = path
+        self._remember(path, path)
         if size is not None:
             self._sizes[path] = size
         return path
 
+    def _remember(self, key: str, value) -> None:
+        if len(self._image_cache) > 100_000:  # bound memory on manifests with millions of distinct images
+            self._image_cache.clear()
+            self._sizes.clear()
+        self._image_cache[key] = value
 
-def default_image_root(manifest: str, image_root: str | None) -> str | None:
-    """Relative image paths are taken from ``--image-root``, else from the manifest's folder."""
+    def _stage(self, storage, data: bytes, extension: str) -> str:
+        key = layout.staged_key(sha256_hex(data), extension)
+        if key not in self._staged:
+            if not storage.exists(key):
+                storage.write_bytes(key, data)
+            if len(self._staged) > 100_000:
+                self._staged.clear()
+            self._staged.add(key)
+        return key
+
+    def _inline_image(self, ref: str | bytes) -> str:
+        """Bytes or a data: URI: checked now, then staged in the run (workers have nowhere else to read)."""
+        label = short_ref(ref)
+        if isinstance(ref, bytes):
+            if len(ref) > DEFAULT_MAX_BYTES:
+                raise ImageProblem(f"image {label} is over the {DEFAULT_MAX_BYTES} byte limit")
+            data = ref
+        else:
+            data = decode_data_uri(ref)
+        checked = check_image(data, label)
+        if self.blob_store is None:
+            return label
+        return layout.RUN_REF_SCHEME + self._stage(self.blob_store, data, checked.extension)
+
+    def _url(self, ref: str) -> str:
+        """An http(s) image: syntax, scheme and literal addresses only; the worker fetches it."""
+        parts = check_url(ref)
+        if self.options.get("image_fetch") != "provider":  # else the provider's network fetches it
+            self.guard.check_literal(parts.hostname, ref)
+        return ref
+
+
+def default_image_root(manifest: str, image_root: str | None, endpoint_url: str | None = None) -> str | None:
+    """Relative image paths are taken from ``--image-root``, else from the manifest's folder.
+
+    For a folder or glob of manifests (or of images) that is the folder named.
+    """
     if image_root:
         return image_root
-    if manifest.startswith("s3://"):
-        return manifest.rsplit("/", 1)[0]  # s3://bucket/dir: relative images live beside the manifest
-    return str(Path(manifest).expanduser().absolute().parent)
+    if manifest.startswith("s3://") and not manifest.endswith("/") and not any(c in manifest for c in "*?["):
+        if manifest.lower().endswith(MANIFEST_SUFFIXES):
+            return manifest.rsplit("/", 1)[0]  # s3://bucket/dir: relative images live beside the manifest
+    try:
+        return expand_source(manifest, endpoint_url=endpoint_url).root
+    except ManifestError:
+        if manifest.startswith("s3://"):
+            return manifest.rsplit("/", 1)[0]
+        return str(Path(manifest).expanduser().absolute().parent)
 
 
 def iter_problems(manifest: str, pipeline: str, counts: dict, *, input_key=None, image_key=None,
-                  id_key=None, image_root=None, endpoint_url=None) -> Iterator[Problem]:
+                  id_key=None, image_root=None, endpoint_url=None, options: dict | None = None,
+                  limit: int | None = None, sample: int | None = None, seed: int = 0) -> Iterator[Problem]:
     """Yield every problem in a manifest (bad JSON, missing keys, duplicate ids, bad images).
 
-    ``counts`` is filled with ``rows`` and ``good`` as the stream is consumed.
+    ``counts`` is filled with ``rows`` and ``good`` as the stream is consumed. ``options`` are the run
+    options that change what a good row is (``prompt``, the URL guard's allowances).
     """
     checker = RowChecker(get_pipeline(pipeline), input_key, image_key, id_key,
-                         default_image_root(manifest, image_root), endpoint_url=endpoint_url,
-                         check_remote_images=True)
+                         default_image_root(manifest, image_root, endpoint_url), endpoint_url=endpoint_url,
+                         check_remote_images=True, options=options or {})
     counts.update(rows=0, good=0)
-    for item in Manifest(manifest, endpoint_url=endpoint_url):
+    for item in Manifest(manifest, endpoint_url=endpoint_url, image_key=image_key, limit=limit,
+                         sample=sample, seed=seed):
         counts["rows"] += 1
         _, problems = checker.check(item)
         if not problems:
@@ -186,8 +293,11 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
     Returns:
         The completed spec, also saved as run.json (unless ``count_only``).
     """
+    if spec.option("image_fetch") == "provider" and spec.serving != "openai-chat":
+        raise SpecError(f"--image-fetch provider works with the openai-chat serving only, not {spec.serving}")
+    selection = {"image_key": spec.image_key, "limit": spec.limit, "sample": spec.sample, "seed": spec.seed}
     if shards:
-        total = count_rows(spec.input, endpoint_url=endpoint_url)
+        total = count_rows(spec.input, endpoint_url=endpoint_url, **selection)
         rows_per_shard = max(1, math.ceil(total / shards)) if total else 1
     rows_per_shard = rows_per_shard or DEFAULT_ROWS_PER_SHARD
     byte_cap = None
@@ -197,10 +307,11 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
         max_requests, byte_cap = shard_limits(spec.serving)
         rows_per_shard = min(rows_per_shard, max_requests)
     checker = RowChecker(get_pipeline(spec.pipeline), spec.input_key, spec.image_key, spec.id_key,
-                         default_image_root(spec.input, image_root),
+                         default_image_root(spec.input, image_root, endpoint_url),
                          stage_to=run_storage if stage_images and not count_only else None,
-                         endpoint_url=endpoint_url)
-    manifest = Manifest(spec.input, endpoint_url=endpoint_url)
+                         endpoint_url=endpoint_url, blob_store=None if count_only else run_storage,
+                         options=spec.options)
+    manifest = Manifest(spec.input, endpoint_url=endpoint_url, **selection)
     shard_index, in_shard, total_rows, bad, shard_bytes = 0, 0, 0, 0, 0
     unusable = _Unusable()
     with tempfile.TemporaryDirectory(prefix="dfk8s-plan-") as tmp:
@@ -224,7 +335,8 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
                 if tally is not None:
                     tally.add(shard_row, checker.last_sizes, row_texts(checker.pipeline, shard_row["row"],
                                                                        spec.input_key,
-                                                                       spec.option("system_prompt")))
+                                                                       spec.option("system_prompt"),
+                                                                       spec.option("prompt")))
                 if not count_only:
                     buffer.write(json.dumps(shard_row, ensure_ascii=False, separators=(",", ":")) + "\n")
                 in_shard += 1
@@ -250,7 +362,8 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
     spec.shards = shard_index
     spec.rows = total_rows
     spec.rows_per_shard = rows_per_shard
-    spec.input_digest = f"sha256:{manifest.digest}"
+    # A --limit that stopped early read only part of the input: no digest then.
+    spec.input_digest = f"sha256:{manifest.digest}" if manifest.digest else ""
     spec.input_bytes = manifest.nbytes
     if count_only:
         return spec

@@ -34,25 +34,33 @@ def find_key(row: dict, explicit: str | None, candidates: tuple[str, ...]) -> st
     return next((k for k in candidates if k in row), None)
 
 
-def conversation(row: dict, key: str | None = None) -> list[Turn]:
+def conversation(row: dict, key: str | None = None, prompt: str | None = None) -> list[Turn]:
     """Read a row's turns from ``conversations: [{role, content}]`` or ``conversation: [{from, value}]``.
 
     Args:
         row: The manifest row.
-        key: The input key (``--input-key``); by default ``conversations`` then ``conversation``.
+        key: The input key (``--input-key``); by default ``conversations`` then ``conversation``. A plain
+            string column (a LAION ``caption``) is a one-turn conversation.
+        prompt: The user turn for a row that has no conversation (``--prompt``): image-only rows.
 
     Returns:
         The turns, with ShareGPT speakers mapped to roles.
 
     Raises:
-        RowProblem: The key is missing or the turns are malformed.
+        RowProblem: The key is missing (and no prompt is given) or the turns are malformed.
     """
     found = find_key(row, key, _CONVERSATION_KEYS)
-    if found is None or found not in row:
+    if found is None or row.get(found) is None:
+        if prompt:
+            return [Turn("user", prompt)]
         wanted = key or " or ".join(_CONVERSATION_KEYS)
-        raise RowProblem(f"missing key {wanted!r}")
+        raise RowProblem(f"missing key {wanted!r} (--prompt TEXT gives rows without one a user turn)")
     value = row[found]
     if isinstance(value, str):
+        if not value.strip():
+            if prompt:
+                return [Turn("user", prompt)]
+            raise RowProblem(f"{found!r} is empty")
         return [Turn("user", value)]  # a bare prompt string is a one-turn conversation
     if not isinstance(value, list) or not value:
         raise RowProblem(f"{found!r} must be a non-empty list of turns")
@@ -88,23 +96,45 @@ def strip_image_placeholders(text: str) -> str:
     return _SPACES.sub(" ", _IMAGE_PLACEHOLDER.sub(" ", text)).strip()
 
 
-def image_refs(row: dict, key: str | None = None) -> list[str]:
+def image_refs(row: dict, key: str | None = None) -> list[str | bytes]:
     """Read a row's image references from ``images``/``image``, a string or a list.
 
-    Empty strings are placeholders (DataFlow-MM writes ``[""]``) and are skipped.
+    A reference is a path, an ``s3://``, ``http(s)://`` or ``data:`` URI, or the image's bytes (a
+    Parquet binary column, or a Hugging Face ``{"bytes", "path"}`` image struct). Empty strings are
+    placeholders (DataFlow-MM writes ``[""]``) and are skipped.
 
     Raises:
-        RowProblem: The value is neither a string nor a list of strings.
+        RowProblem: The value is neither a reference nor a list of references.
     """
-    found = find_key(row, key, _IMAGE_KEYS)
-    if found is None or found not in row or row[found] is None:
+    found = image_key_of(row, key)
+    if found is None:
         return []
     value = row[found]
-    if isinstance(value, str):
+    if not isinstance(value, list):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise RowProblem(f"{found!r} must be a string or a list of strings")
-    return [v for v in value if v.strip()]
+    refs = [_image_ref(v) for v in value]
+    if any(r is _BAD for r in refs):
+        raise RowProblem(f"{found!r} must be a string (path or URL), image bytes, or a list of them")
+    return [r for r in refs if r is not None and (not isinstance(r, str) or r.strip())]
+
+
+_BAD = object()
+
+
+def _image_ref(value: Any):
+    if isinstance(value, (str, bytes)) or value is None:
+        return value
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # Hugging Face Image feature
+        return value.get("bytes") or value.get("path") or None
+    return _BAD
+
+
+def image_key_of(row: dict, key: str | None = None) -> str | None:
+    """The key a row's images are read from, or None when it has none."""
+    found = find_key(row, key, _IMAGE_KEYS)
+    if found is None or row.get(found) is None:
+        return None
+    return found
 
 
 def row_id(row: dict | None, pos: int, id_key: str | None) -> str:

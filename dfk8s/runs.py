@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 #: RunRequest fields (and their flags) that run.json freezes: a resume may not change them.
 _SPEC_FIELDS = {"serving": "--serving", "input_key": "--input-key", "image_key": "--image-key",
                 "output_key": "--output-key", "id_key": "--id-key", "save_interval": "--save-interval",
-                "seed": "--seed", "rows_per_shard": "--rows-per-shard", "shards": "--shards"}
+                "seed": "--seed", "rows_per_shard": "--rows-per-shard", "shards": "--shards",
+                "limit": "--limit", "sample": "--sample"}
 
 
 @dataclass
@@ -59,6 +60,8 @@ class RunRequest:
     max_cost: float | None = None
     prices: str | None = None
     given: set[str] | None = None
+    limit: int | None = None
+    sample: int | None = None
 
 
 def _same_source(source: str) -> str:
@@ -134,6 +137,11 @@ def _existing_run(request: RunRequest, storage: Storage, run_id: str) -> RunSpec
     spec = existing_spec(storage)
     if spec is not None:
         check_resume(spec, request)
+        if request.given is None and request.input and (request.limit, request.sample) != (spec.limit,
+                                                                                         spec.sample):
+            raise SpecError(f"run {run_id} was planned with --limit {spec.limit} --sample {spec.sample}, "
+                            f"not --limit {request.limit} --sample {request.sample}; resume without "
+                            "--input, or start a new run")
     return spec
 
 
@@ -158,7 +166,8 @@ def _new_spec(request: RunRequest, run_id: str) -> RunSpec:
                    input=_same_source(request.input), input_key=request.input_key,
                    image_key=request.image_key,
                    output_key=request.output_key, id_key=request.id_key, parallelism=request.parallelism,
-                   save_interval=request.save_interval, seed=request.seed)
+                   save_interval=request.save_interval, seed=request.seed, limit=request.limit,
+                   sample=request.sample)
 
 
 def prepare_run(request: RunRequest, *, stage_images: bool = False,

@@ -36,7 +36,9 @@ class RunSpec:
         shards: Number of shards; rows: number of rows; rows_per_shard: planned shard size.
         parallelism: Workers expected to run at once (the ``--rpm`` budget is split between them).
         save_interval: Finished rows per checkpoint part.
-        seed: Run seed; each row's seed derives from it and the row id.
+        seed: Run seed; each row's seed derives from it and the row id (and ``sample`` is drawn with it).
+        limit: Only the manifest's first ``limit`` rows were planned (``--limit``).
+        sample: A uniform random sample of this many rows was planned (``--sample``).
         history: What happened to the run since it was planned (sessions, their seconds, retries and
             the options they changed).
     """
@@ -58,6 +60,8 @@ class RunSpec:
     parallelism: int = 1
     save_interval: int = 100
     seed: int = 0
+    limit: int | None = None
+    sample: int | None = None
     created_at: float = field(default_factory=time.time)
     versions: dict[str, str] = field(default_factory=dict)
     spec_version: int = SPEC_VERSION

@@ -28,7 +28,7 @@ from dfk8s.errors import (
     StorageError,
     WorkerStopped,
 )
-from dfk8s.images import ImageProblem, read_image
+from dfk8s.images import CheckedImage, ImageProblem, is_http_url, read_image
 from dfk8s.lifecycle import StopToken, grace_seconds
 from dfk8s.pipelines import Pipeline, get_pipeline
 from dfk8s.resize import shrink_image
@@ -116,6 +116,7 @@ class ShardRunner:
         self.ok = 0
         self.failed = 0
         self._published: tuple[int, int] | None = None
+        self.fetcher = None  # dfk8s.fetch.ImageFetcher, made on the loop when a row has an http(s) image
 
     # -- records -------------------------------------------------------------------------------------
 
@@ -198,19 +199,53 @@ class ShardRunner:
 
     # -- the loop ------------------------------------------------------------------------------------
 
-    def request_for(self, shard_row: dict):
+    async def fetch_images(self, batch: list[dict]) -> dict:
+        """Fetch the batch's http(s) images on the event loop (dfk8s.fetch): ref -> image or ImageProblem."""
+        if self.spec.option("image_fetch") == "provider":
+            return {}
+        urls = list(dict.fromkeys(ref for r in batch for ref in r["images"] if is_http_url(ref)))
+        if not urls:
+            return {}
+        if self.fetcher is None:
+            from dfk8s.fetch import ImageFetcher
+
+            self.fetcher = ImageFetcher.from_spec(self.spec)
+        results = await asyncio.gather(*(self.fetcher.fetch(u) for u in urls), return_exceptions=True)
+        return dict(zip(urls, results, strict=True))
+
+    def read_image_ref(self, ref: str, fetched: dict) -> CheckedImage:
+        """One resolved image reference as checked bytes (an http(s) one was fetched already).
+
+        Raises:
+            ImageProblem: The image is missing, refused, too big or undecodable.
+        """
+        if is_http_url(ref):
+            if self.spec.option("image_fetch") == "provider":  # the API fetches it: pass the URL on
+                return CheckedImage(b"", "", 0, 0, ref)
+            result = fetched.get(ref)
+            if isinstance(result, BaseException):
+                raise result
+            if result is None:
+                raise ImageProblem(f"image {ref} was not fetched", type="ImageFetchError")
+            return result
+        return read_image(ref, run_storage=self.storage, endpoint_url=self.endpoint_url)
+
+    def request_for(self, shard_row: dict, fetched: dict | None = None):
         """Load a row's images and build its request; a RowError if an image is bad."""
         images = []
         for ref in shard_row["images"]:
             try:
-                checked = read_image(ref, run_storage=self.storage, endpoint_url=self.endpoint_url)
+                checked = self.read_image_ref(ref, fetched or {})
             except ImageProblem as exc:
-                return RowError("BadImage", str(exc), 0)
+                return RowError(exc.type, str(exc), 0, dict(exc.details))
             image = ImageInput(checked.data, checked.mime, ref, checked.width, checked.height)
-            images.append(shrink_image(image, self.max_image_side) if self.max_image_side else image)
+            # An unfetched URL (--image-fetch provider) has no bytes to shrink: the provider gets the URL.
+            images.append(shrink_image(image, self.max_image_side) if self.max_image_side and checked.data
+                          else image)
         return self.pipeline.build_request(
             shard_row["row"], images, row_id=shard_row["id"], input_key=self.spec.input_key,
-            system_prompt=self.spec.option("system_prompt"), seed=self.spec.seed)
+            system_prompt=self.spec.option("system_prompt"), seed=self.spec.seed,
+            prompt=self.spec.option("prompt"))
 
     async def run_batch(self, batch: list[dict]) -> None:
         """Serve one batch and buffer its records; bad images and serving bugs become failed rows.
@@ -219,7 +254,8 @@ class ShardRunner:
             SpecError: The serving rejected the spec (the shard stops, exit 42).
             ServingUnavailable: The serving is down (the shard stops with a retryable exit).
         """
-        prepared = await asyncio.to_thread(lambda: [self.request_for(r) for r in batch]) \
+        fetched = await self.fetch_images(batch)
+        prepared = await asyncio.to_thread(lambda: [self.request_for(r, fetched) for r in batch]) \
             if any(r["images"] for r in batch) else [self.request_for(r) for r in batch]
         ready = [(r, p) for r, p in zip(batch, prepared, strict=True) if not isinstance(p, RowError)]
         results: dict[int, Response | RowError] = {
@@ -275,6 +311,8 @@ class ShardRunner:
             await self._run(pending)
         finally:
             publisher.cancel()
+            if self.fetcher is not None:  # nothing is fetched any more: release its connections first
+                await self.fetcher.close()
             await self.flush()  # keep what finished, even when the shard stops on a fatal error
             await asyncio.to_thread(self.publish_progress)
 

@@ -38,7 +38,7 @@ class Pipeline:
     needs_images: bool
     system_prompt: str | None = None
 
-    def image_refs(self, row: dict, image_key: str | None) -> list[str]:
+    def image_refs(self, row: dict, image_key: str | None) -> list[str | bytes]:
         """The row's input image references (empty for pipelines that take none).
 
         Raises:
@@ -51,14 +51,17 @@ class Pipeline:
             raise rows.RowProblem(f"{self.name} needs an input image (key {image_key or 'images/image'!r})")
         return refs
 
-    def check_row(self, row: dict, input_key: str | None) -> list[rows.Turn]:
-        """Check the conversation is usable; raise RowProblem naming what is wrong."""
-        return rows.conversation(row, input_key)
+    def check_row(self, row: dict, input_key: str | None, prompt: str | None = None) -> list[rows.Turn]:
+        """Check the conversation is usable; raise RowProblem naming what is wrong.
+
+        ``prompt`` (``--prompt``) is the user turn of a row that has no conversation.
+        """
+        return rows.conversation(row, input_key, prompt)
 
     def build_request(self, row: dict, images: list[ImageInput], *, row_id: str, input_key: str | None,
-                      system_prompt: str | None, seed: int) -> Request:
+                      system_prompt: str | None, seed: int, prompt: str | None = None) -> Request:
         """Turn a row into a serving request: system prompt, turns, images on the first user turn."""
-        turns = rows.conversation(row, input_key)
+        turns = rows.conversation(row, input_key, prompt)
         messages: list[Message] = []
         system = system_prompt if system_prompt is not None else self.system_prompt
         if system and not any(t.role == "system" for t in turns):

@@ -15,7 +15,12 @@ DEFAULT_MODEL = "gpt-4o-mini"
 
 
 def data_url(image) -> str:
-    """An image as a base64 data URL, typed by its sniffed MIME type (not its file extension)."""
+    """An image as a base64 data URL, typed by its sniffed MIME type (not its file extension).
+
+    An http(s) image left unfetched (``--image-fetch provider``) goes as its URL: the provider fetches it.
+    """
+    if not image.data and image.ref.startswith(("http://", "https://")):
+        return image.ref
     return f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}"
 
 
