@@ -1,6 +1,11 @@
 """Plan and reduce at 10k and 1M rows: peak memory (must stay flat) and speed against a plain file copy.
 
     python bench/plan_reduce.py [--sizes 10000 1000000] [--workers 2]
+    python bench/plan_reduce.py --parquet [--sizes 10000 1000000]
+
+``--parquet`` plans a LAION-style Parquet file instead (id, url, caption; row groups of 10k rows) as
+a caption run with ``--image-key url --prompt``: URLs are checked for syntax and scheme, never
+fetched, so only the plan is measured (the rows' images live on hosts this machine cannot reach).
 
 Each phase runs in a fresh process so its peak RSS is its own. Between plan and reduce the shards are
 processed by the real worker with the instant echo serving (not measured here; see
@@ -32,6 +37,11 @@ def _phase(phase: str, workdir: str, shards: int) -> dict:
     if phase == "copy":
         shutil.copyfile(manifest, os.path.join(workdir, "copy.jsonl"))
         nbytes = os.path.getsize(manifest)
+    elif phase == "plan-parquet":
+        _, spec, _ = prepare_run(RunRequest(pipeline="caption", serving="echo", input=manifest + ".parquet",
+                                            output=workdir, run_id="bench", image_key="url",
+                                            options={"prompt": "Describe the image."}))
+        nbytes = spec.input_bytes
     elif phase == "plan":
         _, spec, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=manifest, output=workdir,
                                             run_id="bench"))
@@ -43,6 +53,39 @@ def _phase(phase: str, workdir: str, shards: int) -> dict:
     else:
         raise ValueError(phase)
     return {"seconds": time.perf_counter() - started, "bytes": nbytes, "rss_mb": peak_rss_mb()}
+
+
+def write_laion_parquet(path: str, rows: int) -> str:
+    """A LAION-style Parquet manifest: key, url, caption, width, height; 10k-row row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                        ("width", pa.int32()), ("height", pa.int32())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, 10_000):
+            ids = range(start, min(rows, start + 10_000))
+            writer.write_table(pa.table({
+                "key": [f"{i:09d}" for i in ids],
+                "url": [f"https://img{i % 97}.example.com/photos/{i}/full.jpg" for i in ids],
+                "caption": [f"a photo of scene number {i}" for i in ids],
+                "width": [512] * len(ids), "height": [384] * len(ids)}, schema=schema))
+    return path
+
+
+def _parquet(sizes):
+    results = {}
+    for rows in sizes:
+        with tempfile.TemporaryDirectory(prefix="dfk8s-bench-") as workdir:
+            write_laion_parquet(os.path.join(workdir, "m.jsonl.parquet"), rows)
+            plan = _run_phase("plan-parquet", workdir)
+        results[rows] = plan
+        print(f"{rows:>9,} rows ({plan['bytes'] / 1e6:,.1f} MB Parquet) plan: {plan['seconds']:7.2f}s "
+              f"{rows / plan['seconds']:9,.0f} rows/s; peak RSS {plan['rss_mb']:.0f} MiB")
+    if len(sizes) >= 2:
+        small, large = min(sizes), max(sizes)
+        ratio = results[large]["rss_mb"] / results[small]["rss_mb"]
+        print(f"parquet plan peak RSS {large:,} rows / {small:,} rows = {ratio:.2f} (flat memory: ~1.0)")
 
 
 def _work(args):
@@ -63,11 +106,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--parquet", action="store_true", help="plan a LAION-style Parquet manifest instead")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(_phase(args.phase, args.workdir, 0)))
+        return
+    if args.parquet:
+        _parquet(args.sizes)
         return
     results = {}
     for rows in args.sizes:

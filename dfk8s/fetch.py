@@ -117,8 +117,8 @@ class AddressGuard:
         Raises:
             ImageProblem: ``BlockedAddress``.
         """
-        if not host:
-            return
+        if not host or (":" not in host and not host.replace(".", "").isdigit()):
+            return  # a name (an IP literal is digits and dots, or has ':'): checked when it is resolved
         try:
             ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:

@@ -18,7 +18,6 @@ from dfk8s.images import (
     DEFAULT_MAX_BYTES,
     ImageProblem,
     check_image,
-    check_url,
     decode_data_uri,
     is_data_uri,
     is_http_url,
@@ -26,6 +25,7 @@ from dfk8s.images import (
     resolve_ref,
     sha256_hex,
     short_ref,
+    url_host,
 )
 from dfk8s.manifest import MANIFEST_SUFFIXES, Manifest, ManifestItem, count_rows, expand_source
 from dfk8s.pipelines import Pipeline, get_pipeline
@@ -89,6 +89,7 @@ class RowChecker:
         from dfk8s.fetch import AddressGuard
 
         self.prompt = self.options.get("prompt")
+        self.provider_fetch = self.options.get("image_fetch") == "provider"
         self.guard = AddressGuard.from_options(self.options)
 
     def check(self, item: ManifestItem) -> tuple[dict, list[Problem]]:
@@ -226,9 +227,9 @@ class RowChecker:
 
     def _url(self, ref: str) -> str:
         """An http(s) image: syntax, scheme and literal addresses only; the worker fetches it."""
-        parts = check_url(ref)
-        if self.options.get("image_fetch") != "provider":  # else the provider's network fetches it
-            self.guard.check_literal(parts.hostname, ref)
+        host = url_host(ref)
+        if not self.provider_fetch:  # else the provider's network fetches it
+            self.guard.check_literal(host, ref)
         return ref
 
 

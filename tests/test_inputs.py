@@ -241,3 +241,22 @@ def test_parquet_and_a_folder_on_s3(tmp_path, s3_bucket):
     both = list(Manifest(f"s3://{s3_bucket}/data/"))
     assert len(both) == 51 and both[-1].where == "part-1.jsonl line 1" and both[-1].pos == 50
     assert [i.pos for i in Manifest(f"s3://{s3_bucket}/data/*.parquet", limit=3)] == [0, 1, 2]
+
+
+def test_image_fetch_provider_passes_urls_to_the_api(tmp_path, images, fake_api, api_key):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"url": f"{images.url}/img/provider.png"}) + "\n")
+    before = len(images.hits["/img/provider.png"])
+    options = {"api_url": fake_api.url, "prompt": "p", "image_fetch": "provider"}
+    summary = run_local(RunRequest(pipeline="caption", input=str(path), output=str(tmp_path / "o"),
+                                   run_id="pf", image_key="url", options=options), workers=1)
+    assert summary.ok == 1
+    sent = fake_api.requests()
+    assert sent[0]["image_urls"] == [f"{images.url}/img/provider.png"]
+    parts = sent[0]["body"]["messages"][-1]["content"]
+    assert parts[1]["image_url"]["url"] == f"{images.url}/img/provider.png"
+    assert len(images.hits["/img/provider.png"]) == before + 1  # fetched once, by the provider only
+    with pytest.raises(SpecError, match="openai-chat"):
+        prepare_run(RunRequest(pipeline="caption", serving="echo", input=str(path),
+                               output=str(tmp_path / "o"), image_key="url",
+                               options={"prompt": "p", "image_fetch": "provider"}))

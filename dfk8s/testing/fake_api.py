@@ -214,6 +214,39 @@ def inspect_image(img: InImage, check_mime: bool = True) -> None:
                             f"is {sniffed!r}.", code="invalid_image_format", param=img.where)
 
 
+async def _fetch_loopback_image(url: str, where: str) -> InImage:
+    """Fetch an image URL the way a provider would, but only from loopback (tests never leave the host).
+
+    Raises:
+        ApiError: 400 when the URL is not on loopback or cannot be downloaded.
+    """
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    import aiohttp
+
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ApiError(400, f"Invalid image at {where}: the fake server fetches only loopback IP URLs.",
+                       code="invalid_image_url", param=where)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+                session.get(url) as response:
+            if response.status != 200:
+                raise ApiError(400, f"Timeout while downloading {url} (HTTP {response.status}).",
+                               code="invalid_image_url", param=where)
+            data = await response.read()
+            mime = response.headers.get("Content-Type", "")
+    except aiohttp.ClientError as exc:
+        raise ApiError(400, f"Error while downloading {url}: {type(exc).__name__}.",
+                       code="invalid_image_url", param=where) from None
+    return InImage(where, mime, data)
+
+
 def b64decode(data: Any, where: str, urlsafe: bool = False) -> bytes:
     """Strict base64 decoding, as the real APIs do it.
 
@@ -614,6 +647,10 @@ class FakeAPI:
                 elif part.get("type") == "image_url":
                     url = part.get("image_url")
                     url = url.get("url", "") if isinstance(url, dict) else str(url or "")
+                    if url.startswith(("http://", "https://")):  # the provider fetches it, as OpenAI does
+                        images.append(await _fetch_loopback_image(url, where))
+                        entry.setdefault("image_urls", []).append(url)
+                        continue
                     match = _DATA_URL.match(url)
                     if not match or "base64" not in match.group(2):
                         raise ApiError(400, f"Invalid image at {where}: the fake server accepts only base64 "
