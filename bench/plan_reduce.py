@@ -1,7 +1,7 @@
 """Plan and reduce at 10k and 1M rows: peak memory (must stay flat) and speed against a plain file copy.
 
     python bench/plan_reduce.py [--sizes 10000 1000000] [--workers 2]
-    python bench/plan_reduce.py --parquet [--sizes 10000 1000000]
+    python bench/plan_reduce.py --parquet [--id-key] [--sizes 10000 1000000]
 
 ``--parquet`` plans a LAION-style Parquet file instead (id, url, caption; row groups of 10k rows) as
 a caption run with ``--image-key url --prompt``: URLs are checked for syntax and scheme, never
@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_rss_mb, write_prompts  # noqa: E402
+from _common import cpu_seconds, peak_rss_mb, write_prompts  # noqa: E402
 
 
 def _phase(phase: str, workdir: str, shards: int) -> dict:
@@ -37,9 +37,10 @@ def _phase(phase: str, workdir: str, shards: int) -> dict:
     if phase == "copy":
         shutil.copyfile(manifest, os.path.join(workdir, "copy.jsonl"))
         nbytes = os.path.getsize(manifest)
-    elif phase == "plan-parquet":
+    elif phase in ("plan-parquet", "plan-parquet-ids"):
         _, spec, _ = prepare_run(RunRequest(pipeline="caption", serving="echo", input=manifest + ".parquet",
                                             output=workdir, run_id="bench", image_key="url",
+                                            id_key="key" if phase.endswith("ids") else None,
                                             options={"prompt": "Describe the image."}))
         nbytes = spec.input_bytes
     elif phase == "plan":
@@ -52,7 +53,8 @@ def _phase(phase: str, workdir: str, shards: int) -> dict:
         nbytes = os.path.getsize(os.path.join(workdir, "bench", "result.jsonl"))
     else:
         raise ValueError(phase)
-    return {"seconds": time.perf_counter() - started, "bytes": nbytes, "rss_mb": peak_rss_mb()}
+    return {"seconds": time.perf_counter() - started, "bytes": nbytes, "rss_mb": peak_rss_mb(),
+            "cpu": cpu_seconds()}
 
 
 def write_laion_parquet(path: str, rows: int) -> str:
@@ -73,15 +75,17 @@ def write_laion_parquet(path: str, rows: int) -> str:
     return path
 
 
-def _parquet(sizes):
+def _parquet(sizes, id_key: bool):
     results = {}
+    phase = "plan-parquet-ids" if id_key else "plan-parquet"
     for rows in sizes:
         with tempfile.TemporaryDirectory(prefix="dfk8s-bench-") as workdir:
             write_laion_parquet(os.path.join(workdir, "m.jsonl.parquet"), rows)
-            plan = _run_phase("plan-parquet", workdir)
+            plan = _run_phase(phase, workdir)
         results[rows] = plan
-        print(f"{rows:>9,} rows ({plan['bytes'] / 1e6:,.1f} MB Parquet) plan: {plan['seconds']:7.2f}s "
-              f"{rows / plan['seconds']:9,.0f} rows/s; peak RSS {plan['rss_mb']:.0f} MiB")
+        print(f"{rows:>9,} rows ({plan['bytes'] / 1e6:,.1f} MB Parquet) plan{' --id-key' * id_key}: "
+              f"{plan['seconds']:7.2f}s {rows / plan['seconds']:9,.0f} rows/s wall, "
+              f"{rows / plan['cpu']:9,.0f} rows per CPU second; peak RSS {plan['rss_mb']:.0f} MiB")
     if len(sizes) >= 2:
         small, large = min(sizes), max(sizes)
         ratio = results[large]["rss_mb"] / results[small]["rss_mb"]
@@ -107,6 +111,8 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--parquet", action="store_true", help="plan a LAION-style Parquet manifest instead")
+    parser.add_argument("--id-key", action="store_true",
+                        help="with --parquet: also check ids for duplicates (--id-key key)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,7 +120,7 @@ def main():
         print(json.dumps(_phase(args.phase, args.workdir, 0)))
         return
     if args.parquet:
-        _parquet(args.sizes)
+        _parquet(args.sizes, args.id_key)
         return
     results = {}
     for rows in args.sizes:

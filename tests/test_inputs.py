@@ -260,3 +260,23 @@ def test_image_fetch_provider_passes_urls_to_the_api(tmp_path, images, fake_api,
         prepare_run(RunRequest(pipeline="caption", serving="echo", input=str(path),
                                output=str(tmp_path / "o"), image_key="url",
                                options={"prompt": "p", "image_fetch": "provider"}))
+
+
+def test_cli_flags_reach_the_plan(tmp_path):
+    help_text = CliRunner().invoke(cli, ["run", "--help"]).output
+    for flag in ("--prompt", "--limit", "--sample", "--image-timeout", "--allow-private-image-hosts",
+                 "--allow-image-network", "--image-fetch"):
+        assert flag in help_text, flag
+    manifest = _prompts(tmp_path / "m.jsonl", 30)
+    run = CliRunner().invoke(cli, ["run", "-p", "vqa", "--serving", "echo", "-i", str(manifest), "-o",
+                                   str(tmp_path / "o"), "--run-id", "s", "--sample", "4", "--seed", "9",
+                                   "--no-progress"])
+    assert run.exit_code == 0, run.output
+    assert "planned 4 rows" in run.output and "4 rows: 4 ok" in run.output
+    spec = json.loads((tmp_path / "o/s/run.json").read_text())
+    assert spec["sample"] == 4 and spec["limit"] is None
+    checked = CliRunner().invoke(cli, ["validate", "-p", "vqa", "-i", str(manifest), "--limit", "5"])
+    assert checked.exit_code == 0 and "5 of 5 rows are good" in checked.output
+    bad = CliRunner().invoke(cli, ["run", "-p", "vqa", "--serving", "echo", "-i", str(manifest), "-o",
+                                   str(tmp_path / "o"), "--allow-image-network", "not-a-net", "--no-progress"])
+    assert bad.exit_code != 0 and "not-a-net" in str(bad.exception) + bad.output
