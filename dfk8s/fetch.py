@@ -14,6 +14,7 @@ allows; on Kubernetes the pods' NetworkPolicy is the real boundary.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
@@ -294,7 +295,8 @@ class ImageFetcher:
             log.exception("unexpected error fetching %s", url)
             raise ImageProblem(f"image {url}: {type(exc).__name__}: {exc}"[:500], type="ImageFetchError",
                                details={"url": url}) from None
-        return check_image(data, url, max_pixels=self.max_pixels)
+        # Off the loop: checking a large image takes long enough to stall every other fetch.
+        return await asyncio.to_thread(check_image, data, url, max_pixels=self.max_pixels)
 
     async def _get(self, url: str) -> bytes:
         import aiohttp
