@@ -278,5 +278,21 @@ def test_cli_flags_reach_the_plan(tmp_path):
     checked = CliRunner().invoke(cli, ["validate", "-p", "vqa", "-i", str(manifest), "--limit", "5"])
     assert checked.exit_code == 0 and "5 of 5 rows are good" in checked.output
     bad = CliRunner().invoke(cli, ["run", "-p", "vqa", "--serving", "echo", "-i", str(manifest), "-o",
-                                   str(tmp_path / "o"), "--allow-image-network", "not-a-net", "--no-progress"])
+                                   str(tmp_path / "o"), "--allow-image-network", "not-a-net",
+                                   "--no-progress"])
     assert bad.exit_code != 0 and "not-a-net" in str(bad.exception) + bad.output
+
+
+def test_submit_dry_run_plans_the_same_limited_parquet_rows(tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    path = tmp_path / "laion-part-00000.parquet"
+    pq.write_table(pa.table({"url": [f"https://img.example.com/{i}.jpg" for i in range(500)],
+                             "caption": ["c"] * 500}), path, row_group_size=100)
+    result = CliRunner().invoke(cli, [
+        "submit", "-p", "caption", "-i", str(path), "--image-key", "url", "--prompt", "Describe the image.",
+        "--limit", "100", "--output", f"s3://{s3_bucket}/runs", "--api-key-secret", "api/DF_API_KEY",
+        "--s3-secret", "s3", "--rows-per-shard", "30", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "rows: 100\n" in result.output and "shards: 4 of up to 30 rows" in result.output
+    assert "completions: 4" in result.output
+    assert not list(open_storage(f"s3://{s3_bucket}").list(""))  # a dry run writes nothing
