@@ -115,6 +115,11 @@ class ImageServer:
             await record(request)
             return web.Response(body=png_bomb(), content_type="image/png")
 
+        async def gzip_bomb(request):  # a small body that inflates past the byte limit
+            await record(request)
+            return web.Response(body=self._gzip_bomb(), content_type="image/png",
+                                headers={"Content-Encoding": "gzip"})
+
         async def not_image(request):
             await record(request)
             return web.Response(text="<html>hello</html>", content_type="text/html")
@@ -124,8 +129,17 @@ class ImageServer:
                         web.get("/missing.png", missing), web.get("/busy.png", busy),
                         web.get("/always-busy.png", always_busy), web.get("/flaky.png", flaky),
                         web.get("/big.png", big), web.get("/big-chunked.png", big_chunked),
-                        web.get("/bomb.png", bomb), web.get("/page.html", not_image)])
+                        web.get("/bomb.png", bomb), web.get("/gzip-bomb.png", gzip_bomb),
+                        web.get("/page.html", not_image)])
         return app
+
+    def _gzip_bomb(self) -> bytes:
+        if not hasattr(self, "_bomb"):
+            packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+            zeros = b"\0" * (1 << 24)
+            self._bomb = b"".join(packer.compress(zeros) for _ in range(self.oversized // len(zeros) + 1))
+            self._bomb += packer.flush()
+        return self._bomb
 
     def start(self) -> ImageServer:
         ready = threading.Event()

@@ -161,6 +161,7 @@ def test_http_failures_carry_their_status(server):
 def test_limits_timeouts_and_bombs(server):
     assert "byte limit" in str(_problem(f"{server.url}/big.png"))
     assert "byte limit" in str(_problem(f"{server.url}/big-chunked.png"))
+    assert "byte limit" in str(_problem(f"{server.url}/gzip-bomb.png"))  # counted after inflating
     assert "pixel limit" in str(_problem(f"{server.url}/bomb.png"))
     assert "does not decode" in str(_problem(f"{server.url}/page.html"))
     started = time.monotonic()
