@@ -38,6 +38,47 @@ log = logging.getLogger(__name__)
 DEFAULT_ROWS_PER_SHARD = 1000
 
 
+class SeenIds:
+    """The row ids seen so far, to flag duplicates, in flat memory however many rows there are.
+
+    The first ``in_memory`` ids live in a set; past that they move to a private temporary SQLite
+    database on disk (deleted when closed), so a plan of 100 million ids does not hold them all in RAM.
+    """
+
+    def __init__(self, in_memory: int = 100_000):
+        self.in_memory = in_memory
+        self.ids: set[str] | None = set()
+        self.db = None
+
+    def seen(self, row_id: str) -> bool:
+        """Record ``row_id``; return whether it was seen before."""
+        if self.ids is not None:
+            if row_id in self.ids:
+                return True
+            self.ids.add(row_id)
+            if len(self.ids) > self.in_memory:
+                self._spill()
+            return False
+        cursor = self.db.execute("INSERT OR IGNORE INTO ids VALUES (?)", (row_id,))
+        return cursor.rowcount == 0
+
+    def _spill(self) -> None:
+        import sqlite3
+
+        self.db = sqlite3.connect("")  # "": a private temporary database on disk, removed on close
+        self.db.execute("PRAGMA cache_size = -16000")  # 16 MB of pages in memory, the rest on disk
+        self.db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.db.executemany("INSERT INTO ids VALUES (?)", ((i,) for i in self.ids))
+        self.ids = None
+
+    def close(self) -> None:
+        """Drop what was recorded (and the temporary database)."""
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        self.ids = set()
+
+
 @dataclass
 class Problem:
     """One problem found in a manifest row, with where it is."""
@@ -77,7 +118,7 @@ class RowChecker:
     blob_store: object | None = None
     options: dict = field(default_factory=dict)
     _image_cache: dict = field(default_factory=dict)
-    _seen_ids: set = field(default_factory=set)
+    _seen_ids: SeenIds = field(default_factory=lambda: SeenIds())
     _staged: set = field(default_factory=set)
     #: Width and height of each image of the row last checked (None: not opened), for the cost estimate,
     #: and their file sizes (0: not opened), for batch-mode shard limits.
@@ -108,9 +149,8 @@ class RowChecker:
             problems.append(Problem(item.where, str(exc)))
         else:
             if self.id_key:
-                if rid in self._seen_ids:
+                if self._seen_ids.seen(rid):
                     problems.append(Problem(item.where, f"duplicate id {rid!r} (key {self.id_key!r})"))
-                self._seen_ids.add(rid)
         resolved: list[str] = []
         self.last_sizes, self.last_bytes = [], []
         try:
@@ -140,6 +180,10 @@ class RowChecker:
             error = {"type": problems[0].type if len({p.type for p in problems}) == 1 else "BadRow",
                      "message": "; ".join(str(p) for p in problems)}
         return {"id": rid, "pos": item.pos, "row": row, "images": resolved, "error": error}, problems
+
+    def close(self) -> None:
+        """Release what the checker keeps (the ids seen)."""
+        self._seen_ids.close()
 
     def _inline_url(self, resolved: str) -> str:
         """Where an image that came as bytes is now, for the output row."""
@@ -270,6 +314,7 @@ def iter_problems(manifest: str, pipeline: str, counts: dict, *, input_key=None,
         if not problems:
             counts["good"] += 1
         yield from problems
+    checker.close()
 
 
 def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shards: int | None = None,
@@ -357,6 +402,7 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
                 shard_index += 1
         finally:
             buffer.close()
+    checker.close()
     if on_row is not None:
         on_row(total_rows)
     unusable.refuse(spec.input, manifest.format, total_rows, image_root)

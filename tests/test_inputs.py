@@ -296,3 +296,18 @@ def test_submit_dry_run_plans_the_same_limited_parquet_rows(tmp_path, s3_bucket,
     assert "rows: 100\n" in result.output and "shards: 4 of up to 30 rows" in result.output
     assert "completions: 4" in result.output
     assert not list(open_storage(f"s3://{s3_bucket}").list(""))  # a dry run writes nothing
+
+
+def test_duplicate_ids_are_found_past_the_in_memory_set(tmp_path, monkeypatch):
+    from dfk8s import plan
+
+    monkeypatch.setattr(plan.SeenIds.__init__, "__defaults__", (50,))  # spill to SQLite after 50 ids
+    path = tmp_path / "m.parquet"
+    ids = [f"k{i}" for i in range(200)] + ["k7", "k150"]
+    pq.write_table(pa.table({"key": ids, "question": ["q"] * len(ids)}), path)
+    result = CliRunner().invoke(cli, ["validate", "-p", "vqa", "-i", str(path), "--input-key", "question",
+                                      "--id-key", "key"])
+    assert result.exit_code == 1
+    assert f"{path}: row 201: duplicate id 'k7'" in result.output
+    assert f"{path}: row 202: duplicate id 'k150'" in result.output
+    assert "200 of 202 rows are good" in result.output
