@@ -45,7 +45,7 @@ class SeenIds:
     database on disk (deleted when closed), so a plan of 100 million ids does not hold them all in RAM.
     """
 
-    def __init__(self, in_memory: int = 100_000):
+    def __init__(self, in_memory: int = 50_000):
         self.in_memory = in_memory
         self.ids: set[str] | None = set()
         self.db = None
@@ -66,7 +66,7 @@ class SeenIds:
         import sqlite3
 
         self.db = sqlite3.connect("")  # "": a private temporary database on disk, removed on close
-        self.db.execute("PRAGMA cache_size = -16000")  # 16 MB of pages in memory, the rest on disk
+        self.db.execute("PRAGMA cache_size = -4000")  # 4 MB of pages in memory, the rest on disk
         self.db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY) WITHOUT ROWID")
         self.db.executemany("INSERT INTO ids VALUES (?)", ((i,) for i in self.ids))
         self.ids = None
