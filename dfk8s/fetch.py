@@ -357,3 +357,34 @@ class ImageFetcher:
 def _fetch_error(url: str, message: str, status: int | None = None) -> ImageProblem:
     details = {"url": url} | ({"status": status} if status is not None else {})
     return ImageProblem(f"image {url}: {message}", type="ImageFetchError", details=details)
+
+
+def fetch_image_bytes(url: str, options: dict | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Fetch one image URL from synchronous code (the worker itself fetches on its event loop).
+
+    Args:
+        url: The http(s) URL.
+        options: Run options with the guard's allowances (``allow_private_image_hosts``, ...).
+        max_bytes: Byte limit.
+
+    Raises:
+        ImageProblem: As :meth:`ImageFetcher.fetch`.
+    """
+    options = options or {}
+
+    async def go() -> bytes:
+        fetcher = ImageFetcher(AddressGuard.from_options(options), max_bytes=max_bytes,
+                               timeout=float(options.get("image_timeout") or DEFAULT_IMAGE_TIMEOUT))
+        try:
+            return (await fetcher.fetch(url)).data
+        finally:
+            await fetcher.close()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(go())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # called from inside a loop: give the fetch a loop of its own
+        return pool.submit(asyncio.run, go()).result()

@@ -216,8 +216,12 @@ def read_ref_bytes(ref: str, *, run_storage=None, endpoint_url: str | None = Non
             data = _bucket(bucket, endpoint_url).read_bytes(key)
         elif is_data_uri(ref):
             data = decode_data_uri(ref, max_bytes=max_bytes)
+        elif is_http_url(ref):
+            # The worker fetches on its event loop (dfk8s.fetch); this is for synchronous callers.
+            from dfk8s.fetch import fetch_image_bytes
+
+            data = fetch_image_bytes(ref, max_bytes=max_bytes)
         elif "://" in ref:
-            # http(s) images are fetched by dfk8s.fetch on the worker's event loop, not here.
             scheme = ref.split("://", 1)[0]
             raise ImageProblem(f"image {ref}: scheme {scheme!r} is refused (only http, https, s3)",
                                type="BlockedAddress", details={"url": ref})
