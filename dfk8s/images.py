@@ -217,10 +217,10 @@ def read_ref_bytes(ref: str, *, run_storage=None, endpoint_url: str | None = Non
         elif is_data_uri(ref):
             data = decode_data_uri(ref, max_bytes=max_bytes)
         elif is_http_url(ref):
-            # The worker fetches on its event loop (dfk8s.fetch); this is for synchronous callers.
-            from dfk8s.fetch import fetch_image_bytes
-
-            data = fetch_image_bytes(ref, max_bytes=max_bytes)
+            # Never a surprise download: the worker fetches on its loop with the run's guard (dfk8s.fetch);
+            # code that means to fetch calls dfk8s.fetch.fetch_image_bytes.
+            raise ImageProblem(f"image {ref} is a URL: the workers fetch it (dfk8s.fetch), it is not read "
+                               "here", type="ImageFetchError", details={"url": ref})
         elif "://" in ref:
             scheme = ref.split("://", 1)[0]
             raise ImageProblem(f"image {ref}: scheme {scheme!r} is refused (only http, https, s3)",

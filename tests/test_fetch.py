@@ -234,12 +234,14 @@ def test_without_an_allowance_the_test_server_itself_is_refused(server, tmp_path
     assert len(server.hits["/img/a.png"]) == hits  # never requested
 
 
-def test_synchronous_readers_fetch_through_the_same_guard(server, loopback_only):
+def test_synchronous_fetch_goes_through_the_same_guard(server, loopback_only):
     from dfk8s.fetch import fetch_image_bytes
     from dfk8s.images import read_image
 
+    with pytest.raises(ImageProblem, match="the workers fetch it"):
+        read_image(f"{server.url}/img/sync.png")  # a reader of refs (the report) never downloads by surprise
     with pytest.raises(ImageProblem) as info:
-        read_image(f"{server.url}/img/sync.png")  # no allowance: the test server's address is refused
+        fetch_image_bytes(f"{server.url}/img/sync.png")  # no allowance: the test server's address is refused
     assert info.value.type == "BlockedAddress" and not server.hits["/img/sync.png"]
     data = fetch_image_bytes(f"{server.url}/img/sync.png", {"allowed_image_networks": [f"{SERVER_HOST}/32"]})
     assert data == server.image and len(server.hits["/img/sync.png"]) == 1
