@@ -159,7 +159,8 @@ def expand_source(source: str, *, endpoint_url: str | None = None) -> Layout:
     if source.startswith("s3://"):
         bucket, key = _split_s3(source)
         if is_glob:
-            prefix = key[:min(key.index(c) for c in _GLOB_CHARS if c in key)].rsplit("/", 1)[0]
+            head = key[:min(key.index(c) for c in _GLOB_CHARS if c in key)]
+            prefix = head.rsplit("/", 1)[0] if "/" in head else ""
             names = [f"s3://{bucket}/{k}" for k in _s3_keys(bucket, prefix, endpoint_url)
                      if fnmatch.fnmatchcase(k, key)]
             root = f"s3://{bucket}/{prefix}".rstrip("/")
@@ -175,13 +176,14 @@ def expand_source(source: str, *, endpoint_url: str | None = None) -> Layout:
         path = os.path.abspath(os.path.expanduser(source))
         if is_glob:
             names = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-            root = os.path.dirname(path[:min(path.index(c) for c in _GLOB_CHARS if c in path)].rstrip("/")
-                                   + "/x")
+            root = os.path.dirname(path[:min(path.index(c) for c in _GLOB_CHARS if c in path)])
         elif os.path.isdir(path):
             names = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
             root = path
         else:
             return Layout((source,), "file", os.path.dirname(path))
+    # Hidden files and Spark/Hadoop side files (.crc, _SUCCESS, _temporary/) are not data.
+    names = [n for n in names if not any(part[:1] in "._" for part in _relative(n, root).split("/"))]
     manifests = [n for n in names if n.lower().endswith(MANIFEST_SUFFIXES)]
     if manifests:
         return Layout(tuple(manifests), "files", root)

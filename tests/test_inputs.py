@@ -106,6 +106,9 @@ def test_a_folder_or_glob_is_one_manifest_in_sorted_file_order(tmp_path):
     (folder / "part-02.jsonl").write_text(
         '{"uid": "r4", "conversations": [{"role": "user", "content": "p4"}]}\n{broken\n')
     (folder / "README.txt").write_text("not a manifest")
+    (folder / "_temporary").mkdir()
+    _prompts(folder / "_temporary" / "part-00.jsonl", 3)  # a writer's leftovers: not data
+    _prompts(folder / ".part-00.jsonl", 3)
     items = list(Manifest(str(folder)))
     assert [i.pos for i in items] == list(range(6))
     assert [i.row["uid"] for i in items if i.row] == ["r0", "r1", "r2", "r3", "r4"]
@@ -114,7 +117,10 @@ def test_a_folder_or_glob_is_one_manifest_in_sorted_file_order(tmp_path):
                                    output=str(tmp_path / "o"), run_id="g"), workers=1)
     result = _lines(open_storage(str(tmp_path / "o/g")), layout.RESULT_KEY)
     assert [r.get("answer") for r in result[:5]] == [f"echo: p{i}" for i in range(5)]
-    assert summary.rows == 6 and "part-02.jsonl line 2" in result[5]["error"]["message"]
+    assert summary.rows == 6 and result[5]["error"]["message"].startswith("part-02.jsonl line 2: bad JSON")
+    from dfk8s.manifest import expand_source
+
+    assert expand_source(str(folder / "part-0*")).root == str(folder)  # relative images start there
 
 
 def test_a_folder_of_images_with_a_prompt_needs_nothing_else(tmp_path):
@@ -241,6 +247,9 @@ def test_parquet_and_a_folder_on_s3(tmp_path, s3_bucket):
     both = list(Manifest(f"s3://{s3_bucket}/data/"))
     assert len(both) == 51 and both[-1].where == "part-1.jsonl line 1" and both[-1].pos == 50
     assert [i.pos for i in Manifest(f"s3://{s3_bucket}/data/*.parquet", limit=3)] == [0, 1, 2]
+    from dfk8s.manifest import expand_source
+
+    assert expand_source(f"s3://{s3_bucket}/data/part-*").root == f"s3://{s3_bucket}/data"
 
 
 def test_image_fetch_provider_passes_urls_to_the_api(tmp_path, images, fake_api, api_key):
