@@ -320,3 +320,14 @@ def test_duplicate_ids_are_found_past_the_in_memory_set(tmp_path, monkeypatch):
     assert f"{path}: row 201: duplicate id 'k7'" in result.output
     assert f"{path}: row 202: duplicate id 'k150'" in result.output
     assert "200 of 202 rows are good" in result.output
+
+
+def test_zero_and_false_flag_values_reach_the_run_spec(tmp_path):
+    # A filter meant to drop an unset --allow-private-image-hosts dropped every 0 too (0 == False).
+    manifest = _prompts(tmp_path / "m.jsonl", 2)
+    run = CliRunner().invoke(cli, ["run", "-p", "vqa", "--serving", "echo", "-i", str(manifest), "-o",
+                                   str(tmp_path / "o"), "--run-id", "z", "--temperature", "0",
+                                   "--max-retries", "0", "--no-progress"])
+    assert run.exit_code == 0, run.output
+    options = json.loads((tmp_path / "o/z/run.json").read_text())["options"]
+    assert options["temperature"] == 0 and options["max_retries"] == 0
