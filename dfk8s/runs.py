@@ -82,6 +82,8 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
             raise SpecError(f"run {run_id} was planned from {spec.input}, not {request.input}; "
                             "resume without --input, or start a new run")
         log.info("resuming run %s (%d shards)", run_id, spec.shards)
+        if storage.exists(layout.BREAKER_KEY):  # a resume tries again; a mistake still there trips it again
+            storage.delete(layout.BREAKER_KEY)
         return storage, spec, True
     if not request.input:
         raise SpecError(f"run {run_id} does not exist under {request.output}; pass --input to start it")

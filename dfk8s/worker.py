@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from dfk8s import layout
-from dfk8s.errors import NotFound, ServingUnavailable, ShardError, SpecError
+from dfk8s.errors import NotFound, ServingUnavailable, ShardError, SpecError, SystematicFailure
 from dfk8s.images import ImageProblem, read_image
 from dfk8s.pipelines import Pipeline, get_pipeline
 from dfk8s.servings import Response, RowError, Serving, build_serving
@@ -263,6 +263,9 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
     if storage.exists(done_key):
         log.info("shard %d is already done", index)
         return ShardStats(**storage.read_json(done_key))
+    tripped = read_breaker(storage)
+    if tripped is not None:  # another shard's breaker tripped: this one would fail the same way
+        raise tripped
     started = time.monotonic()
     shard_rows = read_shard(storage, index)
     finished, next_part = read_parts(storage, index)
@@ -273,10 +276,27 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
     runner.next_part = next_part
     try:
         asyncio.run(runner.run(pending))
+    except SystematicFailure as exc:
+        # The finished rows are checkpointed (runner.run flushed them); the unsent ones stay unprocessed.
+        storage.write_json(layout.BREAKER_KEY, {"shard": index, **exc.to_dict()})
+        log.error("shard %d: circuit breaker: %s", index, exc)
+        raise
     finally:
         if runner.serving is not None and serving is None:
             runner.serving.close()
     return _assemble(storage, index, shard_rows, time.monotonic() - started, len(finished))
+
+
+def read_breaker(storage) -> SystematicFailure | None:
+    """The failure a tripped circuit breaker recorded in the run (``breaker.json``), or None."""
+    if not storage.exists(layout.BREAKER_KEY):
+        return None
+    try:
+        found = storage.read_json(layout.BREAKER_KEY)
+    except (NotFound, ValueError):
+        return None
+    return SystematicFailure(str(found.get("type", "SystematicFailure")), str(found.get("message", "")),
+                             str(found.get("hint", "")))
 
 
 def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resumed: int) -> ShardStats:

@@ -19,6 +19,7 @@ from tenacity.wait import wait_exponential_jitter
 
 from dfk8s.errors import SpecError
 from dfk8s.servings.base import Request, Response, RowError, Serving
+from dfk8s.servings.breaker import Breaker
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,23 @@ MAX_RETRY_AFTER = 120.0
 class RetryableError(Exception):
     """A failure worth another attempt (429, 5xx, timeout, malformed body)."""
 
-    def __init__(self, kind: str, message: str, retry_after: float | None = None):
+    def __init__(self, kind: str, message: str, retry_after: float | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
+        self.details = details or {}
 
 
 class RowFailure(Exception):
     """A failure of this row that retrying cannot fix (refusal, bad request, no image returned)."""
 
-    def __init__(self, kind: str, message: str, details: dict | None = None):
+    def __init__(self, kind: str, message: str, details: dict | None = None, *, systematic: bool = False):
         super().__init__(message)
         self.kind = kind
         self.details = details or {}
+        #: The failure names a run-wide mistake (bad key, model, endpoint, host): the breaker trips at once.
+        self.systematic = systematic
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class ApiServing(Serving):
         self.concurrency = max(1, options.max_concurrency)
         self.limiter = AsyncLimiter(options.rpm, 60.0) if options.rpm else None
         self.wait = _WaitRetryAfter()
+        self.breaker = Breaker()
 
     @abc.abstractmethod
     async def call(self, request: Request) -> Response:
@@ -153,7 +159,28 @@ class ApiServing(Serving):
                 await value.aclose()
 
     async def run_one(self, request: Request) -> Response | RowError:
-        """Call with rate limit and retries; turn the last failure into a RowError."""
+        """Call with rate limit and retries; turn the last failure into a RowError.
+
+        Raises:
+            SystematicFailure: The circuit breaker is open (this row is not sent), or this row's failure
+                tripped it (the row stays unprocessed, so a resume sends it again).
+        """
+        probe = await self.breaker.enter()
+        try:
+            result, signature, systematic = await self._attempts(request)
+        finally:
+            if probe:
+                await self.breaker.leave()
+        if isinstance(result, RowError):
+            tripped = self.breaker.failure(result.type, signature, systematic=systematic)
+            if tripped is not None:
+                raise tripped
+        else:
+            self.breaker.success()
+        return result
+
+    async def _attempts(self, request: Request) -> tuple[Response | RowError, str, bool]:
+        """The attempts of one row: its result, the failure's message without attempt counts, systematic."""
         attempts = 0
         retrying = AsyncRetrying(stop=stop_after_attempt(self.options.max_retries + 1), wait=self.wait,
                                  retry=retry_if_exception(lambda e: isinstance(e, RetryableError)),
@@ -162,20 +189,23 @@ class ApiServing(Serving):
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
+                    self.breaker.check()  # another row tripped it while this one waited to retry
                     if self.limiter is not None:
                         await self.limiter.acquire()
                     response = await self.call(request)
                     response.attempts = attempts
-                    return response
+                    return response, "", False
         except RetryableError as exc:
-            return RowError(exc.kind, f"gave up after {attempts} attempts: {exc}", attempts)
+            message = f"gave up after {attempts} attempts: {exc}"
+            return RowError(exc.kind, message, attempts, dict(exc.details)), str(exc), False
         except RowFailure as exc:
-            return RowError(exc.kind, str(exc), attempts, dict(exc.details))
+            return RowError(exc.kind, str(exc), attempts, dict(exc.details)), str(exc), exc.systematic
         except SpecError:
-            raise
+            raise  # SystematicFailure included: the breaker is open
         except Exception as exc:  # an SDK or decoding surprise fails this row only
             log.debug("row %s failed", request.row_id, exc_info=True)
-            return RowError(type(exc).__name__, _one_line(exc), attempts)
+            message = _one_line(exc)
+            return RowError(type(exc).__name__, message, attempts), message, False
         raise AssertionError("unreachable: tenacity either returns or raises")
 
 

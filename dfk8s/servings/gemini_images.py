@@ -24,6 +24,7 @@ from google.genai import types
 from dfk8s.errors import SpecError
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
+from dfk8s.servings.http_errors import error_object, status_error, transport_error
 from dfk8s.servings.image_models import GeminiImageParams, as_png, check_gemini, returned_image
 
 log = logging.getLogger(__name__)
@@ -100,34 +101,31 @@ def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
 _TIMEOUTS, _CONNECTION_ERRORS = _transport_errors()
 
 
+def _api_error(code: int, body, retry_after: float | None) -> Exception:
+    """A Gemini error answer as a retry decision (shared by the SDK and the lean path)."""
+    if code == 400 and "API_KEY_INVALID" in json.dumps(body, default=str):
+        message, _ = error_object(body)
+        return RowFailure("AuthenticationError", f"HTTP 400: {message}",
+                          {"status": 400, "code": "API_KEY_INVALID"}, systematic=True)
+    return status_error(code, body, retry_after)
+
+
 @contextmanager
-def gemini_errors(model: str):
-    """Translate google-genai's exceptions: 429/5xx/timeouts/garbage retry, auth stops the shard."""
+def gemini_errors(model: str, host: str | None = None):
+    """Translate google-genai's exceptions as the lean path does (:mod:`dfk8s.servings.http_errors`).
+
+    429/5xx/timeouts/garbage retry; a bad key (401/403, 400 API_KEY_INVALID), an unknown model or path
+    (404) and an unresolvable host are systematic (the breaker trips); other 4xx fail the row.
+    """
     try:
         yield
     except genai_errors.APIError as exc:
-        code = exc.code or 0
-        message = (exc.message or exc.status or "").strip().splitlines()
-        message = message[0][:300] if message else ""
-        if code in (401, 403) or (code == 400 and "API_KEY_INVALID" in json.dumps(exc.details, default=str)):
-            raise SpecError(f"the Gemini API refused the credentials ({code}); check GEMINI_API_KEY "
-                            "(or GOOGLE_API_KEY / DF_API_KEY)") from None
-        if code == 404:
-            raise SpecError(f"the Gemini API has no {model!r} at this URL (404: {message}); check --model "
-                            "and --api-url") from None
-        if code == 429:
-            raise RetryableError("RateLimited", f"429 {exc.status or 'RESOURCE_EXHAUSTED'}",
-                                 _retry_after(exc)) from None
-        if code in (408, 409) or code >= 500:
-            raise RetryableError("ServerError", f"HTTP {code} {exc.status or ''}".strip(),
-                                 _retry_after(exc)) from None
-        raise RowFailure("BadRequest", f"HTTP {code}: {message}", {"status": code}) from None
+        body = exc.details if isinstance(exc.details, dict) and exc.details else (exc.message or exc.status)
+        raise _api_error(exc.code or 0, body, _retry_after(exc)) from None
     except (genai_errors.UnknownApiResponseError, json.JSONDecodeError) as exc:
         raise RetryableError("MalformedResponse", f"unparseable response: {type(exc).__name__}") from None
-    except _TIMEOUTS:
-        raise RetryableError("Timeout", "request timed out") from None
-    except _CONNECTION_ERRORS as exc:
-        raise RetryableError("ConnectionError", f"{type(exc).__name__}: {exc}"[:300]) from None
+    except (*_TIMEOUTS, *_CONNECTION_ERRORS) as exc:
+        raise transport_error(exc, host) from None
 
 
 def _parts(message: Message) -> list[types.Part]:
@@ -177,6 +175,7 @@ class GeminiImagesServing(ApiServing):
         super().__init__(options)
         self.params = params
         base_url, api_version = split_base_url(options.api_url)
+        self.host = urlsplit(base_url or "https://generativelanguage.googleapis.com").hostname
         http = types.HttpOptions(base_url=base_url, api_version=api_version,
                                  timeout=int(options.timeout * 1000),
                                  # attempts=1: no SDK retries, not even its hidden connection-error retry
@@ -208,7 +207,7 @@ class GeminiImagesServing(ApiServing):
             raise RowFailure("BadInput", "the row has no prompt (no user turn with text)")
         contents, system = build_contents(request)
         config = types.GenerateContentConfig(system_instruction=system, **self.config_args)
-        with gemini_errors(self.params.model):
+        with gemini_errors(self.params.model, self.host):
             answer = await self.client.aio.models.generate_content(
                 model=self.params.model, contents=contents, config=config)
         return self._response(answer)

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 
 import openai
 
-from dfk8s.errors import SpecError
-from dfk8s.servings.api import ApiOptions, RetryableError, RowFailure, api_key_from_env
+from dfk8s.servings.api import ApiOptions, RetryableError, api_key_from_env
+from dfk8s.servings.http_errors import status_error, transport_error
 
 
 def normalise_base_url(url: str | None) -> str | None:
@@ -60,28 +60,20 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
 
 
 @contextmanager
-def openai_errors():
-    """Translate the SDK's exceptions: 429/5xx/timeouts/garbage retry, auth stops the shard, 4xx fail."""
+def openai_errors(host: str | None = None):
+    """Translate the SDK's exceptions as the lean path does (:mod:`dfk8s.servings.http_errors`).
+
+    429/5xx/timeouts/garbage retry; 401/403/404 and an unresolvable host are systematic (the breaker
+    trips); other 4xx fail the row with the server's message.
+    """
     try:
         yield
-    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-        raise SpecError(f"the API refused the credentials ({exc.status_code}); check DF_API_KEY") from None
-    except openai.RateLimitError as exc:
-        raise RetryableError("RateLimited", "429 Too Many Requests", _retry_after(exc)) from None
-    except openai.InternalServerError as exc:
-        raise RetryableError("ServerError", f"HTTP {exc.status_code}", _retry_after(exc)) from None
-    except openai.APITimeoutError:
-        raise RetryableError("Timeout", "request timed out") from None
     except openai.APIConnectionError as exc:
-        raise RetryableError("ConnectionError", str(exc)) from None
+        # APITimeoutError included: the SDK's aiohttp transport reports an unresolvable host as a
+        # ConnectTimeout; the exception chain still holds the DNS error, which transport_error names.
+        raise transport_error(exc, host) from None
     except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
         raise RetryableError("MalformedResponse", f"unparseable response: {type(exc).__name__}") from None
     except openai.APIStatusError as exc:
-        if exc.status_code in (408, 409):
-            raise RetryableError("ServerError", f"HTTP {exc.status_code}", _retry_after(exc)) from None
-        body = exc.body if isinstance(exc.body, dict) else {}
-        code = body.get("code") or body.get("type")
-        if code == "content_policy_violation":
-            raise RowFailure("Refusal", body.get("message") or "refused by the content policy") from None
-        raise RowFailure("BadRequest", f"HTTP {exc.status_code}: {body.get('message') or exc.message}",
-                         {"status": exc.status_code, "code": code}) from None
+        body = exc.body if exc.body is not None else (exc.response.text if exc.response is not None else "")
+        raise status_error(exc.status_code, body, _retry_after(exc)) from None

@@ -194,11 +194,11 @@ class OpenAIImagesServing(ApiServing):
                     raise RowFailure("BadInput", f"the mask is {mw}x{mh} but the image {images[0].ref} is "
                                                  f"{images[0].width}x{images[0].height}")
                 args["mask"] = ("mask.png", self.mask[0], "image/png")
-            with openai_errors():
+            with openai_errors(self.client.base_url.host):
                 result = await self.client.images.edit(
                     image=files[0] if len(files) == 1 else files, prompt=prompt, **args)
         else:
-            with openai_errors():
+            with openai_errors(self.client.base_url.host):
                 result = await self.client.images.generate(prompt=prompt, **args)
         return await self._response(result)
 
