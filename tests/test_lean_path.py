@@ -166,3 +166,20 @@ def test_server_messages_are_kept_in_error_records_on_both_paths(fake_api, api_k
 def test_unknown_client_is_refused_before_any_request(fake_api, api_key):
     with pytest.raises(SpecError, match="--client"):
         _serving(fake_api.url, "curl")
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_retry_waits_see_the_rows_own_attempt_numbers(fake_api, api_key, client):
+    # The first attempt runs outside tenacity; backoff must still grow 1, 2, 3 as if it had not.
+    fake_api.configure(fail_first=3, retry_after=0.01)
+    serving = _serving(fake_api.url, client, max_retries=4)
+    seen = []
+
+    def wait(state):
+        seen.append((state.attempt_number, type(state.outcome.exception()).__name__))
+        return 0
+
+    serving.wait = wait
+    [result] = _run(serving, [Request("r", [Message("user", "x")])])
+    assert result.attempts == 4 and result.text
+    assert seen == [(1, "RetryableError"), (2, "RetryableError"), (3, "RetryableError")]
