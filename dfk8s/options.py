@@ -49,17 +49,19 @@ API_OPTIONS = [
     click.option("--system-prompt", help="System prompt (caption default: DataFlow-MM's)."),
     click.option("--temperature", type=float, help="Sampling temperature, passed through."),
     click.option("--max-tokens", type=click.IntRange(min=1), help="Answer length limit, passed through."),
-    click.option("--max-concurrency", type=click.IntRange(min=1), default=64, show_default=True,
-                 help="API requests in flight per worker."),
+    click.option("--max-concurrency", type=click.IntRange(min=1),
+                 help="API requests in flight per worker (default per serving: "
+                      + ", ".join(f"{n} {s.defaults['max_concurrency']}" for n, s in SERVINGS.items()
+                                  if s.is_api) + ")."),
     click.option("--rpm", type=click.FloatRange(min=0, min_open=True),
                  help="Requests per minute for the whole run (split across workers)."),
     click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
                  help="Seconds before a request is abandoned and retried."),
     click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
                  help="Retries of a 429/5xx/timeout before the row gets an error record."),
-    click.option("--client", type=click.Choice(["fast", "sdk"]), default="fast", show_default=True,
-                 help="API request path: fast (aiohttp + orjson, the same wire requests at a fraction of "
-                      "the CPU) or sdk (the vendor's openai / google-genai SDK)."),
+    click.option("--client", type=click.Choice(["fast", "sdk"]),
+                 help="openai-chat / gemini-images request path: fast (aiohttp + orjson, the same wire "
+                      "requests at a fraction of the CPU; the default) or sdk (the vendor's SDK)."),
 ]
 
 IMAGE_OPTIONS = [

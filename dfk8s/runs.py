@@ -11,6 +11,7 @@ from dfk8s import layout
 from dfk8s.errors import SpecError
 from dfk8s.pipelines import check_serving, get_pipeline
 from dfk8s.plan import plan
+from dfk8s.servings import serving_defaults
 from dfk8s.spec import RunSpec, new_run_id
 from dfk8s.storage import Storage, open_storage
 
@@ -87,8 +88,10 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
         return storage, spec, True
     if not request.input:
         raise SpecError(f"run {run_id} does not exist under {request.output}; pass --input to start it")
+    given = {k: v for k, v in request.options.items() if v is not None}
+    # The serving's registered defaults under the flags: the same options submit resolves.
     spec = RunSpec(run_id=run_id, pipeline=request.pipeline, serving=serving,
-                   options={k: v for k, v in request.options.items() if v is not None},
+                   options={**serving_defaults(serving, request.pipeline), **given},
                    input=_same_source(request.input), input_key=request.input_key,
                    image_key=request.image_key,
                    output_key=request.output_key, id_key=request.id_key, parallelism=request.parallelism,

@@ -19,13 +19,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_exponential_jitter
 
 from dfk8s.errors import SpecError
+from dfk8s.servings import OPENAI_KEY_ENV, serving_info
 from dfk8s.servings.base import Request, Response, RowError, Serving
 from dfk8s.servings.breaker import Breaker
 
 log = logging.getLogger(__name__)
 
 #: Environment variables an API key is read from, in order (DataFlow-MM uses DF_API_KEY).
-API_KEY_ENV = ("DF_API_KEY", "OPENAI_API_KEY")
+API_KEY_ENV = OPENAI_KEY_ENV
 #: Longest Retry-After we honour; a server asking for more is capped so a shard cannot stall for hours.
 MAX_RETRY_AFTER = 120.0
 
@@ -69,9 +70,10 @@ class ApiOptions:
         rpm = spec.option("rpm")
         if rpm:
             rpm = float(rpm) / max(1, min(spec.parallelism, spec.shards or 1))
+        registered = serving_info(spec.serving).defaults
         return cls(api_url=spec.option("api_url") or os.environ.get("DF_BASE_URL") or None,
                    model=spec.option("model") or default_model,
-                   max_concurrency=int(spec.option("max_concurrency", 64)),
+                   max_concurrency=int(spec.option("max_concurrency", registered.get("max_concurrency", 64))),
                    rpm=rpm, timeout=float(spec.option("timeout", 120.0)),
                    max_retries=int(spec.option("max_retries", 5)))
 

@@ -22,6 +22,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from dfk8s.errors import SpecError
+from dfk8s.servings import GEMINI_KEY_ENV, SERVINGS
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.http_errors import error_object, status_error, transport_error
@@ -29,9 +30,7 @@ from dfk8s.servings.image_models import GeminiImageParams, as_png, check_gemini,
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gemini-2.5-flash-image"
-#: Where the key is read from, in order.
-GEMINI_KEY_ENV = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "DF_API_KEY")
+DEFAULT_MODEL = SERVINGS["gemini-images"].defaults["model"]
 #: Input image types Gemini takes inline; anything else is sent as PNG.
 INLINE_MIMES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
 #: Finish and block reasons that mean "refused", as opposed to "answered without an image".

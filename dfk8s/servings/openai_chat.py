@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 
+from dfk8s.servings import SERVINGS
 from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.lean_http import LeanClient, client_choice, dumps_with_images
 
-DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_MODEL = SERVINGS["openai-chat"].defaults["model"]
 
 
 def data_url(image) -> str:

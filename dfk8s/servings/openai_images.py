@@ -15,6 +15,7 @@ import os
 
 from dfk8s.errors import SpecError
 from dfk8s.images import ImageProblem, check_image, read_ref_bytes, resolve_ref
+from dfk8s.servings import SERVINGS
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Request, Response
 from dfk8s.servings.image_models import OpenAIImageParams, as_png, check_openai, returned_image
@@ -22,7 +23,7 @@ from dfk8s.servings.openai_common import make_client, openai_errors
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gpt-image-1.5"
+DEFAULT_MODEL = SERVINGS["openai-images"].defaults["model"]
 #: Largest image accepted from a response URL.
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 #: Largest mask file the API takes.
