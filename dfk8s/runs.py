@@ -61,7 +61,7 @@ def run_storage(output: str, run_id: str, endpoint_url: str | None = None) -> St
 
 
 def prepare_run(request: RunRequest, *, stage_images: bool = False,
-                on_row=None) -> tuple[Storage, RunSpec, bool]:
+                on_row=None, executor: str = "local") -> tuple[Storage, RunSpec, bool]:
     """Plan a new run, or load the existing one when ``run_id`` names a planned run.
 
     Returns:
@@ -98,7 +98,7 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
                    save_interval=request.save_interval, seed=request.seed)
     plan(spec, storage, rows_per_shard=request.rows_per_shard, shards=request.shards,
          image_root=request.image_root, stage_images=stage_images, endpoint_url=request.endpoint_url,
-         on_row=on_row)
+         on_row=on_row, executor=executor)
     return storage, spec, False
 
 

@@ -221,7 +221,11 @@ class ShardRunner:
         todo = [r for r in pending if not r.get("error")]
         if todo:
             if self.serving is None:
+                loading = time.monotonic()
                 self.serving = build_serving(self.spec)
+                # bench/end_to_end.py counts these lines: model loads per worker process.
+                log.info("loaded serving %s in %.2fs (pid %d)", self.spec.serving, time.monotonic() - loading,
+                         os.getpid())
             size = max(1, self.serving.batch_size)
             slots = asyncio.Semaphore(max(1, self.serving.concurrency))
             tasks: set[asyncio.Task] = set()

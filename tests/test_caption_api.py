@@ -166,7 +166,7 @@ def test_kill_9_at_random_points_then_resume_gives_every_row_exactly_once(tmp_pa
     fake_api.configure(latency=0.05)
     manifest = _prompts(tmp_path, 150)
     storage, spec, _ = prepare_run(RunRequest(pipeline="vqa", input=str(manifest), output=str(tmp_path),
-                                              run_id="k9", save_interval=7,
+                                              run_id="k9", save_interval=7, rows_per_shard=150,
                                               options={"api_url": fake_api.url, "max_concurrency": 4}))
     env = dict(os.environ)
     rng = random.Random(1234)

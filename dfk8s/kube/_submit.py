@@ -105,10 +105,20 @@ class DryRun:
     options: dict[str, Any]
     estimate: Estimate | None
     warnings: list[str] = field(default_factory=list)
+    #: The default shard-size rule and the expected time of one shard (None: sizes were given or frozen).
+    shard_size: Any = None
 
 
-def count_plan(request: RunRequest) -> tuple[int, int, int, int]:
+def count_plan(
+    request: RunRequest, serving: str | None = None, options: dict | None = None, parallelism: int = 1
+) -> tuple[int, int, int, int]:
     """Read the manifest as planning would (rows checked, images decoded) without writing anything.
+
+    Args:
+        request: The run as submit would plan it.
+        serving: Its serving (for the default shard size; None: the pipeline's default).
+        options: Its serving options, profile defaults included.
+        parallelism: Pods at once.
 
     Returns:
         ``(rows, good rows, shards, rows per shard)``.
@@ -116,7 +126,7 @@ def count_plan(request: RunRequest) -> tuple[int, int, int, int]:
     """
     from dfk8s.manifest import Manifest
     from dfk8s.pipelines import get_pipeline
-    from dfk8s.plan import DEFAULT_ROWS_PER_SHARD, RowChecker, default_image_root
+    from dfk8s.plan import RowChecker, default_image_root, default_shard_size
 
     checker = RowChecker(
         get_pipeline(request.pipeline),
@@ -134,8 +144,12 @@ def count_plan(request: RunRequest) -> tuple[int, int, int, int]:
         good += not problems
     if request.shards:  # the same arithmetic as plan()
         rows_per_shard = max(1, math.ceil(rows / request.shards)) if rows else 1
+    elif request.rows_per_shard:
+        rows_per_shard = request.rows_per_shard
     else:
-        rows_per_shard = request.rows_per_shard or DEFAULT_ROWS_PER_SHARD
+        serving = serving or get_pipeline(request.pipeline).default_serving
+        sized = default_shard_size(rows, serving, options or request.options, parallelism, "kubernetes")
+        rows_per_shard = sized.rows_per_shard
     return rows, good, math.ceil(rows / rows_per_shard), rows_per_shard
 
 
@@ -154,7 +168,7 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
     warnings = check_credentials(serving, options)
     run_id = request.run_id or new_run_id()
     storage = run_storage(request.output, run_id, request.endpoint_url)
-    spec = None
+    spec, shard_size = None, None
     if request.run_id:
         try:
             spec = RunSpec.load(storage)
@@ -172,8 +186,13 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
             raise SpecError("--input is needed (or --run-id of a planned run)")
         profile = load_profile(request.pipeline, serving)
         kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=1)
-        rows, good, shards, rows_per_shard = count_plan(request)
         serving_options = apply_profile_defaults(request.options, profile, explicit)
+        pods = options.parallelism
+        rows, good, shards, rows_per_shard = count_plan(request, serving, serving_options, pods)
+        if not (request.shards or request.rows_per_shard):
+            from dfk8s.plan import default_shard_size
+
+            shard_size = default_shard_size(rows, serving, serving_options, options.parallelism, "kubernetes")
     if not shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
     config = kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=shards)
@@ -196,6 +215,7 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
         options=serving_options,
         estimate=estimate,
         warnings=warnings,
+        shard_size=shard_size,
     )
 
 
@@ -257,7 +277,7 @@ def submit(
     run_uri = run_storage(request.output, request.run_id, request.endpoint_url).url()
     # Everything the Jobs need is checked before a single shard is written.
     kube_run_config(request, options, profile, run_id=request.run_id, run_uri=run_uri, shards=1)
-    storage, spec, resumed = prepare_run(request, stage_images=True, on_row=on_row)
+    storage, spec, resumed = prepare_run(request, stage_images=True, on_row=on_row, executor="kubernetes")
     if not spec.shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
     if spec.serving != profile.serving:

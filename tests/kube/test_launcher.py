@@ -161,7 +161,7 @@ def test_dry_run_counts_what_plan_writes(tmp_path, shards, rows_per_shard):
         rows_per_shard=rows_per_shard,
     )
     rows, good, counted_shards, counted_size = launcher.count_plan(request)
-    _, spec, _ = prepare_run(request)
+    _, spec, _ = prepare_run(request, executor="kubernetes")  # as submit plans it
     assert (rows, counted_shards, counted_size) == (spec.rows, spec.shards, spec.rows_per_shard)
     assert good == 4
 
