@@ -14,7 +14,7 @@ from PIL import Image
 
 from dfk8s.errors import SpecError
 from dfk8s.servings.api import RetryableError, RowFailure
-from dfk8s.servings.base import ImageInput, Message, Request
+from dfk8s.servings.base import ImageInput, Message, Request, RowError
 from dfk8s.servings.lean_http import dumps_with_images
 from dfk8s.servings.openai_chat import (
     OpenAIChatServing,
@@ -183,3 +183,113 @@ def test_retry_waits_see_the_rows_own_attempt_numbers(fake_api, api_key, client)
     [result] = _run(serving, [Request("r", [Message("user", "x")])])
     assert result.attempts == 4 and result.text
     assert seen == [(1, "RetryableError"), (2, "RetryableError"), (3, "RetryableError")]
+
+
+# ----- gemini-images: the lean path against google-genai ------------------------------------------------
+
+
+def _gemini(url, client, pipeline="imageedit", **options):
+    from dfk8s.servings.gemini_images import GeminiImagesServing
+
+    spec = RunSpec(run_id="t", pipeline=pipeline, serving="gemini-images", shards=1,
+                   options={"api_url": url, "client": client, **options})
+    return GeminiImagesServing.from_spec(spec)
+
+
+def _gemini_requests():
+    png = (DATAFLOW_ROOT / "dataflow/example/vqa/ggbond.png").read_bytes()
+    gif = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(gif, "GIF")  # sent as PNG, on both paths
+    return [
+        Request("t", [Message("user", "a red fox, ünï 🦊")]),
+        Request("s", [Message("system", "be brief"), Message("user", "make it \"red\"",
+                                                                  (ImageInput(png, "image/png", "a"),)),
+                      Message("assistant", "ok"), Message("user", "more")]),
+        Request("g", [Message("user", "edit", (ImageInput(gif.getvalue(), "image/gif", "g"),
+                                               ImageInput(_jpeg(), "image/jpeg", "j")))]),
+    ]
+
+
+def test_gemini_paths_send_byte_identical_requests(fake_api, monkeypatch):
+    monkeypatch.setenv("GEMINI_API_KEY", "gk")
+    fake_api.configure(keep_bodies=50)
+    sent = {}
+    for client in CLIENTS:
+        fake_api.reset()
+        results = _run(_gemini(fake_api.url, client, temperature=0.5, aspect_ratio="4:3"), _gemini_requests())
+        assert all(r.images for r in results), results
+        sent[client] = sorted(fake_api.bodies(), key=lambda b: b["body"])
+    assert len(sent["fast"]) == len(sent["sdk"]) == 3
+    for fast, sdk in zip(sent["fast"], sent["sdk"], strict=True):
+        assert fast["body"] == sdk["body"]
+        assert (fast["method"], fast["path"], fast["query"]) == (sdk["method"], sdk["path"], sdk["query"])
+        for header in ("x-goog-api-key", "Content-Type", "X-Server-Timeout"):
+            assert fast["headers"][header] == sdk["headers"][header]
+
+
+GEMINI_FAULTS = [
+    ("text_only", {}, "owl [[text_only]]"),
+    ("block", {}, "owl [[block]]"),
+    ("refusal", {}, "owl [[refuse]]"),
+    ("empty", {"rate_empty": 1.0}, "owl"),
+    ("malformed", {}, "owl [[malformed]]"),
+    ("500", {}, "owl [[500]]"),
+    ("429", {"fail_first": 5, "retry_after": 0.01}, "owl"),
+]
+
+
+@pytest.mark.parametrize(("name", "knobs", "text"), GEMINI_FAULTS, ids=[f[0] for f in GEMINI_FAULTS])
+def test_gemini_paths_give_the_same_result(fake_api, monkeypatch, name, knobs, text):
+    monkeypatch.setenv("GEMINI_API_KEY", "gk")
+    results = {}
+    for client in CLIENTS:
+        fake_api.reset()
+        fake_api.configure(**knobs)
+        [results[client]] = _run(_gemini(fake_api.url, client, "text2image", max_retries=1),
+                                 [Request("r", [Message("user", text)])])
+    assert results["fast"] == results["sdk"]
+    assert isinstance(results["fast"], RowError)  # every one of these faults fails the row
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_gemini_unknown_model_and_bad_key_trip_the_breaker(fake_api, monkeypatch, client):
+    from dfk8s.errors import SystematicFailure
+
+    monkeypatch.setenv("GEMINI_API_KEY", "gk")
+    fake_api.configure(models="gemini-2.5-flash-image")
+    with pytest.raises(SystematicFailure) as info:
+        _run(_gemini(fake_api.url, client, "text2image", model="gemini-2.5-flash-imag"),
+             [Request(str(i), [Message("user", "owl")]) for i in range(20)])
+    assert info.value.type == "ModelNotFound" and fake_api.stats()["requests_total"] <= 5
+    fake_api.reset()
+    fake_api.configure(models="", api_key="right")
+    with pytest.raises(SystematicFailure) as info:
+        _run(_gemini(fake_api.url, client, "text2image"), [Request(str(i), [Message("user", "owl")])
+                                                            for i in range(20)])
+    assert info.value.type == "AuthenticationError" and "API key not valid" in info.value.message
+
+
+_GEMINI_ANSWERS = [
+    {"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "a draft", "thought": True}, {"text": "here"},
+        {"inlineData": {"mimeType": "image/png", "data": None}}]}, "finishReason": "STOP"}]},
+    {"candidates": [{"finishReason": "IMAGE_SAFETY", "safetyRatings": [
+        {"category": "HARM_CATEGORY_HARASSMENT", "blocked": True}]}]},
+    {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT", "blockReasonMessage": "no"}},
+    {"candidates": []},
+    {"candidates": [{"content": {"role": "model", "parts": [{"text": "only words"}]},
+                     "finishReason": "MAX_TOKENS"}]},
+]
+
+
+@pytest.mark.parametrize("answer", _GEMINI_ANSWERS)
+def test_gemini_lean_reading_matches_the_sdk_models(monkeypatch, answer):
+    from google.genai import types
+
+    from dfk8s.servings.gemini_images import _b64, _View
+
+    monkeypatch.setenv("GEMINI_API_KEY", "gk")
+    serving = _gemini("http://127.0.0.1:9", "fast", "text2image")
+    validated = types.GenerateContentResponse.model_validate(answer)
+    assert _outcome(lambda a: serving._response(_View(a), _b64), answer) == \
+        _outcome(lambda a: serving._response(a, lambda d: d), validated)

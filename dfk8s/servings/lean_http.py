@@ -39,16 +39,20 @@ def client_choice(spec) -> str:
     return choice
 
 
-def dumps_with_images(build: Callable[[Callable], object]) -> bytes:
+def dumps_with_images(build: Callable[[Callable], object], *, dumps: Callable[[object], bytes] = orjson.dumps,
+                      encode: Callable[[bytes], bytes] = base64.b64encode) -> bytes:
     """Serialize a JSON body whose image payloads are base64 of raw bytes, without base64 strings.
 
     Args:
         build: Called with ``placeholder(image) -> str``; returns the body, in which each image's base64
             text appears as the placeholder (inside whatever string the wire format wants around it).
 
+        dumps: The serializer (the openai SDK's compact JSON by default; Gemini's SDK sends
+            ``json.dumps`` with its default separators).
+        encode: The base64 flavour (standard; Gemini's SDK sends URL-safe).
+
     Returns:
-        The body as ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))`` of the body with the
-        real base64 text would give it (what the SDKs send).
+        The bytes ``dumps`` gives the body with the real base64 text in it (what the SDKs send).
     """
     images: list[bytes] = []
 
@@ -56,16 +60,16 @@ def dumps_with_images(build: Callable[[Callable], object]) -> bytes:
         images.append(data)
         return _TOKEN % (len(images) - 1)
 
-    raw = orjson.dumps(build(placeholder))
+    raw = dumps(build(placeholder))
     if not images:
         return raw
     pieces, rest = [], raw
     for k, data in enumerate(images):
-        marker = orjson.dumps(_TOKEN % k)[1:-1]
+        marker = dumps(_TOKEN % k)[1:-1]
         head, found, rest = rest.partition(marker)
         if not found:  # cannot happen unless a text holds the marker itself; build it the plain way
-            return orjson.dumps(build(lambda d: base64.b64encode(d).decode()))
-        pieces += (head, base64.b64encode(data))
+            return dumps(build(lambda d: encode(d).decode()))
+        pieces += (head, encode(data))
     pieces.append(rest)
     return b"".join(pieces)
 
@@ -87,9 +91,12 @@ class LeanClient:
         headers: Sent with every request (auth, content type).
         timeout: Seconds a whole request may take.
         connections: Size of the connection pool (at least the requests in flight).
+        errors: Turns a failed answer's ``(status, body, retry_after)`` into the exception to raise.
     """
 
-    def __init__(self, base_url: str, headers: dict[str, str], timeout: float, connections: int):
+    def __init__(self, base_url: str, headers: dict[str, str], timeout: float, connections: int,
+                 errors: Callable = status_error):
+        self.errors = errors
         self.base_url = base_url.rstrip("/")
         self.host = yarl.URL(self.base_url).host
         self.headers = {"Accept": "application/json", "Content-Type": "application/json",
@@ -116,7 +123,7 @@ class LeanClient:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 body = raw.decode("utf-8", "replace")
-            raise status_error(status, body, retry_after(headers))
+            raise self.errors(status, body, retry_after(headers))
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
