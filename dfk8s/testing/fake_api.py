@@ -78,6 +78,8 @@ class FakeConfig:
             (OpenAI) or `NOT_FOUND` (Gemini), as the real APIs answer. Empty: every name is served.
         api_key: When set, a request with another key gets 401 `invalid_api_key` (Gemini: 400
             `API_KEY_INVALID`), as the real APIs answer.
+        decode_images: 1: decode every input image fully (a broken one gets 400); 0: read headers only,
+            so a benchmark with big photos measures the client, not the fake's JPEG decoder.
     """
 
     latency: float = 0.0
@@ -96,6 +98,7 @@ class FakeConfig:
     keep_bodies: int = 0
     models: str = ""
     api_key: str = ""
+    decode_images: int = 1
 
     def update(self, **changes: Any) -> None:
         """Sets knobs by name, converting values to the field's type.
@@ -200,15 +203,21 @@ def size_from(spec: Any, limit: int, sep: str = "x") -> tuple[int, int] | None:
     return scaled(w, h, limit)
 
 
-def inspect_image(img: InImage, check_mime: bool = True) -> None:
+def inspect_image(img: InImage, check_mime: bool = True, decode: bool = True) -> None:
     """Decodes `img` with Pillow and fills in its format and size.
+
+    Args:
+        img: The image as it arrived.
+        check_mime: Also check the declared MIME type against the bytes.
+        decode: Decode every pixel (False: read the header only, for benchmarks with big photos).
 
     Raises:
         ApiError: 400 when the bytes do not decode, or do not match the declared MIME type.
     """
     try:
         with Image.open(io.BytesIO(img.data)) as im:
-            im.load()
+            if decode:
+                im.load()
             img.fmt, img.size = (im.format or "").lower(), im.size
     except Exception as exc:  # Pillow raises many kinds; all mean "not an image we can read"
         raise ApiError(400, f"Invalid image at {img.where}: the data could not be decoded as an image "
@@ -632,9 +641,9 @@ class FakeAPI:
     def _inspect(self, call: Call) -> None:
         # Multipart parts declare a Content-Type the real API checks; data URLs and Gemini blobs too.
         for img in call.images:
-            inspect_image(img)
+            inspect_image(img, decode=bool(self.config.decode_images))
         if call.mask is not None:
-            inspect_image(call.mask)
+            inspect_image(call.mask, decode=bool(self.config.decode_images))
             if call.images and call.mask.size != call.images[0].size:
                 raise ApiError(400, "Invalid mask: the mask and the image must have the same dimensions.",
                                code="invalid_value", param="mask")
