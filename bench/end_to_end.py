@@ -130,7 +130,8 @@ def run_case(case: Case, dfk8s: str, url: str | None, server: psutil.Process | N
     env = {**os.environ, "TMPDIR": str(tmp), "DF_API_KEY": "bench-key", "DFK8S_LOG_LEVEL": "INFO"}
     server_cpu = sum(server.cpu_times()[:2]) if server else 0.0
     cpu, wall = _children_cpu(), time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    # cwd: the case folder, so `python -m dfk8s worker` imports the dfk8s of the command timed, not ./dfk8s
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
     wall, cpu = time.perf_counter() - wall, _children_cpu() - cpu
     server_cpu = sum(server.cpu_times()[:2]) - server_cpu if server else 0.0
     if result.returncode != 0:
