@@ -53,7 +53,10 @@ def cli(log_level):
               help="Extra attempts for a shard whose worker crashes (like backoffLimitPerIndex).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar (only on a terminal).")
 @report_option
-def run(output, workers, shard_retries, progress, write_report_after, **flags):
+@click.option("--dry-run", is_flag=True,
+              help="Read and check every row as planning does, write and send nothing: print the plan and "
+                   "the cost estimate (tokens, images, price in sync and batch mode).")
+def run(output, workers, shard_retries, progress, write_report_after, dry_run, **flags):
     """Run a pipeline on this machine: plan shards, run workers, reduce to one ordered result.jsonl.
 
     Re-running with --run-id resumes: finished shards and rows are skipped, nothing is duplicated.
@@ -69,6 +72,9 @@ def run(output, workers, shard_retries, progress, write_report_after, **flags):
 
     request = run_request_from_flags(output, flags)
     request.parallelism = workers
+    if dry_run:
+        _dry_run(request)
+        return
     _check_credentials(request.serving, request.pipeline)
     from dfk8s.progress import progress_bar
 
@@ -82,9 +88,36 @@ def run(output, workers, shard_retries, progress, write_report_after, **flags):
                              show_progress=progress)
     summary = executor.execute(storage, spec)
     _print_summary(summary)
+    _print_budget_stop(storage, spec, summary)
     after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
     if not summary.complete:
         raise click.exceptions.Exit(1)
+
+
+def _print_budget_stop(storage, spec, summary) -> None:
+    from dfk8s.budget import read_cost_record
+    from dfk8s.cost import usd
+
+    max_cost = (read_cost_record(storage) or {}).get("max_cost")
+    if max_cost is not None and summary.cost_usd is not None and summary.cost_usd >= max_cost \
+            and not summary.complete:
+        _err(f"stopped at --max-cost {usd(max_cost)} (spent {usd(summary.cost_usd)}); finished rows are "
+             f"kept: resume with --run-id {spec.run_id} --max-cost HIGHER")
+
+
+def _dry_run(request) -> None:
+    from dfk8s.runs import dry_run
+
+    found = dry_run(request)
+    spec = found.spec
+    click.echo(f"dry run: nothing was written or sent; run {spec.run_id}"
+         + (" (planned already: its stored estimate)" if found.resumed else ""))
+    bad = spec.rows - found.good_rows
+    click.echo(f"  rows: {spec.rows:,}"
+               + (f" ({bad:,} with problems: they fail without a request)" if bad else ""))
+    click.echo(f"  shards: {spec.shards:,} of up to {spec.rows_per_shard:,} rows")
+    for line in found.estimate.lines() if found.estimate is not None else ["  cost: not estimated"]:
+        click.echo(line)
 
 
 def _print_summary(summary) -> None:
@@ -92,6 +125,13 @@ def _print_summary(summary) -> None:
             + (f", {summary.not_processed} not processed (shards {summary.failed_shards})"
                if summary.not_processed or summary.failed_shards else "")
             + f" in {summary.wall_seconds:.1f}s")
+    if getattr(summary, "cost_usd", None) is not None:
+        usage = summary.usage or {}
+        from dfk8s.cost import usd
+
+        line += (f"; cost {usd(summary.cost_usd)} ({usage.get('input_tokens', 0):,} input / "
+                 f"{usage.get('output_tokens', 0):,} output tokens"
+                 + (f", {usage['images']:,} images" if usage.get("images") else "") + ")")
     _err(line)
     click.echo(summary.result)
 

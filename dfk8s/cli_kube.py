@@ -273,6 +273,8 @@ def _dry_run(plan) -> None:
             f"  time: ~{_duration(estimate.minutes * 60)} (assumes ~{estimate.latency:g} s per request; "
             "pod start-up not counted)"
         )
+    for line in plan.cost.lines() if plan.cost is not None else []:
+        _err(line)
     if not plan.planned:
         _err(
             f"  note: the pods read the shards from {cfg.run_uri}: this YAML runs only after the run is "
@@ -293,6 +295,10 @@ def _print_summary_line(summary: dict) -> None:
     line = f"{summary.get('rows', 0)} rows: {summary.get('ok', 0)} ok, {summary.get('failed', 0)} failed"
     if summary.get("not_processed") or summary.get("failed_shards"):
         line += f", {summary.get('not_processed', 0)} not processed (shards {summary.get('failed_shards')})"
+    if summary.get("cost_usd") is not None:
+        from dfk8s.cost import usd
+
+        line += f"; cost {usd(summary['cost_usd'])}"
     _err(line)
 
 
@@ -311,6 +317,12 @@ def _local_status(output: str, run_id: str, as_json: bool) -> None:
     click.echo(f"  progress: {state['done']:,}/{state['rows']:,} rows ({state['ok']:,} ok, "
                f"{state['failed']:,} failed); {len(state['shards_done'])}/{state['shards']} shards done"
                + (f" ({format_indexes(state['shards_done'])})" if state["shards_done"] else ""))
+    from dfk8s.batch import describe_batches
+    from dfk8s.budget import describe_spend
+
+    storage = run_storage(output, run_id)
+    for line in describe_batches(storage, state["shards"]) + describe_spend(storage, state["shards"]):
+        click.echo(line)
     summary = state["summary"]
     if summary:
         click.echo(f"  result: {summary['result']}: {summary['rows']:,} rows, {summary['ok']:,} ok, "
@@ -369,6 +381,13 @@ def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json)
             f"{len(state.shards_done)}/{state.shards} shards done"
             + (f" ({format_indexes(state.shards_done)})" if state.shards_done else "")
         )
+    if state.run_uri and not state.storage_error:
+        from dfk8s.batch import describe_batches
+        from dfk8s.storage import open_storage
+
+        batches = describe_batches(open_storage(state.run_uri, endpoint_url=s3_endpoint), state.shards or 0)
+        for line in batches:
+            click.echo(line)
     if state.summary:
         summary = state.summary
         click.echo(
@@ -431,13 +450,46 @@ def logs(run_id, namespace, context, kubeconfig, index, reducer, follow, tail):
         clients.close()
 
 
+def _cancel_batches(run_uri: str) -> None:
+    """Batch mode: cancel the run's provider batches too (what they completed is kept for a resume)."""
+    import asyncio
+
+    from dfk8s.batch import cancel_batches
+    from dfk8s.errors import Dfk8sError
+    from dfk8s.spec import RunSpec
+    from dfk8s.storage import open_storage
+
+    try:
+        storage = open_storage(run_uri)
+        spec = RunSpec.load(storage)
+        if spec.option("api_mode") != "batch":
+            return
+        ids = asyncio.run(cancel_batches(storage, spec))
+    except Dfk8sError as exc:
+        _err(f"warning: could not cancel the run's provider batches: {exc}")
+        return
+    if ids:
+        _err(f"cancelled provider batches {', '.join(ids)}; what they completed is kept: resuming maps it")
+
+
 @click.command()
 @click.argument("run_id", metavar="RUN")
 @_connection_options
-def cancel(run_id, namespace, context, kubeconfig):
-    """Stop a run: delete its Jobs and their pods. Its data stays; submit --run-id RUN resumes it."""
+@click.option("--output", "-o", metavar="DIR",
+              help="A `dfk8s run` run under this local folder: only cancel its provider batches "
+                   "(batch mode).")
+def cancel(run_id, namespace, context, kubeconfig, output):
+    """Stop a run: delete its Jobs and their pods. Its data stays; submit --run-id RUN resumes it.
+
+    In batch mode the provider batches are cancelled too; what they completed is kept.
+    """
     from dfk8s.kube.launcher import cancel_run
 
+    if output and not output.startswith("s3://"):
+        from dfk8s.runs import run_storage
+
+        _cancel_batches(run_storage(output, run_id).url())
+        return
     clients, namespace = _connect(context, kubeconfig, namespace)
     try:
         jobs, pods, run_uri = cancel_run(clients, namespace, run_id)
@@ -449,6 +501,7 @@ def cancel(run_id, namespace, context, kubeconfig):
         + f" and {len(pods)} pods in namespace {namespace}"
     )
     if run_uri:
+        _cancel_batches(run_uri)
         output = run_uri.rsplit("/", 1)[0]
         _err(
             f"its data stays at {run_uri}; resume with: dfk8s submit --pipeline ... --output {output} "

@@ -92,14 +92,34 @@ IMAGE_OPTIONS = [
     click.option("--image-size", help="Gemini images: image size (1K, 2K, 4K) where supported."),
 ]
 
+COST_OPTIONS = [
+    click.option("--max-cost", type=click.FloatRange(min=0), metavar="USD",
+                 help="Budget: refuse to start when the estimate is over it, and stop (resumably) when the "
+                      "run's actual spend passes it."),
+    click.option("--prices", metavar="FILE", type=click.Path(dir_okay=False),
+                 help="Price table (YAML) for the estimate and the spend (default: the dated table shipped "
+                      "in dfk8s, dfk8s/prices.yaml)."),
+    click.option("--api-mode", type=click.Choice(["sync", "batch"]),
+                 help="sync (default): one request per row now. batch: each shard is one provider batch "
+                      "at half the price, results within 24 h (OpenAI Batch API: caption, vqa, text2image; "
+                      "Gemini Batch Mode: text2image, imageedit)."),
+    click.option("--batch-poll-seconds", type=click.FloatRange(min=0.01), metavar="S",
+                 help="Batch mode: longest wait between polls of a batch (default 60; polls start fast "
+                      "and back off)."),
+    click.option("--max-image-side", type=click.IntRange(min=16), metavar="PX",
+                 help="caption, vqa, edits: downscale an input image whose longer side is over PX before it "
+                      "is sent (aspect and format kept; the row keeps its path). Default: off."),
+]
+
 #: Flag names (click parameter names) that become serving options in run.json.
 SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max_tokens", "max_concurrency",
                         "rpm", "timeout", "max_retries", "steps", "guidance", "height", "width",
                         "batch_size", "images_per_prompt", "dtype", "cpu_offload", "size", "quality",
                         "aspect_ratio", "image_size", "response_format", "mask", "max_area",
-                        "auto_resize", "max_sequence_length", "client")
+                        "auto_resize", "max_sequence_length", "max_image_side", "api_mode",
+                        "batch_poll_seconds", "client")
 
-shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS)
+shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS + COST_OPTIONS)
 
 
 def run_request_from_flags(output: str, flags: dict):
@@ -114,4 +134,4 @@ def run_request_from_flags(output: str, flags: dict):
         output_key=flags.get("output_key"), id_key=flags.get("id_key"), image_root=flags.get("image_root"),
         shards=flags.get("shards"), rows_per_shard=flags.get("rows_per_shard"),
         save_interval=flags.get("save_interval") or 100, seed=flags.get("seed") or 0,
-        endpoint_url=flags.get("s3_endpoint"))
+        endpoint_url=flags.get("s3_endpoint"), max_cost=flags.get("max_cost"), prices=flags.get("prices"))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfk8s import layout, rows
+from dfk8s.cost import row_texts
 from dfk8s.images import ImageProblem, check_image, read_ref_bytes, resolve_ref, sha256_hex
 from dfk8s.manifest import Manifest, ManifestItem, count_rows
 from dfk8s.pipelines import Pipeline, get_pipeline
@@ -127,6 +128,11 @@ class RowChecker:
     _image_cache: dict = field(default_factory=dict)
     _seen_ids: set = field(default_factory=set)
     _staged: set = field(default_factory=set)
+    #: Width and height of each image of the row last checked (None: not opened), for the cost estimate,
+    #: and their file sizes (0: not opened), for batch-mode shard limits.
+    last_sizes: list = field(default_factory=list)
+    last_bytes: list = field(default_factory=list)
+    _sizes: dict = field(default_factory=dict)
 
     def check(self, item: ManifestItem) -> tuple[dict, list[Problem]]:
         """Return the shard row for a manifest item and the problems found (empty if the row is good)."""
@@ -147,6 +153,7 @@ class RowChecker:
                     problems.append(Problem(item.where, f"duplicate id {rid!r} (key {self.id_key!r})"))
                 self._seen_ids.add(rid)
         resolved: list[str] = []
+        self.last_sizes, self.last_bytes = [], []
         try:
             self.pipeline.check_row(item.row, self.input_key)
             refs = self.pipeline.image_refs(item.row, self.image_key)
@@ -156,6 +163,9 @@ class RowChecker:
         for ref in refs:
             try:
                 resolved.append(self._image(ref))
+                found = self._sizes.get(resolved[-1])
+                self.last_sizes.append(found[:2] if found else None)
+                self.last_bytes.append(found[2] if found else 0)
             except ImageProblem as exc:
                 problems.append(Problem(item.where, str(exc)))
         error = None
@@ -171,10 +181,12 @@ class RowChecker:
                 raise cached
             return cached
         is_local = "://" not in path and not path.startswith(layout.RUN_REF_SCHEME)
+        size = None
         try:
             if is_local or self.check_remote_images:
                 data = read_ref_bytes(path, endpoint_url=self.endpoint_url)
                 checked = check_image(data, ref)
+                size = (checked.width, checked.height, len(data))
                 if is_local and self.stage_to is not None:
                     key = layout.staged_key(sha256_hex(data), checked.extension)
                     if key not in self._staged:
@@ -190,7 +202,10 @@ class RowChecker:
             raise problem from None
         if len(self._image_cache) > 100_000:  # bound memory on manifests with millions of distinct images
             self._image_cache.clear()
+            self._sizes.clear()
         self._image_cache[path] = path
+        if size is not None:
+            self._sizes[path] = size
         return path
 
 
@@ -223,7 +238,8 @@ def iter_problems(manifest: str, pipeline: str, counts: dict, *, input_key=None,
 
 def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shards: int | None = None,
          image_root: str | None = None, stage_images: bool = False, endpoint_url: str | None = None,
-         on_row: Callable[[int], None] | None = None, executor: str = "local") -> RunSpec:
+         on_row: Callable[[int], None] | None = None, count_only: bool = False, tally=None,
+         executor: str = "local") -> RunSpec:
     """Write a run's shards and then its run.json (whose presence means the plan is complete).
 
     Args:
@@ -237,10 +253,13 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
         stage_images: Upload local images into the run (cluster runs: pods cannot see this disk).
         endpoint_url: S3 endpoint for s3:// manifests and images.
         on_row: Called with the number of rows planned so far (progress).
+        count_only: Read and check every row as planning does, but write nothing (``--dry-run``): the
+            returned spec has the shard and row counts a real plan would give.
+        tally: A :class:`dfk8s.cost.Tally` that counts what each row's request will carry (the estimate).
         executor: ``local`` or ``kubernetes``: what the default shard size is sized for.
 
     Returns:
-        The completed spec, also saved as run.json.
+        The completed spec, also saved as run.json (unless ``count_only``).
     """
     if shards:
         total = count_rows(spec.input, endpoint_url=endpoint_url)
@@ -251,11 +270,18 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
         rows_per_shard = sized.rows_per_shard
         log.info("default shard size %d rows (~%.0f s per shard): %s", sized.rows_per_shard,
                  sized.seconds_per_shard, sized.rule)
+    byte_cap = None
+    if spec.option("api_mode") == "batch":  # one shard is one provider batch: keep it within its limits
+        from dfk8s.batch import request_bytes, shard_limits
+
+        max_requests, byte_cap = shard_limits(spec.serving)
+        rows_per_shard = min(rows_per_shard, max_requests)
     checker = RowChecker(get_pipeline(spec.pipeline), spec.input_key, spec.image_key, spec.id_key,
                          default_image_root(spec.input, image_root),
-                         stage_to=run_storage if stage_images else None, endpoint_url=endpoint_url)
+                         stage_to=run_storage if stage_images and not count_only else None,
+                         endpoint_url=endpoint_url)
     manifest = Manifest(spec.input, endpoint_url=endpoint_url)
-    shard_index, in_shard, total_rows, bad = 0, 0, 0, 0
+    shard_index, in_shard, total_rows, bad, shard_bytes = 0, 0, 0, 0, 0
     with tempfile.TemporaryDirectory(prefix="dfk8s-plan-") as tmp:
         buffer_path = os.path.join(tmp, "shard.jsonl")
         buffer = open(buffer_path, "w", encoding="utf-8")
@@ -263,19 +289,35 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
             for item in manifest:
                 shard_row, problems = checker.check(item)
                 bad += bool(problems)
-                buffer.write(json.dumps(shard_row, ensure_ascii=False, separators=(",", ":")) + "\n")
+                if byte_cap is not None:
+                    row_bytes = request_bytes(shard_row, checker.last_bytes)
+                    if in_shard and shard_bytes + row_bytes > byte_cap:  # the batch file would be too big
+                        buffer.close()
+                        if not count_only:
+                            run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
+                        shard_index, in_shard, shard_bytes = shard_index + 1, 0, 0
+                        buffer = open(buffer_path, "w", encoding="utf-8")
+                    shard_bytes += row_bytes
+                if tally is not None:
+                    tally.add(shard_row, checker.last_sizes, row_texts(checker.pipeline, shard_row["row"],
+                                                                       spec.input_key,
+                                                                       spec.option("system_prompt")))
+                if not count_only:
+                    buffer.write(json.dumps(shard_row, ensure_ascii=False, separators=(",", ":")) + "\n")
                 in_shard += 1
                 total_rows += 1
                 if in_shard == rows_per_shard:
                     buffer.close()
-                    run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
-                    shard_index, in_shard = shard_index + 1, 0
+                    if not count_only:
+                        run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
+                    shard_index, in_shard, shard_bytes = shard_index + 1, 0, 0
                     buffer = open(buffer_path, "w", encoding="utf-8")
                 if on_row is not None and total_rows % 1000 == 0:
                     on_row(total_rows)
             buffer.close()
             if in_shard:
-                run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
+                if not count_only:
+                    run_storage.write_file(layout.shard_input_key(shard_index), buffer_path)
                 shard_index += 1
         finally:
             buffer.close()
@@ -286,6 +328,8 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
     spec.rows_per_shard = rows_per_shard
     spec.input_digest = f"sha256:{manifest.digest}"
     spec.input_bytes = manifest.nbytes
+    if count_only:
+        return spec
     spec.save(run_storage)
     log.info("planned %d rows (%d with problems) into %d shards", total_rows, bad, shard_index)
     return spec

@@ -47,6 +47,7 @@ _SERVING_KEYS = {
     "shm_size",
     "model_cache",
     "defaults",
+    "batch_resources",
 }
 _RESOURCE_KEYS = {"requests", "limits"}
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
@@ -86,6 +87,8 @@ class Profile:
         defaults: serving parameters used when no flag overrides them: the serving's registered
             defaults (what ``dfk8s run`` uses), under the file's ``defaults``.
         source: the file the profile was read from.
+        batch_resources: container ``resources`` with ``--api-mode batch`` (the pod only uploads a
+            file and polls, for hours): empty to keep ``resources``.
 
     """
 
@@ -100,6 +103,15 @@ class Profile:
     model_cache: ModelCache | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     source: Path | None = field(default=None, compare=False)
+    batch_resources: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def for_api_mode(self, api_mode: str | None) -> Profile:
+        """This profile for ``api_mode``: batch mode swaps in ``batch_resources`` when it has them."""
+        import dataclasses
+
+        if api_mode != "batch" or not self.batch_resources:
+            return self
+        return dataclasses.replace(self, resources=self.batch_resources)
 
     @property
     def gpu_count(self) -> int:
@@ -208,6 +220,7 @@ def _serving_profile(entry: Any, pipeline: str, serving: str, path: Path) -> Pro
         raise SpecError(f"{where}.gpu: must be true or false, got {gpu!r}")
 
     resources = _resources(entry.get("resources") or {}, f"{where}.resources")
+    batch_resources = _resources(entry.get("batch_resources") or {}, f"{where}.batch_resources")
     has_gpu_limit = GPU_RESOURCE in resources.get("limits", {})
     # A GPU profile without the limit would schedule on a GPU node yet see no device (and the
     # reverse would hold a GPU idle), so the flag and the limit must agree.
@@ -255,6 +268,7 @@ def _serving_profile(entry: Any, pipeline: str, serving: str, path: Path) -> Pro
         model_cache=model_cache,
         defaults=dict(defaults),
         source=path,
+        batch_resources=batch_resources,
     )
 
 

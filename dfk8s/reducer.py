@@ -39,6 +39,11 @@ class Summary:
     wall_seconds: float = 0.0
     result: str = ""
     errors: str = ""
+    #: Actual usage (tokens, images, requests) and cost in USD, in total and per shard (finished or not);
+    #: ``cost_usd`` is None when the run's model has no price.
+    usage: dict = field(default_factory=dict)
+    cost_usd: float | None = None
+    shard_costs: dict = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -66,6 +71,7 @@ def reduce_run(storage, *, failed_shards: list[int] | None = None) -> Summary:
     spec = RunSpec.load(storage)
     summary = Summary(spec.run_id, spec.pipeline, spec.serving, shards=spec.shards)
     known_failed = set(failed_shards or ())
+    done_stats: dict[int, dict] = {}
     with tempfile.TemporaryDirectory(prefix="dfk8s-reduce-") as tmp:
         result_path, errors_path = os.path.join(tmp, "result.jsonl"), os.path.join(tmp, "errors.jsonl")
         with open(result_path, "wb") as result, open(errors_path, "w", encoding="utf-8") as errors:
@@ -75,17 +81,41 @@ def reduce_run(storage, *, failed_shards: list[int] | None = None) -> Summary:
                 except NotFound:
                     stats = None
                 if stats is not None:
+                    done_stats[index] = stats
                     _copy_finished(storage, index, stats, result, errors, summary)
                 else:
                     _mark_unprocessed(storage, index, index in known_failed, result, errors, summary)
         storage.write_file(layout.RESULT_KEY, result_path)
         storage.write_file(layout.ERRORS_KEY, errors_path)
+    _add_costs(storage, spec, summary, done_stats)
     summary.wall_seconds = round(time.time() - spec.created_at, 3)
     summary.result, summary.errors = storage.url(layout.RESULT_KEY), storage.url(layout.ERRORS_KEY)
     storage.write_json(layout.SUMMARY_KEY, {**summary.__dict__, "complete": summary.complete})
     log.info("reduced %d rows: %d ok, %d failed, %d not processed", summary.rows, summary.ok,
              summary.failed, summary.not_processed)
     return summary
+
+
+def _add_costs(storage, spec: RunSpec, summary: Summary, done_stats: dict[int, dict]) -> None:
+    """Sum every shard's spend (a shard that stopped early was paid for too) into the summary."""
+    from dfk8s.budget import read_cost_record, shard_cost
+    from dfk8s.usage import Usage
+
+    if read_cost_record(storage) is None:
+        return  # no price known for the run's model (or a serving without one): nothing is counted
+    total, usd = Usage(), 0.0
+    for index in range(spec.shards):
+        stats = done_stats.get(index)
+        if stats is not None:
+            spent = {"usage": stats.get("usage") or {}, "cost_usd": float(stats.get("cost_usd") or 0.0)}
+        else:
+            spent = shard_cost(storage, index)
+        if spent is None:
+            continue
+        summary.shard_costs[str(index)] = spent
+        total.add(Usage.from_dict(spent["usage"]))
+        usd += spent["cost_usd"]
+    summary.usage, summary.cost_usd = total.to_dict(), round(usd, 6)
 
 
 def _copy_finished(storage, index, stats, result, errors, summary: Summary) -> None:

@@ -48,6 +48,8 @@ class RunRequest:
     seed: int = 0
     parallelism: int = 1
     endpoint_url: str | None = None
+    max_cost: float | None = None
+    prices: str | None = None
 
 
 def _same_source(source: str) -> str:
@@ -60,46 +62,150 @@ def run_storage(output: str, run_id: str, endpoint_url: str | None = None) -> St
     return open_storage(output, endpoint_url=endpoint_url).child(run_id)
 
 
-def prepare_run(request: RunRequest, *, stage_images: bool = False,
-                on_row=None, executor: str = "local") -> tuple[Storage, RunSpec, bool]:
-    """Plan a new run, or load the existing one when ``run_id`` names a planned run.
+def _existing_run(request: RunRequest, storage: Storage, run_id: str) -> RunSpec | None:
+    """The planned run ``run_id`` if there is one, checked against the request (the resume checks)."""
+    if not storage.exists(layout.RUN_SPEC_KEY):
+        return None
+    spec = RunSpec.load(storage)
+    if spec.pipeline != request.pipeline:
+        raise SpecError(f"run {run_id} is a {spec.pipeline} run, not {request.pipeline}")
+    if request.input and _same_source(request.input) != _same_source(spec.input):
+        raise SpecError(f"run {run_id} was planned from {spec.input}, not {request.input}; "
+                        "resume without --input, or start a new run")
+    return spec
 
-    Returns:
-        The run's storage, its spec, and whether it was resumed.
 
-    Raises:
-        SpecError: Bad pipeline/serving, no input for a new run, or a resume that does not match.
-    """
-    pipeline = get_pipeline(request.pipeline)
-    serving = request.serving or pipeline.default_serving
-    check_serving(pipeline, serving)
-    run_id = request.run_id or new_run_id()
-    storage = run_storage(request.output, run_id, request.endpoint_url)
-    if storage.exists(layout.RUN_SPEC_KEY):
-        spec = RunSpec.load(storage)
-        if spec.pipeline != request.pipeline:
-            raise SpecError(f"run {run_id} is a {spec.pipeline} run, not {request.pipeline}")
-        if request.input and _same_source(request.input) != _same_source(spec.input):
-            raise SpecError(f"run {run_id} was planned from {spec.input}, not {request.input}; "
-                            "resume without --input, or start a new run")
-        log.info("resuming run %s (%d shards)", run_id, spec.shards)
-        if storage.exists(layout.BREAKER_KEY):  # a resume tries again; a mistake still there trips it again
-            storage.delete(layout.BREAKER_KEY)
-        return storage, spec, True
+def _new_spec(request: RunRequest, run_id: str, serving: str) -> RunSpec:
     if not request.input:
         raise SpecError(f"run {run_id} does not exist under {request.output}; pass --input to start it")
+    if request.options.get("api_mode") == "batch":
+        from dfk8s.batch import check_batch_mode
+
+        check_batch_mode(request.pipeline, serving)
     given = {k: v for k, v in request.options.items() if v is not None}
     # The serving's registered defaults under the flags: the same options submit resolves.
-    spec = RunSpec(run_id=run_id, pipeline=request.pipeline, serving=serving,
+    return RunSpec(run_id=run_id, pipeline=request.pipeline, serving=serving,
                    options={**serving_defaults(serving, request.pipeline), **given},
                    input=_same_source(request.input), input_key=request.input_key,
                    image_key=request.image_key,
                    output_key=request.output_key, id_key=request.id_key, parallelism=request.parallelism,
                    save_interval=request.save_interval, seed=request.seed)
+
+
+def prepare_run(request: RunRequest, *, stage_images: bool = False,
+                on_row=None, executor: str = "local") -> tuple[Storage, RunSpec, bool]:
+    """Plan a new run, or load the existing one when ``run_id`` names a planned run.
+
+    A new run's cost is estimated while it is planned (``cost.json``); with ``max_cost`` set, a run whose
+    estimate is over it is refused before any request. A resumed run takes the new ``max_cost``.
+
+    Returns:
+        The run's storage, its spec, and whether it was resumed.
+
+    Raises:
+        SpecError: Bad pipeline/serving, no input for a new run, a resume that does not match, no price
+            known for the model, or an estimate over ``max_cost``.
+    """
+    from dfk8s import budget, cost
+
+    pipeline = get_pipeline(request.pipeline)
+    serving = request.serving or pipeline.default_serving
+    check_serving(pipeline, serving)
+    run_id = request.run_id or new_run_id()
+    storage = run_storage(request.output, run_id, request.endpoint_url)
+    spec = _existing_run(request, storage, run_id)
+    if spec is not None:
+        log.info("resuming run %s (%d shards)", run_id, spec.shards)
+        if storage.exists(layout.BREAKER_KEY):  # a resume tries again; a mistake still there trips it again
+            storage.delete(layout.BREAKER_KEY)
+        if request.max_cost is not None:
+            budget.set_budget(storage, request.max_cost)
+        return storage, spec, True
+    spec = _new_spec(request, run_id, serving)
+    prices = _prices_for(request, serving, spec.options)
+    tally = cost.Tally()
     plan(spec, storage, rows_per_shard=request.rows_per_shard, shards=request.shards,
          image_root=request.image_root, stage_images=stage_images, endpoint_url=request.endpoint_url,
-         on_row=on_row, executor=executor)
+         on_row=on_row, tally=tally, executor=executor)
+    if prices is not None:
+        estimate = cost.estimate(tally, serving, spec.options, prices, spec.pipeline)
+        budget.write_cost_record(storage, prices=prices, est=estimate, serving=serving, options=spec.options,
+                               max_cost=request.max_cost)
+        try:
+            budget.check_estimate(estimate, request.max_cost)
+        except SpecError as exc:
+            raise SpecError(f"{exc}; run {run_id} is planned: resume it with --run-id {run_id} "
+                            "and a higher --max-cost") from None
     return storage, spec, False
+
+
+@dataclass
+class DryRun:
+    """What ``dfk8s run --dry-run`` found: the plan a real run would write, and its cost estimate."""
+
+    spec: RunSpec
+    storage: Storage
+    resumed: bool
+    good_rows: int
+    estimate: Any = None
+
+
+def dry_run(request: RunRequest, *, on_row=None, executor: str = "local") -> DryRun:
+    """Everything :func:`prepare_run` does up to writing: plan in count-only mode and estimate the cost.
+
+    Writes nothing anywhere. A planned run named by ``run_id`` is read (and its stored estimate shown).
+
+    Raises:
+        SpecError: As :func:`prepare_run` (the same resume checks), or no price known for the model.
+    """
+    from dfk8s import budget, cost
+
+    pipeline = get_pipeline(request.pipeline)
+    serving = request.serving or pipeline.default_serving
+    check_serving(pipeline, serving)
+    run_id = request.run_id or new_run_id()
+    storage = run_storage(request.output, run_id, request.endpoint_url)
+    spec = _existing_run(request, storage, run_id) if request.run_id else None
+    if spec is not None:
+        record = budget.read_cost_record(storage) or {}
+        saved = record.get("estimate")
+        estimate = cost.Estimate(**saved) if saved else None
+        return DryRun(spec, storage, True, estimate.requests if estimate else spec.rows, estimate)
+    spec = _new_spec(request, run_id, serving)
+    prices = cost.load_prices(request.prices)
+    tally = cost.Tally()
+    plan(spec, storage, rows_per_shard=request.rows_per_shard, shards=request.shards,
+         image_root=request.image_root, endpoint_url=request.endpoint_url, on_row=on_row, count_only=True,
+         tally=tally, executor=executor)
+    try:
+        estimate = cost.estimate(tally, serving, spec.options, prices, spec.pipeline)
+    except SpecError as exc:  # no price known: say so instead of guessing, and still show the plan
+        estimate = cost.Estimate(model=cost.run_model(serving, spec.options) or serving,
+                                 table=prices.describe(), requests=tally.requests, rows=tally.rows,
+                                 no_cost=str(exc))
+    return DryRun(spec, storage, False, tally.requests, estimate)
+
+
+def _prices_for(request: RunRequest, serving: str, options: dict):
+    """The price table for a new run, or None when its serving or model has no price.
+
+    Raises:
+        SpecError: ``--max-cost`` with a model the table has no price for (a budget needs prices).
+    """
+    from dfk8s import cost
+
+    model = cost.run_model(serving, options)
+    if model is None:
+        return None
+    prices = cost.load_prices(request.prices)
+    try:
+        prices.price(model)
+    except SpecError:
+        if request.max_cost is not None:
+            raise
+        log.warning("no price known for %s: the run's cost is not estimated or counted", model)
+        return None
+    return prices
 
 
 def run_local(request: RunRequest, *, workers: int = 4, shard_retries: int = 2, show_progress: bool = False):

@@ -16,12 +16,15 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from dfk8s import layout
+from dfk8s.budget import Budget, BudgetExceeded, read_cost_record
 from dfk8s.errors import NotFound, ServingUnavailable, ShardError, SpecError, SystematicFailure
 from dfk8s.images import ImageProblem, read_ref_bytes, sniff_image
 from dfk8s.pipelines import Pipeline, get_pipeline
+from dfk8s.resize import shrink_image
 from dfk8s.servings import Response, RowError, Serving, build_serving
 from dfk8s.servings.base import ImageInput
 from dfk8s.spec import RunSpec
+from dfk8s.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ class ShardStats:
     seconds: float
     failed_offsets: list[int]
     resumed_rows: int = 0
+    usage: dict | None = None
+    cost_usd: float | None = None
 
 
 def _dumps(obj) -> str:
@@ -93,6 +98,8 @@ class ShardRunner:
         self.buffer: list[dict] = []
         self.next_part = 0
         self.pending_writes: set[asyncio.Task] = set()
+        self.budget = Budget(storage, index, read_cost_record(storage))
+        self.max_image_side = spec.option("max_image_side")
 
     # -- records -------------------------------------------------------------------------------------
 
@@ -122,7 +129,20 @@ class ShardRunner:
     def finish(self, shard_row: dict, result: Response | RowError) -> dict:
         """Turn a serving result into the row's output record (errors never escape)."""
         if isinstance(result, RowError):
-            return self.failed_record(shard_row, result.to_record())
+            usage = result.details.pop("usage", None)  # a refused answer is paid for as well
+            self.budget.add(usage)
+            record = self.failed_record(shard_row, result.to_record())
+            if usage:
+                record["usage"] = usage
+            return record
+        usage = result.meta.get("usage")
+        self.budget.add(usage)
+        record = self._finish(shard_row, result)
+        if usage:
+            record["usage"] = usage  # what this row cost, summed into the done marker and summary.json
+        return record
+
+    def _finish(self, shard_row: dict, result: Response) -> dict:
         try:
             if self.pipeline.output_kind == "images":
                 if not result.images:
@@ -152,6 +172,7 @@ class ShardRunner:
         data = "".join(_dumps(r) + "\n" for r in records).encode()
         # Off the event loop, so requests in flight keep flowing while the part uploads.
         await asyncio.to_thread(self.storage.write_bytes, key, data)
+        await asyncio.to_thread(self.budget.write)  # the spend other workers check --max-cost against
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -168,7 +189,8 @@ class ShardRunner:
                 checked = sniff_image(data, ref)
             except ImageProblem as exc:
                 return RowError("BadImage", str(exc), 0)
-            images.append(ImageInput(checked.data, checked.mime, ref, checked.width, checked.height))
+            image = ImageInput(checked.data, checked.mime, ref, checked.width, checked.height)
+            images.append(shrink_image(image, self.max_image_side) if self.max_image_side else image)
         return self.pipeline.build_request(
             shard_row["row"], images, row_id=shard_row["id"], input_key=self.spec.input_key,
             system_prompt=self.spec.option("system_prompt"), seed=self.spec.seed)
@@ -219,6 +241,11 @@ class ShardRunner:
         planned_bad = [r for r in pending if r.get("error")]
         await self.add(self.failed_record(r, {**r["error"], "attempts": 0}) for r in planned_bad)
         todo = [r for r in pending if not r.get("error")]
+        if todo and self.spec.option("api_mode") == "batch":
+            from dfk8s.batch import BatchShard  # one provider batch per shard, at the batch price
+
+            await BatchShard(self).run(todo)
+            return
         if todo:
             if self.serving is None:
                 loading = time.monotonic()
@@ -239,9 +266,16 @@ class ShardRunner:
                 finally:
                     slots.release()
 
+            over_budget = False
             for start in range(0, len(todo), size):
                 await slots.acquire()
                 if fatal:
+                    break
+                if self.budget.due():
+                    await asyncio.to_thread(self.budget.refresh)
+                if self.budget.exceeded():  # like SIGTERM: no new rows, requests in flight finish
+                    over_budget = True
+                    slots.release()
                     break
                 task = asyncio.create_task(one(todo[start:start + size]))
                 tasks.add(task)
@@ -250,6 +284,8 @@ class ShardRunner:
                 await asyncio.gather(*tasks)
             if fatal:
                 raise fatal[0]
+            if over_budget:
+                raise BudgetExceeded(f"shard {self.index}: {self.budget.describe()}")
 
 
 def process_shard(storage, index: int, *, serving: Serving | None = None,
@@ -286,6 +322,8 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
              len(pending))
     runner = ShardRunner(spec, storage, index, serving, endpoint_url=endpoint_url)
     runner.next_part = next_part
+    for record in finished.values():
+        runner.budget.add(record.get("usage"))  # spent by earlier attempts: it counts against --max-cost
     try:
         asyncio.run(runner.run(pending))
     except SystematicFailure as exc:
@@ -296,7 +334,7 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
     finally:
         if runner.serving is not None and serving is None:
             runner.serving.close()
-    return _assemble(storage, index, shard_rows, time.monotonic() - started, len(finished))
+    return _assemble(storage, index, shard_rows, time.monotonic() - started, len(finished), runner.budget)
 
 
 def read_breaker(storage) -> SystematicFailure | None:
@@ -311,15 +349,18 @@ def read_breaker(storage) -> SystematicFailure | None:
                              str(found.get("hint", "")))
 
 
-def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resumed: int) -> ShardStats:
+def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resumed: int,
+              budget: Budget | None = None) -> ShardStats:
     """Merge the parts into the shard output, in shard order, then write the done marker last."""
     finished, _ = read_parts(storage, index)
     missing = [r["pos"] for r in shard_rows if r["pos"] not in finished]
     if missing:
         raise RuntimeError(f"shard {index}: {len(missing)} rows have no result (first: {missing[0]})")
     lines, failed_offsets = [], []
+    usage = Usage()
     for offset, shard_row in enumerate(shard_rows):
         record = finished[shard_row["pos"]]
+        usage.add(Usage.from_dict(record.get("usage")))
         if not record["ok"]:
             failed_offsets.append(offset)
         lines.append(_dumps(record["row"]) + "\n")
@@ -327,7 +368,14 @@ def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resum
     stats = ShardStats(index=index, rows=len(shard_rows), ok=len(shard_rows) - len(failed_offsets),
                        failed=len(failed_offsets), seconds=round(seconds, 3), failed_offsets=failed_offsets,
                        resumed_rows=resumed)
+    if budget is not None and budget.price is not None:
+        usage.add(budget.prior)
+        stats.usage = usage.to_dict()
+        stats.cost_usd = round(budget.price.cost(usage, batch=budget.batch), 6)
     storage.write_json(layout.shard_done_key(index), asdict(stats))
+    if budget is not None and budget.price is not None:
+        budget.usage = usage
+        budget.write(final=True)  # the ledger a reopened (retried) shard starts from
     for key in list(storage.list(layout.part_prefix(index))):
         storage.delete(key)  # the output holds them now; parts were only checkpoints
     log.info("shard %d done: %d ok, %d failed in %.1fs", index, stats.ok, stats.failed, seconds)

@@ -147,7 +147,7 @@ def kube_run_config(
         shards=shards,
         parallelism=options.parallelism,
         namespace=options.namespace,
-        profile=profile,
+        profile=profile.for_api_mode(request.options.get("api_mode")),  # batch mode: a small pod
         image=options.image,
         reducer_image=options.reducer_image or (cpu_image() if profile.gpu else None),
         s3_endpoint=options.cluster_s3_endpoint or request.endpoint_url,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,52 +104,29 @@ class DryRun:
     options: dict[str, Any]
     estimate: Estimate | None
     warnings: list[str] = field(default_factory=list)
+    cost: Any = None
     #: The default shard-size rule and the expected time of one shard (None: sizes were given or frozen).
     shard_size: Any = None
 
 
-def count_plan(
-    request: RunRequest, serving: str | None = None, options: dict | None = None, parallelism: int = 1
-) -> tuple[int, int, int, int]:
+def count_plan(request: RunRequest) -> tuple[int, int, int, int]:
     """Read the manifest as planning would (rows checked, images decoded) without writing anything.
-
-    Args:
-        request: The run as submit would plan it.
-        serving: Its serving (for the default shard size; None: the pipeline's default).
-        options: Its serving options, profile defaults included.
-        parallelism: Pods at once.
 
     Returns:
         ``(rows, good rows, shards, rows per shard)``.
 
     """
-    from dfk8s.manifest import Manifest
-    from dfk8s.pipelines import get_pipeline
-    from dfk8s.plan import RowChecker, default_image_root, default_shard_size
+    rows, good, shards, rows_per_shard, _ = _count_plan_and_cost(request)
+    return rows, good, shards, rows_per_shard
 
-    checker = RowChecker(
-        get_pipeline(request.pipeline),
-        request.input_key,
-        request.image_key,
-        request.id_key,
-        default_image_root(request.input, request.image_root),
-        stage_to=None,
-        endpoint_url=request.endpoint_url,
-    )
-    rows = good = 0
-    for item in Manifest(request.input, endpoint_url=request.endpoint_url):
-        _, problems = checker.check(item)
-        rows += 1
-        good += not problems
-    if request.shards:  # the same arithmetic as plan()
-        rows_per_shard = max(1, math.ceil(rows / request.shards)) if rows else 1
-    elif request.rows_per_shard:
-        rows_per_shard = request.rows_per_shard
-    else:
-        serving = serving or get_pipeline(request.pipeline).default_serving
-        sized = default_shard_size(rows, serving, options or request.options, parallelism, "kubernetes")
-        rows_per_shard = sized.rows_per_shard
-    return rows, good, math.ceil(rows / rows_per_shard), rows_per_shard
+
+def _count_plan_and_cost(request: RunRequest):
+    """``plan()`` in count-only mode (the same code as a real plan, nothing written), plus the estimate."""
+    from dfk8s.runs import dry_run as plan_dry_run
+
+    found = plan_dry_run(dataclasses.replace(request, run_id=None), executor="kubernetes")
+    spec = found.spec
+    return spec.rows, found.good_rows, spec.shards, spec.rows_per_shard, found.estimate
 
 
 def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] = frozenset()) -> DryRun:
@@ -181,14 +157,16 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
         profile = load_profile(spec.pipeline, spec.serving)
         rows = good = spec.rows
         shards, rows_per_shard, serving_options = spec.shards, spec.rows_per_shard, spec.options
+        cost = _stored_estimate(storage)
     else:
         if not request.input:
             raise SpecError("--input is needed (or --run-id of a planned run)")
         profile = load_profile(request.pipeline, serving)
         kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=1)
         serving_options = apply_profile_defaults(request.options, profile, explicit)
-        pods = options.parallelism
-        rows, good, shards, rows_per_shard = count_plan(request, serving, serving_options, pods)
+        rows, good, shards, rows_per_shard, cost = _count_plan_and_cost(
+            dataclasses.replace(request, options=serving_options, serving=serving,
+                                parallelism=options.parallelism))
         if not (request.shards or request.rows_per_shard):
             from dfk8s.plan import default_shard_size
 
@@ -215,8 +193,17 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
         options=serving_options,
         estimate=estimate,
         warnings=warnings,
+        cost=cost,
         shard_size=shard_size,
     )
+
+
+def _stored_estimate(storage):
+    from dfk8s.budget import read_cost_record
+    from dfk8s.cost import Estimate
+
+    saved = (read_cost_record(storage) or {}).get("estimate")
+    return Estimate(**saved) if saved else None
 
 
 # ----- submit -----------------------------------------------------------------------------------

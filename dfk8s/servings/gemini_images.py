@@ -31,6 +31,7 @@ from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.http_errors import error_object, status_error, transport_error
 from dfk8s.servings.image_models import GeminiImageParams, as_png, check_gemini, returned_image
 from dfk8s.servings.lean_http import LeanClient, client_choice, dumps_with_images
+from dfk8s.usage import usage_from_gemini
 
 log = logging.getLogger(__name__)
 
@@ -300,12 +301,13 @@ class GeminiImagesServing(ApiServing):
             raise RetryableError("MalformedResponse", "the response is not a GenerateContentResponse")
         return self._response(_View(answer), _b64)
 
-    def _response(self, answer, decode) -> Response:
+    def _response(self, answer, decode=lambda data: data) -> Response:
         """The row's result from a GenerateContentResponse (the SDK's model, or a :class:`_View` of JSON).
 
         Args:
             answer: The response.
-            decode: Turns an inline part's ``data`` into bytes (the SDK's model has decoded it already).
+            decode: Turns an inline part's ``data`` into bytes (default: as is; the SDK's model has
+                decoded it already).
         """
         feedback = answer.prompt_feedback
         if feedback is not None and feedback.block_reason is not None:
@@ -325,9 +327,14 @@ class GeminiImagesServing(ApiServing):
         images = [returned_image(decode(b.data), f"candidates[0] image {k}") for k, b in enumerate(blobs)
                   if (b.mime_type or "image/").startswith("image/")]
         meta = {"finish_reason": finish}
+        usage = usage_from_gemini(answer.usage_metadata, len(images))
+        if usage is not None:
+            meta["usage"] = usage.to_dict()
         if images:
             return Response(text=text, images=images, meta=meta)
         details = {"text": text, "finish_reason": finish}
+        if "usage" in meta:
+            details["usage"] = meta["usage"]  # an answer without an image is billed as well
         blocked = [_name(r.category) for r in candidate.safety_ratings or [] if r.blocked]
         if blocked:
             details["blocked_categories"] = blocked

@@ -12,6 +12,7 @@ from dfk8s.servings import SERVINGS
 from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure, api_key_from_env
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.lean_http import LeanClient, client_choice, dumps_with_images
+from dfk8s.usage import usage_from_openai_chat
 
 DEFAULT_MODEL = SERVINGS["openai-chat"].defaults["model"]
 
@@ -39,8 +40,15 @@ def chat_messages(messages: list[Message], url=data_url) -> list[dict]:
     return out
 
 
-def answer(n_choices: int, content, refusal, finish_reason) -> Response:
+def answer(n_choices: int, content, refusal, finish_reason, usage=None) -> Response:
     """The row's result from the first choice, read the same way from the SDK's model or the raw JSON.
+
+    Args:
+        n_choices: How many choices the answer has.
+        content: The first choice's text.
+        refusal: Its refusal, if any.
+        finish_reason: Its finish reason.
+        usage: The answer's ``usage`` (SDK object or JSON), kept in the result: a refusal is billed too.
 
     Raises:
         RetryableError: No choices.
@@ -48,11 +56,14 @@ def answer(n_choices: int, content, refusal, finish_reason) -> Response:
     """
     if not n_choices:
         raise RetryableError("EmptyResponse", "the response has no choices")
+    counted = usage_from_openai_chat(usage)
+    paid = {"usage": counted.to_dict()} if counted is not None else {}
     if refusal:
-        raise RowFailure("Refusal", refusal)
+        raise RowFailure("Refusal", refusal, paid)
     if not content:
-        raise RowFailure("EmptyResponse", "the model returned no text", {"finish_reason": finish_reason})
-    return Response(text=content, meta={"finish_reason": finish_reason})
+        raise RowFailure("EmptyResponse", "the model returned no text",
+                         {"finish_reason": finish_reason, **paid})
+    return Response(text=content, meta={"finish_reason": finish_reason, **paid})
 
 
 def parse_completion(completion) -> Response:
@@ -62,7 +73,8 @@ def parse_completion(completion) -> Response:
         raise RetryableError("MalformedResponse", "the response is not a chat completion")
     first = choices[0] if choices and isinstance(choices[0], dict) else {}
     message = first.get("message") or {}
-    return answer(len(choices), message.get("content"), message.get("refusal"), first.get("finish_reason"))
+    return answer(len(choices), message.get("content"), message.get("refusal"), first.get("finish_reason"),
+                  completion.get("usage"))
 
 
 def parse_chat_completion_sdk(completion) -> Response:
@@ -73,7 +85,7 @@ def parse_chat_completion_sdk(completion) -> Response:
         return answer(0, None, None, None)
     first = completion.choices[0]
     return answer(len(completion.choices), first.message.content, getattr(first.message, "refusal", None),
-                  first.finish_reason)
+                  first.finish_reason, getattr(completion, "usage", None))
 
 
 class OpenAIChatServing(ApiServing):

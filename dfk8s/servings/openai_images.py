@@ -20,6 +20,7 @@ from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailur
 from dfk8s.servings.base import ImageInput, Request, Response
 from dfk8s.servings.image_models import OpenAIImageParams, as_png, check_openai, returned_image
 from dfk8s.servings.openai_common import make_client, openai_errors
+from dfk8s.usage import usage_from_openai_images
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ class OpenAIImagesServing(ApiServing):
         if spec.pipeline not in ("text2image", "imageedit"):
             raise SpecError(f"openai-images runs text2image and imageedit, not {spec.pipeline}")
         mask_ref = spec.option("mask")
+        if mask_ref and spec.option("max_image_side"):
+            raise SpecError("openai-images: --mask and --max-image-side exclude each other (the mask must "
+                            "match the image size the API receives)")
         params = check_openai(options.model, pipeline=spec.pipeline, n=spec.option("images_per_prompt"),
                               size=spec.option("size"), quality=spec.option("quality"),
                               response_format=spec.option("response_format"), mask=bool(mask_ref))
@@ -221,9 +225,7 @@ class OpenAIImagesServing(ApiServing):
         if len(images) < self.params.n:
             log.info("asked for %d images, got %d", self.params.n, len(images))
         meta = {"revised_prompts": revised} if revised else {}
-        usage = getattr(result, "usage", None)
-        if usage is not None:
-            meta["usage"] = usage.model_dump() if hasattr(usage, "model_dump") else usage
+        meta["usage"] = usage_from_openai_images(getattr(result, "usage", None), len(images)).to_dict()
         return Response(images=images, meta=meta)
 
     async def aclose(self) -> None:

@@ -80,6 +80,9 @@ class FakeConfig:
             `API_KEY_INVALID`), as the real APIs answer.
         decode_images: 1: decode every input image fully (a broken one gets 400); 0: read headers only,
             so a benchmark with big photos measures the client, not the fake's JPEG decoder.
+        batch_seconds: Seconds a batch takes from create to completed (0: one state further per poll).
+        batch_line_fail: Probability that one line of a batch fails (a 500 in the error file).
+        batch_expire: 1 makes batches expire with half their lines done (see `fake_batch.py`).
     """
 
     latency: float = 0.0
@@ -99,6 +102,9 @@ class FakeConfig:
     models: str = ""
     api_key: str = ""
     decode_images: int = 1
+    batch_seconds: float = 0.0
+    batch_line_fail: float = 0.0
+    batch_expire: int = 0
 
     def update(self, **changes: Any) -> None:
         """Sets knobs by name, converting values to the field's type.
@@ -369,6 +375,11 @@ class FakeAPI:
 
     def _routes(self, app: web.Application) -> None:
         from dfk8s.testing import fake_gemini  # here, not at the top: fake_gemini imports this module
+        from dfk8s.testing.fake_batch import GeminiBatches, OpenAIBatches
+
+        self.batches, self.gemini_batches = OpenAIBatches(self), GeminiBatches(self)
+        self.batches.routes(app)
+        self.gemini_batches.routes(app)  # before models/{target}: batchGenerateContent is matched first
 
         openai_routes = {"/chat/completions": ("chat.completions", self._parse_chat, self._reply_chat),
                          "/images/generations": ("images.generations", self._parse_generate,

@@ -131,9 +131,17 @@ def reply(api: FakeAPI, request: web.Request, call: Call, mode: str | None) -> d
             png = make_png(call.key(), *size)
             parts.append({"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}})
         candidates = [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}]
-    output_tokens = words(text) + (1290 if any("inlineData" in p for c in candidates
-                                               for p in c.get("content", {}).get("parts", [])) else 0)
+    parts = [p for c in candidates for p in (c.get("content") or {}).get("parts", [])]
+    text_tokens = words(text) if any("text" in p for p in parts) else 0
+    image_tokens = 1290 * sum(1 for p in parts if "inlineData" in p)  # what one 1024px image costs
+    output_tokens = text_tokens + image_tokens
+    details = [{"modality": m, "tokenCount": n} for m, n in (("TEXT", text_tokens), ("IMAGE", image_tokens))
+               if n]
+    text_in = sum(words(t) for t in call.texts)
+    prompt_details = [{"modality": "TEXT", "tokenCount": text_in}] + (
+        [{"modality": "IMAGE", "tokenCount": 258 * len(call.images)}] if call.images else [])
     out.update(candidates=candidates, usageMetadata={
         "promptTokenCount": prompt_tokens, "candidatesTokenCount": output_tokens,
-        "totalTokenCount": prompt_tokens + output_tokens})
+        "totalTokenCount": prompt_tokens + output_tokens, "promptTokensDetails": prompt_details,
+        **({"candidatesTokensDetails": details} if details else {})})
     return out
