@@ -19,7 +19,7 @@ $(PY):
 install: $(PY)  ## Create .venv with dfk8s and every extra (torch CPU first), and Debian's chromium.
 	hack/install-chromium.sh
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[api,gpu,kube,test]'
+	$(PY) -m pip install -q -e '.[api,gpu,kube,models,test]'
 
 test:  ## Run the test suite.
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 
 import click
 
@@ -12,7 +14,7 @@ from dfk8s.cli_report import after_run, report_option
 from dfk8s.cli_report import report as report_command
 from dfk8s.errors import Dfk8sError
 from dfk8s.log import setup_logging
-from dfk8s.options import run_request_from_flags, shared_run_options
+from dfk8s.options import local_run_options, retry_serving_options, run_request_from_flags
 
 
 def _err(message: str) -> None:
@@ -28,6 +30,7 @@ def cli(log_level):
 
     \b
     dfk8s run       run a pipeline on this machine (local processes; a local folder or S3)
+    dfk8s retry     re-run only the failed rows of a run (optionally with changed serving options)
     dfk8s validate  check a manifest without running anything
     dfk8s worker    process one shard (what each local process or Kubernetes pod runs)
     dfk8s reduce    assemble a run's ordered result.jsonl
@@ -39,27 +42,72 @@ def cli(log_level):
     dfk8s logs      worker or reducer pod logs
     dfk8s cancel    delete a run's Jobs and pods (its storage stays; resubmit resumes)
     dfk8s list      the runs in a namespace
+    dfk8s model     pull a model once (here or into a cluster's PVC) and list a model cache
     """
     setup_logging(log_level)
 
 
+def _lifecycle_options(func):
+    """Flags of the launchers (``run``, ``retry``) that are not part of the run spec."""
+    options = [
+        click.option("--output", "-o", default="./runs", show_default=True, metavar="DIR|S3URI",
+                     help="Where runs live: a local folder or s3://bucket/prefix."),
+        click.option("--workers", "-w", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Long-lived worker processes (never more than shards left); each builds its "
+                          "serving once and takes shard after shard."),
+        click.option("--shard-retries", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Extra attempts for a shard whose worker crashes (like backoffLimitPerIndex)."),
+        click.option("--storage-patience", type=click.FloatRange(min=0), default=120.0, show_default=True,
+                     envvar="DFK8S_STORAGE_PATIENCE",
+                     help="Seconds a storage outage is retried (with backoff) before the run stops."),
+        click.option("--grace", type=click.FloatRange(min=0), default=20.0, show_default=True,
+                     envvar="DFK8S_GRACE_SECONDS",
+                     help="On Ctrl-C/SIGTERM: seconds requests in flight get to finish before the "
+                          "workers checkpoint and stop."),
+        click.option("--max-failed-fraction", type=click.FloatRange(min=0, max=1), default=1.0,
+                     show_default=True,
+                     help="Exit non-zero when more than this fraction of rows failed (a run where every "
+                          "row failed always does)."),
+        click.option("--progress/--no-progress", default=True,
+                     help="Show the progress bar (only on a terminal)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """Names of the parameters set on the command line (not defaults, not environment variables)."""
+    from click.core import ParameterSource
+
+    return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+
+
+def _launcher_env(storage_patience: float, grace: float) -> None:
+    # Workers inherit these: the same patience and grace in every process of the run.
+    os.environ["DFK8S_STORAGE_PATIENCE"] = f"{storage_patience:g}"
+    os.environ["DFK8S_GRACE_SECONDS"] = f"{grace:g}"
+
+
 @cli.command()
-@shared_run_options
-@click.option("--output", "-o", default="./runs", show_default=True, metavar="DIR|S3URI",
-              help="Where runs live: a local folder or s3://bucket/prefix.")
-@click.option("--workers", "-w", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Worker processes at once.")
-@click.option("--shard-retries", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Extra attempts for a shard whose worker crashes (like backoffLimitPerIndex).")
-@click.option("--progress/--no-progress", default=True, help="Show the progress bar (only on a terminal).")
+@local_run_options
+@_lifecycle_options
 @report_option
 @click.option("--dry-run", is_flag=True,
               help="Read and check every row as planning does, write and send nothing: print the plan and "
                    "the cost estimate (tokens, images, price in sync and batch mode).")
-def run(output, workers, shard_retries, progress, write_report_after, dry_run, **flags):
+@click.pass_context
+def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed_fraction, progress,
+        write_report_after, dry_run, **flags):
     """Run a pipeline on this machine: plan shards, run workers, reduce to one ordered result.jsonl.
 
-    Re-running with --run-id resumes: finished shards and rows are skipped, nothing is duplicated.
+    Re-running with --run-id resumes: finished shards and rows are skipped, nothing is duplicated, and
+    no other flag is needed (run.json knows them; a flag that differs is refused: see `dfk8s retry`).
+    Ctrl-C (or SIGTERM/SIGHUP) lets requests in flight finish, checkpoints and stops every worker.
+
+    \b
+    Exit codes: 0 done; 1 shards did not finish, or too many rows failed (--max-failed-fraction);
+    42 the run cannot succeed as given; 130/143/129 interrupted (resume with --run-id).
 
     \b
     Example:
@@ -67,30 +115,79 @@ def run(output, workers, shard_retries, progress, write_report_after, dry_run, *
       dfk8s run --pipeline caption --input data.json --output ./runs \\
           --api-url http://host/v1 --model gpt-5-nano --workers 4 --max-concurrency 64
     """
-    from dfk8s.executors.local import LocalExecutor
-    from dfk8s.runs import prepare_run
+    from dfk8s.executors.local import Interrupted, LocalExecutor
+    from dfk8s.lease import RunLease
+    from dfk8s.progress import progress_bar
+    from dfk8s.runs import check_resume, existing_spec, prepare_run, record_session, run_storage
+    from dfk8s.spec import new_run_id
+    from dfk8s.storage import check_output
 
+    started = time.monotonic()
+    _launcher_env(storage_patience, grace)
     request = run_request_from_flags(output, flags)
+    request.given = {"input" if name == "input_" else name for name in _given(ctx)}
     request.parallelism = workers
-    if dry_run:
+    if dry_run:  # before anything is checked for writing: a dry run writes nothing
         _dry_run(request)
         return
-    _check_credentials(request.serving, request.pipeline)
-    from dfk8s.progress import progress_bar
+    request.run_id = request.run_id or new_run_id()
+    check_output(output, endpoint_url=request.endpoint_url)
+    storage = run_storage(output, request.run_id, request.endpoint_url)
+    frozen = existing_spec(storage)
+    if frozen is not None:
+        check_resume(frozen, request)
+        _check_credentials(frozen.serving, frozen.pipeline)
+    elif not request.pipeline:
+        missing = click.ClickException("--pipeline is required to start a new run" + (
+            f" (there is no run {flags['run_id']} under {output})" if flags.get("run_id") else ""))
+        missing.exit_code = 2
+        raise missing
+    else:
+        _check_credentials(request.serving, request.pipeline)
+        _local_model_warnings(request)
+    with RunLease(storage):
+        # Planning reads, checks and shards every row (~40k rows/s): a million rows deserve a counter.
+        with progress_bar(None, enabled=progress) as bar:
+            task = bar.add_task("planning", total=None, failed=0, rate="-")
+            storage, spec, resumed = prepare_run(request, on_row=lambda n: bar.update(task, completed=n))
+        _err(f"run {spec.run_id}: {'resumed' if resumed else 'planned'} {spec.rows} rows in {spec.shards} "
+             f"shards at {storage.url()}")
+        executor = LocalExecutor(workers=workers, shard_retries=shard_retries,
+                                 endpoint_url=request.endpoint_url, show_progress=progress, output=output,
+                                 started=started)
+        outcome = "finished"
+        try:
+            summary = executor.execute(storage, spec)
+        except Interrupted:
+            outcome = "interrupted"
+            raise
+        except Dfk8sError:
+            outcome = "stopped"
+            raise
+        finally:
+            record_session(storage, {"action": "resume" if resumed else "run", "outcome": outcome,
+                                     "workers": workers, "seconds": round(time.monotonic() - started, 3)})
 
-    # Planning reads, checks and shards every row (~40k rows/s): a million rows deserve a counter.
-    with progress_bar(None, enabled=progress) as bar:
-        task = bar.add_task("planning", total=None, failed=0, rate="-")
-        storage, spec, resumed = prepare_run(request, on_row=lambda n: bar.update(task, completed=n))
-    _err(f"run {spec.run_id}: {'resumed' if resumed else 'planned'} {spec.rows} rows in {spec.shards} "
-         f"shards at {storage.url()}")
-    executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=request.endpoint_url,
-                             show_progress=progress)
-    summary = executor.execute(storage, spec)
+    def after() -> None:
+        _print_budget_stop(storage, spec, summary)
+        after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
+
+    _finish(summary, max_failed_fraction, after)
+
+
+def _finish(summary, max_failed_fraction: float, report=None) -> None:
+    """Print the summary, then call ``report``; exit non-zero when shards failed or too many rows did."""
     _print_summary(summary)
-    _print_budget_stop(storage, spec, summary)
-    after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
+    if report is not None:
+        report()
     if not summary.complete:
+        raise click.exceptions.Exit(1)
+    failed_fraction = summary.failed / summary.rows if summary.rows else 0.0
+    if summary.rows and (summary.failed == summary.rows or failed_fraction > max_failed_fraction):
+        what = (f"every row failed ({summary.failed})" if summary.failed == summary.rows else
+                f"{summary.failed} of {summary.rows} rows failed, more than --max-failed-fraction "
+                f"{max_failed_fraction:g}")
+        _err(f"error: {what}; see {summary.errors}")
         raise click.exceptions.Exit(1)
 
 
@@ -133,7 +230,95 @@ def _print_summary(summary) -> None:
                  f"{usage.get('output_tokens', 0):,} output tokens"
                  + (f", {usage['images']:,} images" if usage.get("images") else "") + ")")
     _err(line)
+    by_type = sorted(getattr(summary, "errors_by_type", {}).items(), key=lambda kv: -kv[1]["count"])
+    for kind, entry in by_type[:8]:
+        _err(f"  {kind}: {entry['count']} rows, e.g. {entry['example'][:200]}")
+    if len(by_type) > 8:
+        _err(f"  ... and {len(by_type) - 8} more error types (summary.json)")
     click.echo(summary.result)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@retry_serving_options
+@_lifecycle_options
+@click.option("--errors", "error_types", metavar="TYPE,...",
+              help="Error types to retry (default: the retryable ones: rate limits, server errors, timeouts, "
+                   "connection errors, not processed).")
+@click.option("--all-errors", is_flag=True, help="Retry every failed row, whatever its error.")
+@click.option("--no-run", is_flag=True,
+              help="Only reopen the rows (for a Kubernetes run: then `dfk8s submit --run-id RUN` runs them).")
+@click.pass_context
+def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, max_failed_fraction, progress,
+          error_types, all_errors, no_run, **flags):
+    """Re-run only the failed rows of RUN (by default those that failed for a reason that can pass).
+
+    Rows that succeeded are never sent again. Serving options may change for the retry (--model,
+    --max-retries, --api-url, ...); the change is recorded in run.json's history. The run is reduced
+    again: result.jsonl holds every row once, in input order.
+
+    \b
+    Example:
+      dfk8s retry 20261201-101500-3f9a2c -o ./runs --max-retries 10
+      dfk8s retry 20261201-101500-3f9a2c -o ./runs --errors BadRequest --model gpt-5-mini
+    """
+    from dfk8s.executors.local import Interrupted, LocalExecutor
+    from dfk8s.lease import RunLease
+    from dfk8s.options import SERVING_OPTION_NAMES
+    from dfk8s.retry import plan_retry
+    from dfk8s.runs import existing_spec, record_session, run_storage
+    from dfk8s.storage import check_output
+
+    started = time.monotonic()
+    _launcher_env(storage_patience, grace)
+    given = _given(ctx)
+    endpoint = flags.get("s3_endpoint")
+    check_output(output, endpoint_url=endpoint)
+    storage = run_storage(output, run_id, endpoint)
+    spec = existing_spec(storage)
+    if spec is None:
+        from dfk8s.errors import RunNotFound
+
+        raise RunNotFound(f"no run {run_id} under {output}")
+    changes = {name: flags[name] for name in SERVING_OPTION_NAMES if name in given and name in flags}
+    types = {t.strip() for t in error_types.split(",") if t.strip()} if error_types else None
+    with RunLease(storage, command="retry"):
+        _check_credentials(flags.get("serving") or spec.serving, spec.pipeline)
+        spec, reopened = plan_retry(storage, types=types, all_errors=all_errors, options=changes,
+                                    serving=flags.get("serving") if "serving" in given else None)
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(reopened.by_type.items())) or "none"
+        _err(f"run {run_id}: retrying {reopened.rows} rows in {len(reopened.shards)} shards ({kinds})"
+             + (f"; changed {', '.join(f'{k} {v[0]} -> {v[1]}' for k, v in reopened.changes.items())}"
+                if reopened.changes else ""))
+        if no_run:
+            _err(f"reopened; run them with: dfk8s submit --run-id {run_id} --output {output} (or dfk8s run)")
+            return
+        executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=endpoint,
+                                 show_progress=progress, output=output, started=started)
+        outcome = "finished"
+        try:
+            summary = executor.execute(storage, spec, only=set(reopened.shards))
+        except Interrupted:
+            outcome = "interrupted"
+            raise
+        finally:
+            record_session(storage, {"action": "retry-run", "outcome": outcome, "workers": workers,
+                                     "seconds": round(time.monotonic() - started, 3)})
+    _finish(summary, max_failed_fraction)
+
+
+def _local_model_warnings(request) -> None:
+    """Warn before planning when diffusers workers cannot get their model (offline and not cached, ...)."""
+    from dfk8s.pipelines import get_pipeline
+
+    serving = request.serving or get_pipeline(request.pipeline).default_serving
+    if serving != "diffusers" or not request.input:  # a resumed run keeps the model of its run.json
+        return
+    from dfk8s.models import local_run_warnings
+    from dfk8s.servings.diffusers_flux import MODELS
+
+    for warning in local_run_warnings(request.options.get("model") or MODELS[request.pipeline][1]):
+        _err(f"warning: {warning}")
 
 
 def _check_credentials(serving: str | None, pipeline: str) -> None:
@@ -151,19 +336,49 @@ def _check_credentials(serving: str | None, pipeline: str) -> None:
 @click.option("--run", "run_uri", required=True, metavar="DIR|S3URI", help="The run's location.")
 @click.option("--index", type=click.IntRange(min=0), default=None,
               help="Shard index (default: $JOB_COMPLETION_INDEX, set by Kubernetes Indexed Jobs).")
+@click.option("--serve", is_flag=True,
+              help="Long-lived: read shard indexes from stdin, one a line, and answer each with a JSON line "
+                   "on stdout (what `dfk8s run` starts; the serving is built once for all of them).")
 @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
-def worker(run_uri, index, s3_endpoint):
+def worker(run_uri, index, serve, s3_endpoint):
     """Process one shard of a planned run, resuming from its checkpoint parts.
+
+    On SIGTERM it stops taking rows, lets requests in flight finish ($DFK8S_GRACE_SECONDS, default 20),
+    checkpoints every finished row and exits 143 (a retry resumes where it stopped).
 
     Exit codes: 0 shard finished (row errors included); 42 it cannot succeed (do not retry);
     anything else: retry.
     """
+    from dfk8s.lifecycle import StopToken, install_stop_signals, watch_parent
     from dfk8s.storage import open_storage
-    from dfk8s.worker import process_shard, shard_index_from_env
+    from dfk8s.worker import WorkerSession, process_shard, shard_index_from_env
+    from dfk8s.worker import serve as serve_shards
 
     setup_logging(os.environ.get("DFK8S_LOG_LEVEL") or "INFO")
-    stats = process_shard(open_storage(run_uri, endpoint_url=s3_endpoint), shard_index_from_env(index),
-                          endpoint_url=s3_endpoint)
+    stop = StopToken()
+    install_stop_signals(stop)
+    watch_parent(stop)  # only when a local launcher set DFK8S_PARENT_PID
+    storage = open_storage(run_uri, endpoint_url=s3_endpoint)
+    if serve:
+        replies = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)  # stray prints of libraries go to the log, never into the replies
+        code = serve_shards(storage, endpoint_url=s3_endpoint, replies=replies, stop=stop)
+        replies.flush()
+        logging.shutdown()
+        os._exit(code)  # a stopped worker does not wait for a model call still running in a thread
+    from dfk8s.errors import WorkerStopped
+
+    session = WorkerSession(stop=stop)
+    try:
+        stats = process_shard(storage, shard_index_from_env(index), endpoint_url=s3_endpoint, session=session)
+    except WorkerStopped as exc:
+        _err(f"error: {exc}")
+        logging.shutdown()
+        os._exit(exc.exit_code)  # a model call may still run in a thread: do not wait for it
+    except BaseException:
+        session.close()
+        raise
+    session.close()  # the HTTP session closes on its own event loop
     _err(f"shard {stats.index}: {stats.ok} ok, {stats.failed} failed")
 
 
@@ -250,3 +465,4 @@ from dfk8s.cli_kube import register  # noqa: E402 - the Kubernetes commands join
 
 register(cli)
 cli.add_command(report_command)
+cli.add_command(__import__("dfk8s.cli_model", fromlist=["model"]).model)  # dfk8s model pull / list

@@ -7,6 +7,7 @@ Each command checks its flags, calls :mod:`dfk8s.kube.launcher` / :mod:`dfk8s.ku
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -34,6 +35,24 @@ def _connection_options(func):
         "--namespace", "-n", help="Namespace (default: the context's, in a pod its own, else 'default')."
     )(func)
     return func
+
+
+def _warn_loopback(request, cluster_s3_endpoint) -> None:
+    """Warn (not fail) when pods are told a loopback address: a real cluster's pods cannot reach it."""
+    from urllib.parse import urlparse
+
+    def loopback(url: str) -> bool:
+        host = (urlparse(url).hostname or "").lower()
+        return host == "localhost" or host.startswith("127.") or host == "::1"
+
+    if request.endpoint_url and not cluster_s3_endpoint and loopback(request.endpoint_url):
+        click.echo(f"warning: --s3-endpoint {request.endpoint_url} is a loopback address: pods on a real "
+                   "cluster cannot reach it (a local control plane's can); hint: --cluster-s3-endpoint URL",
+                   err=True)
+    api_url = request.options.get("api_url")
+    if api_url and loopback(api_url):
+        click.echo(f"warning: --api-url {api_url} is a loopback address: pods on a real cluster cannot reach "
+                   "it (a local control plane's can)", err=True)
 
 
 def _connect(context, kubeconfig, namespace):
@@ -83,6 +102,15 @@ def _connect(context, kubeconfig, namespace):
 )
 @click.option(
     "--hf-token-secret", metavar="NAME/KEY", help="Secret key holding a Hugging Face token (gated models)."
+)
+@click.option(
+    "--model-cache-pvc",
+    metavar="NAME",
+    help="diffusers: an existing PersistentVolumeClaim holding the model cache, filled once by `dfk8s model "
+    "pull MODEL --pvc NAME`; workers mount it read-only and load offline (a missing model fails at once).",
+)
+@click.option(
+    "--model-cache-subpath", metavar="PATH", help="Folder inside the --model-cache-pvc claim to mount."
 )
 @click.option(
     "--gpus", type=click.IntRange(min=0), help="GPUs per worker pod (default: the profile's; 0: CPU nodes)."
@@ -149,6 +177,8 @@ def submit(
     api_key_secret,
     s3_secret,
     hf_token_secret,
+    model_cache_pvc,
+    model_cache_subpath,
     gpus,
     node_selector,
     toleration,
@@ -178,6 +208,7 @@ def submit(
     from dfk8s.kube.client import default_namespace
 
     request = run_request_from_flags(output, flags)
+    _warn_loopback(request, cluster_s3_endpoint)
     explicit = {
         name
         for name in SERVING_OPTION_NAMES
@@ -199,6 +230,8 @@ def submit(
         service_account=service_account,
         backoff_limit_per_index=backoff_limit_per_index,
         max_failed_indexes=max_failed_indexes,
+        model_cache_pvc=model_cache_pvc,
+        model_cache_subpath=model_cache_subpath,
     )
     if dry_run:
         _dry_run(launcher.dry_run(request, options, explicit=explicit))
@@ -348,6 +381,8 @@ def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json)
     from dfk8s.kube.launcher import run_status
     from dfk8s.kube.wait import format_indexes
 
+    if not output and os.path.isfile(os.path.join("runs", run_id, "run.json")):
+        output = "runs"  # `dfk8s run`'s default --output: a local run needs no cluster
     if output and not output.startswith("s3://"):
         _local_status(output, run_id, as_json)  # a `dfk8s run` on this machine: no Jobs to ask
         return

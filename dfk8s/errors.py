@@ -86,3 +86,19 @@ class RunNotFound(Dfk8sError):
 
 class KubernetesError(Dfk8sError):
     """The cluster refused or failed a request."""
+
+
+class WorkerStopped(Dfk8sError):
+    """A worker was asked to stop (SIGTERM, its launcher gone); it checkpointed what finished. Retry it."""
+
+    exit_code = 143
+
+    def __init__(self, message: str, *, reason: str = ""):
+        self.reason = reason
+        super().__init__(message)
+
+
+class RunBusy(Dfk8sError):
+    """Another launcher holds the run's lease (lease.json is fresh): two launchers would race."""
+
+    exit_code = 3

@@ -15,6 +15,9 @@ PARTS_PREFIX = "parts"
 OUTPUT_PREFIX = "output"
 IMAGES_PREFIX = "images"
 STAGED_PREFIX = "staged"
+PROGRESS_PREFIX = "progress"
+LEASE_KEY = "lease.json"
+BREAKER_KEY = "breaker.json"
 #: Image refs that point inside the run (staged uploads) carry this scheme.
 RUN_REF_SCHEME = "run:"
 
@@ -39,6 +42,11 @@ def part_key(index: int, part: int) -> str:
 def shard_output_key(index: int) -> str:
     """Key of shard ``index``'s finished output."""
     return f"{OUTPUT_PREFIX}/{index:05d}.jsonl"
+
+
+def progress_key(index: int) -> str:
+    """Key of shard ``index``'s live counts, rewritten every few seconds while it runs."""
+    return f"{PROGRESS_PREFIX}/{index:05d}.json"
 
 
 def shard_done_key(index: int) -> str:

@@ -120,6 +120,14 @@ SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max
                         "batch_poll_seconds", "client")
 
 shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS + COST_OPTIONS)
+#: ``dfk8s run``: the same flags, but --pipeline may be left out to resume (run.json knows it).
+local_run_options = _apply([click.option("--pipeline", "-p", type=click.Choice(sorted(PIPELINES)),
+                                         help="What to do with each row (not needed to resume).")]
+                           + PIPELINE_OPTIONS[1:] + API_OPTIONS + IMAGE_OPTIONS
+                           + COST_OPTIONS)
+#: ``dfk8s retry``: the serving options a retry may change (only those given count as changes).
+retry_serving_options = _apply([PIPELINE_OPTIONS[3], PIPELINE_OPTIONS[4], PIPELINE_OPTIONS[-1]] + API_OPTIONS
+                               + IMAGE_OPTIONS)
 
 
 def run_request_from_flags(output: str, flags: dict):

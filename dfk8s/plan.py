@@ -282,6 +282,7 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
                          endpoint_url=endpoint_url)
     manifest = Manifest(spec.input, endpoint_url=endpoint_url)
     shard_index, in_shard, total_rows, bad, shard_bytes = 0, 0, 0, 0, 0
+    unusable = _Unusable()
     with tempfile.TemporaryDirectory(prefix="dfk8s-plan-") as tmp:
         buffer_path = os.path.join(tmp, "shard.jsonl")
         buffer = open(buffer_path, "w", encoding="utf-8")
@@ -289,6 +290,8 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
             for item in manifest:
                 shard_row, problems = checker.check(item)
                 bad += bool(problems)
+                if problems:
+                    unusable.count(item, problems)
                 if byte_cap is not None:
                     row_bytes = request_bytes(shard_row, checker.last_bytes)
                     if in_shard and shard_bytes + row_bytes > byte_cap:  # the batch file would be too big
@@ -323,6 +326,7 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
             buffer.close()
     if on_row is not None:
         on_row(total_rows)
+    unusable.refuse(spec.input, manifest.format, total_rows, image_root)
     spec.shards = shard_index
     spec.rows = total_rows
     spec.rows_per_shard = rows_per_shard
@@ -333,3 +337,52 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
     spec.save(run_storage)
     log.info("planned %d rows (%d with problems) into %d shards", total_rows, bad, shard_index)
     return spec
+
+
+@dataclass
+class _Unusable:
+    """Counts the rows that say the whole manifest is wrong, not one row (before run.json is written)."""
+
+    not_json: int = 0
+    missing_images: int = 0
+    first: str = ""
+    first_bad_pos: int | None = None
+    first_raw: str = ""
+
+    def count(self, item: ManifestItem, problems: list[Problem]) -> None:
+        if not self.first:
+            self.first, self.first_bad_pos, self.first_raw = str(problems[0]), item.pos, item.raw or ""
+        if item.row is None and (item.error or "").startswith("bad JSON"):
+            self.not_json += 1
+        elif all(" not found" in p.message and p.message.startswith("image ") for p in problems):
+            self.missing_images += 1
+
+    def refuse(self, source: str, fmt: str | None, rows: int, image_root: str | None) -> None:
+        """Raise when no row can work: not JSON at all, a JSON object, or every image missing."""
+        from dfk8s.errors import ManifestError, SpecError
+
+        if not rows:
+            return
+        if self.not_json == rows:
+            raise ManifestError("is neither JSON nor JSONL (a CSV?): no line is a JSON object; expected a "
+                                "JSON array of rows or one JSON object a line", source=source)
+        if fmt == "jsonl" and self.first and (rows == 1 and source.endswith(".json") or (
+                self.first_bad_pos == 0 and self.first_raw.strip() == "{" and _is_json_object(source))):
+            raise ManifestError("is one JSON object, not a JSON array of rows (or JSONL)", source=source)
+        if self.missing_images == rows:
+            where = f"--image-root {image_root}" if image_root else "the manifest's folder"
+            raise SpecError(f"no image of any row was found (first: {self.first}); relative paths are "
+                            f"read from {where}: pass --image-root DIR")
+
+
+def _is_json_object(source: str, limit: int = 64 << 20) -> bool:
+    """Whether a local manifest is, as a whole, one (pretty-printed) JSON object."""
+    if "://" in source:
+        return False
+    try:
+        if os.path.getsize(source) > limit:
+            return False
+        with open(source, "rb") as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False

@@ -58,16 +58,19 @@ GPU_RESOURCE = "nvidia.com/gpu"
 class ModelCache:
     """Where the Hugging Face cache (HF_HOME) of a worker pod lives.
 
-    Exactly one of the two is set.
+    Exactly one of ``size`` and ``pvc`` is set.
 
     Attributes:
         size: ``sizeLimit`` of a per-pod emptyDir (e.g. ``"100Gi"``).
-        pvc: name of an existing PersistentVolumeClaim shared by the pods.
+        pvc: name of an existing PersistentVolumeClaim shared by the pods, filled once by
+            ``dfk8s model pull --pvc``; workers mount it read-only and load offline.
+        subpath: folder inside the claim to mount (``subPath``), only with ``pvc``.
 
     """
 
     size: str | None = None
     pvc: str | None = None
+    subpath: str | None = None
 
 
 @dataclass(frozen=True)
@@ -317,14 +320,16 @@ def _model_cache(value: Any, where: str) -> ModelCache | None:
     if value is None:
         return None
     _require_mapping(value, where, "model_cache")
-    _reject_unknown(value, {"size", "pvc"}, where, "model_cache")
-    size, pvc = value.get("size"), value.get("pvc")
+    _reject_unknown(value, {"size", "pvc", "subpath"}, where, "model_cache")
+    size, pvc, subpath = value.get("size"), value.get("pvc"), value.get("subpath")
     if (size is None) == (pvc is None):
         raise SpecError(f"{where}: set exactly one of `size` (an emptyDir) or `pvc` (an existing claim)")
-    for name, item in (("size", size), ("pvc", pvc)):
+    for name, item in (("size", size), ("pvc", pvc), ("subpath", subpath)):
         if item is not None and (not isinstance(item, str) or not item):
             raise SpecError(f"{where}.{name}: must be a non-empty string")
-    return ModelCache(size=size, pvc=pvc)
+    if subpath is not None and pvc is None:
+        raise SpecError(f"{where}.subpath: only a `pvc` cache has a subpath")
+    return ModelCache(size=size, pvc=pvc, subpath=subpath)
 
 
 def _require_mapping(value: Any, where: str, what: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from dataclasses import dataclass
 
 from dfk8s import layout
@@ -28,7 +30,7 @@ class ProgressReader:
         self._parts: dict[str, tuple[int, int]] = {}
 
     def poll(self) -> Progress:
-        """Return the progress now (one listing of output/ and parts/, plus any new objects)."""
+        """Return the progress now: done markers, then each running shard's live counts or its parts."""
         for key in self.storage.list(layout.OUTPUT_PREFIX):
             index = layout.done_index(key)
             if index is not None and index not in self._done:
@@ -52,6 +54,19 @@ class ProgressReader:
             counts = in_parts.setdefault(index, [0, 0])
             counts[0] += self._parts[key][0]
             counts[1] += self._parts[key][1]
+        # Live counts (rewritten every few seconds by the worker) run ahead of the checkpoint parts.
+        for key in self.storage.list(layout.PROGRESS_PREFIX):
+            name = key.rsplit("/", 1)[-1]
+            if not name.endswith(".json") or not name[:-5].isdigit() or int(name[:-5]) in self._done:
+                continue
+            try:
+                live = self.storage.read_json(key)
+            except (NotFound, ValueError):
+                continue
+            index = int(name[:-5])
+            counts = in_parts.setdefault(index, [0, 0])
+            if live.get("ok", 0) + live.get("failed", 0) >= counts[0] + counts[1]:
+                in_parts[index] = [int(live.get("ok", 0)), int(live.get("failed", 0))]
         ok = sum(v[0] for v in self._done.values()) + sum(v[0] for v in in_parts.values())
         failed = sum(v[1] for v in self._done.values()) + sum(v[1] for v in in_parts.values())
         return Progress(rows=ok + failed, ok=ok, failed=failed, shards_done=len(self._done))
@@ -78,6 +93,39 @@ def progress_bar(total: int | None, *, enabled: bool = True, description: str = 
                         TextColumn("[red]{task.fields[failed]} failed"),
                         TextColumn("{task.fields[rate]} rows/s"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not enabled or not console.is_terminal, transient=False)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log records printed through a live progress bar's console: above the bar, never through it."""
+
+    def __init__(self, console, formatter: logging.Formatter | None):
+        super().__init__()
+        self.console = console
+        if formatter is not None:
+            self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # logging must never break the run
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def logs_above(bar):
+    """While ``bar`` is live on a terminal, route the root logger's stderr lines through its console."""
+    console = getattr(bar, "console", None)
+    if console is None or getattr(bar, "disable", True) or not console.is_terminal:
+        yield
+        return
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    formatter = saved[0].formatter if saved else None
+    root.handlers[:] = [_ConsoleHandler(console, formatter)]
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
 
 
 def storage_status(storage) -> dict:

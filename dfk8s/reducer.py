@@ -44,6 +44,16 @@ class Summary:
     usage: dict = field(default_factory=dict)
     cost_usd: float | None = None
     shard_costs: dict = field(default_factory=dict)
+    #: Failed and not processed rows by error type: ``{type: {"count": n, "example": message}}``.
+    errors_by_type: dict = field(default_factory=dict)
+
+    def count_error(self, error: dict | None) -> None:
+        """Count one failed row's error under its type, keeping the first message as the example."""
+        error = error if isinstance(error, dict) else {}
+        kind = str(error.get("type") or "Error")
+        example = str(error.get("message", ""))[:500]
+        entry = self.errors_by_type.setdefault(kind, {"count": 0, "example": example})
+        entry["count"] += 1
 
     @property
     def complete(self) -> bool:
@@ -57,13 +67,17 @@ def _error_line(shard_row: dict | None, row: dict) -> str:
     return json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def reduce_run(storage, *, failed_shards: list[int] | None = None) -> Summary:
+def reduce_run(storage, *, failed_shards: list[int] | None = None,
+               session_seconds: float | None = None) -> Summary:
     """Write result.jsonl, errors.jsonl and summary.json for the run in ``storage``.
 
     Args:
         storage: The run's storage.
         failed_shards: Shards the executor knows failed for good (named in the summary; their rows
             are marked not processed like any unfinished shard's).
+        session_seconds: How long the current launcher session has worked. With it, ``wall_seconds``
+            is the time worked (earlier sessions from run.json's history plus this one), not the pause
+            between an interrupt and a resume; without it (a cluster's reducer), the time since planning.
 
     Returns:
         The summary.
@@ -88,7 +102,11 @@ def reduce_run(storage, *, failed_shards: list[int] | None = None) -> Summary:
         storage.write_file(layout.RESULT_KEY, result_path)
         storage.write_file(layout.ERRORS_KEY, errors_path)
     _add_costs(storage, spec, summary, done_stats)
-    summary.wall_seconds = round(time.time() - spec.created_at, 3)
+    if session_seconds is not None:
+        worked = sum(float(entry.get("seconds", 0.0)) for entry in spec.history if isinstance(entry, dict))
+        summary.wall_seconds = round(worked + session_seconds, 3)
+    else:
+        summary.wall_seconds = round(time.time() - spec.created_at, 3)
     summary.result, summary.errors = storage.url(layout.RESULT_KEY), storage.url(layout.ERRORS_KEY)
     storage.write_json(layout.SUMMARY_KEY, {**summary.__dict__, "complete": summary.complete})
     log.info("reduced %d rows: %d ok, %d failed, %d not processed", summary.rows, summary.ok,
@@ -127,7 +145,9 @@ def _copy_finished(storage, index, stats, result, errors, summary: Summary) -> N
     for offset, line in enumerate(storage.open_lines(layout.shard_output_key(index))):
         result.write(line + b"\n")
         if offset in failed:
-            errors.write(_error_line(shard_rows[offset] if shard_rows else None, json.loads(line)))
+            row = json.loads(line)
+            errors.write(_error_line(shard_rows[offset] if shard_rows else None, row))
+            summary.count_error(row.get("error"))
         count += 1
     summary.rows += count
     summary.failed += len(failed)
@@ -150,13 +170,20 @@ def _mark_unprocessed(storage, index, known_failed: bool, result, errors, summar
     for line in _chain(first, lines):
         if not line.strip():
             continue
-        shard_row = json.loads(line)
-        row = dict(shard_row["row"])
-        row["error"] = {"type": "NotProcessed", "message": f"shard {index}: {reason}", "attempts": 0,
-                        "shard": index}
+        try:
+            shard_row = json.loads(line)
+            row = dict(shard_row["row"])
+            error = {"type": "NotProcessed", "message": f"shard {index}: {reason}", "attempts": 0,
+                     "shard": index}
+        except (ValueError, KeyError, TypeError):  # a corrupt shard line still keeps its place
+            shard_row, row = None, {}
+            error = {"type": "NotProcessed", "message": f"shard {index}: {reason}; its input line is corrupt",
+                     "attempts": 0, "shard": index, "raw": line[:500].decode("utf-8", "replace")}
+        row["error"] = error
         text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
         result.write(text.encode() + b"\n")
         errors.write(_error_line(shard_row, row))
+        summary.count_error(row["error"])
         count += 1
     summary.rows += count
     summary.not_processed += count

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from dfk8s import layout
-from dfk8s.errors import SpecError
+from dfk8s.errors import NotFound, SpecError, StorageError
 from dfk8s.pipelines import check_serving, get_pipeline
 from dfk8s.plan import plan
 from dfk8s.servings import serving_defaults
@@ -17,21 +18,29 @@ from dfk8s.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
+#: RunRequest fields (and their flags) that run.json freezes: a resume may not change them.
+_SPEC_FIELDS = {"serving": "--serving", "input_key": "--input-key", "image_key": "--image-key",
+                "output_key": "--output-key", "id_key": "--id-key", "save_interval": "--save-interval",
+                "seed": "--seed", "rows_per_shard": "--rows-per-shard", "shards": "--shards"}
+
 
 @dataclass
 class RunRequest:
     """What a user asks for; the flags of ``dfk8s run`` map one to one onto these fields.
 
     Attributes:
-        pipeline: Pipeline name.
+        pipeline: Pipeline name (None when resuming: run.json knows it).
         input: Manifest path or s3:// URI (may be omitted when resuming).
         output: Local folder or s3://bucket/prefix under which the run lives.
         run_id: Resume this run (or create it with this id).
         serving: Serving name; None for the pipeline's default.
         options: Serving options (model, api_url, concurrency, ...); no secrets.
+        given: Names of the fields and options the user set explicitly (flags on the command line).
+            A resume refuses those that differ from run.json; None (callers that cannot tell a default
+            from a choice) checks only the pipeline, input and serving.
     """
 
-    pipeline: str
+    pipeline: str | None
     output: str
     input: str | None = None
     run_id: str | None = None
@@ -50,6 +59,7 @@ class RunRequest:
     endpoint_url: str | None = None
     max_cost: float | None = None
     prices: str | None = None
+    given: set[str] | None = None
 
 
 def _same_source(source: str) -> str:
@@ -62,22 +72,84 @@ def run_storage(output: str, run_id: str, endpoint_url: str | None = None) -> St
     return open_storage(output, endpoint_url=endpoint_url).child(run_id)
 
 
+def existing_spec(storage) -> RunSpec | None:
+    """The run's spec when it is planned, else None."""
+    try:
+        return RunSpec.load(storage) if storage.exists(layout.RUN_SPEC_KEY) else None
+    except NotFound:
+        return None
+
+
+def _flag(name: str) -> str:
+    return _SPEC_FIELDS.get(name) or "--" + name.replace("_", "-")
+
+
+def check_resume(spec: RunSpec, request: RunRequest) -> None:
+    """Refuse a resume whose flags differ from what run.json froze (one line naming the flag).
+
+    Raises:
+        SpecError: A flag differs; the message points at ``dfk8s retry`` for serving options.
+    """
+    if request.pipeline and spec.pipeline != request.pipeline:
+        raise SpecError(f"run {spec.run_id} is a {spec.pipeline} run, not {request.pipeline}")
+    if request.input and _same_source(request.input) != _same_source(spec.input):
+        raise SpecError(f"run {spec.run_id} was planned from {spec.input}, not {request.input}; "
+                        "resume without --input, or start a new run")
+    given = request.given
+    if given is None:  # a caller that does not say which flags were given (submit, Python): keep run.json
+        if request.serving and request.serving != spec.serving:
+            raise SpecError(f"run {spec.run_id} uses serving {spec.serving}, not {request.serving}")
+        return
+    for name, value in request.options.items():
+        if value is None or name not in given:
+            continue
+        frozen = spec.options.get(name)
+        if frozen != value:
+            raise SpecError(f"{_flag(name)} {value} differs from run {spec.run_id}'s {frozen} (run.json); a "
+                            f"resume keeps the run's settings. To re-run its failed rows with {_flag(name)} "
+                            f"{value}: dfk8s retry {spec.run_id} -o {request.output} {_flag(name)} {value}")
+    for name in _SPEC_FIELDS:
+        value = getattr(request, name)
+        if value is None or name not in given:
+            continue
+        frozen = getattr(spec, name)
+        if name == "shards" and value >= frozen:
+            continue  # --shards is "at most N": the plan may have made fewer
+        if frozen != value:
+            raise SpecError(f"{_flag(name)} {value} differs from run {spec.run_id}'s {frozen} (run.json); "
+                            "a planned run keeps it: resume without the flag, or start a new run")
+
+
+def record_session(storage, entry: dict) -> None:
+    """Append ``entry`` (``action``, ``seconds``, ...) to run.json's history; a failure only warns."""
+    try:
+        spec = RunSpec.load(storage)
+        spec.history.append({"at": round(time.time(), 3), **entry})
+        spec.save(storage)
+    except (SpecError, StorageError) as exc:
+        log.warning("could not record the session in run.json: %s", exc)
+
+
 def _existing_run(request: RunRequest, storage: Storage, run_id: str) -> RunSpec | None:
     """The planned run ``run_id`` if there is one, checked against the request (the resume checks)."""
-    if not storage.exists(layout.RUN_SPEC_KEY):
-        return None
-    spec = RunSpec.load(storage)
-    if spec.pipeline != request.pipeline:
-        raise SpecError(f"run {run_id} is a {spec.pipeline} run, not {request.pipeline}")
-    if request.input and _same_source(request.input) != _same_source(spec.input):
-        raise SpecError(f"run {run_id} was planned from {spec.input}, not {request.input}; "
-                        "resume without --input, or start a new run")
+    spec = existing_spec(storage)
+    if spec is not None:
+        check_resume(spec, request)
     return spec
 
 
-def _new_spec(request: RunRequest, run_id: str, serving: str) -> RunSpec:
+def _new_spec(request: RunRequest, run_id: str) -> RunSpec:
+    """A new run's spec from the request (the checks a new run needs before it is planned)."""
+    if not request.pipeline:
+        raise SpecError(f"run {run_id} does not exist under {request.output}; pass --pipeline and --input "
+                        "to start it")
+    pipeline = get_pipeline(request.pipeline)
+    serving = request.serving or pipeline.default_serving
+    check_serving(pipeline, serving)
     if not request.input:
         raise SpecError(f"run {run_id} does not exist under {request.output}; pass --input to start it")
+    if request.image_root and "://" not in request.image_root and not os.path.isdir(request.image_root):
+        raise SpecError(f"--image-root {request.image_root} does not exist (or is not a folder)")
     if request.options.get("api_mode") == "batch":
         from dfk8s.batch import check_batch_mode
 
@@ -108,9 +180,6 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
     """
     from dfk8s import budget, cost
 
-    pipeline = get_pipeline(request.pipeline)
-    serving = request.serving or pipeline.default_serving
-    check_serving(pipeline, serving)
     run_id = request.run_id or new_run_id()
     storage = run_storage(request.output, run_id, request.endpoint_url)
     spec = _existing_run(request, storage, run_id)
@@ -121,7 +190,8 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
         if request.max_cost is not None:
             budget.set_budget(storage, request.max_cost)
         return storage, spec, True
-    spec = _new_spec(request, run_id, serving)
+    spec = _new_spec(request, run_id)
+    serving = spec.serving
     prices = _prices_for(request, serving, spec.options)
     tally = cost.Tally()
     plan(spec, storage, rows_per_shard=request.rows_per_shard, shards=request.shards,
@@ -160,9 +230,6 @@ def dry_run(request: RunRequest, *, on_row=None, executor: str = "local") -> Dry
     """
     from dfk8s import budget, cost
 
-    pipeline = get_pipeline(request.pipeline)
-    serving = request.serving or pipeline.default_serving
-    check_serving(pipeline, serving)
     run_id = request.run_id or new_run_id()
     storage = run_storage(request.output, run_id, request.endpoint_url)
     spec = _existing_run(request, storage, run_id) if request.run_id else None
@@ -171,7 +238,8 @@ def dry_run(request: RunRequest, *, on_row=None, executor: str = "local") -> Dry
         saved = record.get("estimate")
         estimate = cost.Estimate(**saved) if saved else None
         return DryRun(spec, storage, True, estimate.requests if estimate else spec.rows, estimate)
-    spec = _new_spec(request, run_id, serving)
+    spec = _new_spec(request, run_id)
+    serving = spec.serving
     prices = cost.load_prices(request.prices)
     tally = cost.Tally()
     plan(spec, storage, rows_per_shard=request.rows_per_shard, shards=request.shards,
@@ -209,11 +277,31 @@ def _prices_for(request: RunRequest, serving: str, options: dict):
 
 
 def run_local(request: RunRequest, *, workers: int = 4, shard_retries: int = 2, show_progress: bool = False):
-    """Plan (or resume) and run everything on this machine; returns the reducer's summary."""
-    from dfk8s.executors.local import LocalExecutor
+    """Plan (or resume) and run everything on this machine; returns the reducer's summary.
 
+    The run's lease is held throughout (a second launcher on the same run is refused), and the session
+    is recorded in run.json's history (so ``wall_seconds`` counts time worked, not pauses).
+    """
+    from dfk8s.executors.local import Interrupted, LocalExecutor
+    from dfk8s.lease import RunLease
+
+    started = time.monotonic()
     request.parallelism = workers
-    storage, spec, _ = prepare_run(request)
-    executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=request.endpoint_url,
-                             show_progress=show_progress)
-    return executor.execute(storage, spec)
+    request.run_id = request.run_id or new_run_id()
+    lease = RunLease(run_storage(request.output, request.run_id, request.endpoint_url)).acquire()
+    try:
+        storage, spec, resumed = prepare_run(request)
+        executor = LocalExecutor(workers=workers, shard_retries=shard_retries,
+                                 endpoint_url=request.endpoint_url, show_progress=show_progress,
+                                 output=request.output, started=started)
+        outcome = "finished"
+        try:
+            return executor.execute(storage, spec)
+        except Interrupted:
+            outcome = "interrupted"
+            raise
+        finally:
+            record_session(storage, {"action": "resume" if resumed else "run", "outcome": outcome,
+                                     "workers": workers, "seconds": round(time.monotonic() - started, 3)})
+    finally:
+        lease.release()

@@ -37,6 +37,8 @@ class RunSpec:
         parallelism: Workers expected to run at once (the ``--rpm`` budget is split between them).
         save_interval: Finished rows per checkpoint part.
         seed: Run seed; each row's seed derives from it and the row id.
+        history: What happened to the run since it was planned (sessions, their seconds, retries and
+            the options they changed).
     """
 
     run_id: str
@@ -59,6 +61,8 @@ class RunSpec:
     created_at: float = field(default_factory=time.time)
     versions: dict[str, str] = field(default_factory=dict)
     spec_version: int = SPEC_VERSION
+    #: Launcher sessions and retries, oldest first: ``{"action", "at", "seconds", "changes", ...}``.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
         leaked = SECRET_OPTION_NAMES.intersection(self.options)

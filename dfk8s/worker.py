@@ -11,14 +11,26 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from dfk8s import layout
 from dfk8s.budget import Budget, BudgetExceeded, read_cost_record
-from dfk8s.errors import NotFound, ServingUnavailable, ShardError, SpecError, SystematicFailure
+from dfk8s.errors import (
+    EXIT_DO_NOT_RETRY,
+    Dfk8sError,
+    NotFound,
+    ServingUnavailable,
+    ShardError,
+    SpecError,
+    StorageError,
+    SystematicFailure,
+    WorkerStopped,
+)
 from dfk8s.images import ImageProblem, read_ref_bytes, sniff_image
+from dfk8s.lifecycle import StopToken, grace_seconds
 from dfk8s.pipelines import Pipeline, get_pipeline
 from dfk8s.resize import shrink_image
 from dfk8s.servings import Response, RowError, Serving, build_serving
@@ -87,10 +99,11 @@ class ShardRunner:
     """Runs the pending rows of one shard with a serving, writing a part every ``save_interval`` rows."""
 
     def __init__(self, spec: RunSpec, storage, index: int, serving: Serving | None,
-                 *, endpoint_url: str | None = None):
+                 *, endpoint_url: str | None = None, session: WorkerSession | None = None):
         self.spec = spec
         self.storage = storage
         self.index = index
+        self.session = session or WorkerSession(serving)
         self.serving = serving
         self.endpoint_url = endpoint_url
         self.pipeline: Pipeline = get_pipeline(spec.pipeline)
@@ -100,6 +113,10 @@ class ShardRunner:
         self.pending_writes: set[asyncio.Task] = set()
         self.budget = Budget(storage, index, read_cost_record(storage))
         self.max_image_side = spec.option("max_image_side")
+        self.rows = 0
+        self.ok = 0
+        self.failed = 0
+        self._published: tuple[int, int] | None = None
 
     # -- records -------------------------------------------------------------------------------------
 
@@ -158,7 +175,13 @@ class ShardRunner:
 
     async def add(self, records: Iterable[dict]) -> None:
         """Buffer ``records``; write a part once ``save_interval`` records are waiting."""
+        records = list(records)
         self.buffer.extend(records)
+        for record in records:
+            if record["ok"]:
+                self.ok += 1
+            else:
+                self.failed += 1
         if len(self.buffer) >= self.spec.save_interval:
             await self.flush()
 
@@ -228,68 +251,184 @@ class ShardRunner:
             records = [self.finish(r, results[r["pos"]]) for r in batch]
         await self.add(records)
 
+    # -- live progress -------------------------------------------------------------------------------
+
+    def publish_progress(self) -> None:
+        """Write the shard's live counts (progress/NNNNN.json), if they changed; a failure only warns."""
+        counts = (self.ok, self.failed)
+        if counts == self._published:
+            return
+        try:
+            self.storage.write_json(layout.progress_key(self.index), {
+                "shard": self.index, "rows": self.rows, "done": self.ok + self.failed, "ok": self.ok,
+                "failed": self.failed, "updated_at": round(time.time(), 3)})
+            self._published = counts
+        except StorageError as exc:
+            log.warning("shard %d: cannot publish progress: %s", self.index, exc)
+
+    async def _publish_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(self.publish_progress)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
     async def run(self, pending: list[dict]) -> None:
-        """Process ``pending`` rows, keeping ``serving.concurrency`` batches in flight."""
+        """Process ``pending`` rows, keeping ``serving.concurrency`` batches in flight.
+
+        Raises:
+            WorkerStopped: A stop was requested; what finished is checkpointed, the rest is not sent.
+        """
+        publisher = asyncio.create_task(self._publish_every(PROGRESS_SECONDS))
         try:
             await self._run(pending)
         finally:
+            publisher.cancel()
             await self.flush()  # keep what finished, even when the shard stops on a fatal error
-            if self.serving is not None:
-                await self.serving.aclose()
+            await asyncio.to_thread(self.publish_progress)
 
     async def _run(self, pending: list[dict]) -> None:
+        stop = self.session.stop
         planned_bad = [r for r in pending if r.get("error")]
         await self.add(self.failed_record(r, {**r["error"], "attempts": 0}) for r in planned_bad)
         todo = [r for r in pending if not r.get("error")]
-        if todo and self.spec.option("api_mode") == "batch":
+        if not todo:
+            return
+        if self.spec.option("api_mode") == "batch":
             from dfk8s.batch import BatchShard  # one provider batch per shard, at the batch price
 
             await BatchShard(self).run(todo)
             return
-        if todo:
-            if self.serving is None:
-                loading = time.monotonic()
-                self.serving = build_serving(self.spec)
-                # bench/end_to_end.py counts these lines: model loads per worker process.
-                log.info("loaded serving %s in %.2fs (pid %d)", self.spec.serving, time.monotonic() - loading,
-                         os.getpid())
-            size = max(1, self.serving.batch_size)
-            slots = asyncio.Semaphore(max(1, self.serving.concurrency))
-            tasks: set[asyncio.Task] = set()
-            fatal: list[BaseException] = []
+        if stop.requested:
+            raise WorkerStopped(f"shard {self.index}: stopped before it started ({stop.reason})",
+                                reason=stop.reason)
+        if self.serving is None:
+            self.serving = self.session.serving_for(self.spec)
+        size = max(1, self.serving.batch_size)
+        slots = asyncio.Semaphore(max(1, self.serving.concurrency))
+        stopping = stop.event()
+        tasks: set[asyncio.Task] = set()
+        fatal: list[BaseException] = []
+        over_budget = False
 
-            async def one(batch):
-                try:
-                    await self.run_batch(batch)
-                except BaseException as exc:  # bad credentials, storage down: stop the shard
-                    fatal.append(exc)
-                finally:
+        async def one(batch):
+            try:
+                await self.run_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # bad credentials, storage down: stop the shard
+                fatal.append(exc)
+            finally:
+                slots.release()
+
+        for start in range(0, len(todo), size):
+            if slots.locked():  # wait for a free slot, or for a stop request, whichever comes first
+                acquire = asyncio.ensure_future(slots.acquire())
+                halt = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait({acquire, halt}, return_when=asyncio.FIRST_COMPLETED)
+                halt.cancel()
+                if not acquire.done():
+                    acquire.cancel()
+                    break
+                if stopping.is_set():
                     slots.release()
-
-            over_budget = False
-            for start in range(0, len(todo), size):
+                    break
+            else:
                 await slots.acquire()
-                if fatal:
-                    break
-                if self.budget.due():
-                    await asyncio.to_thread(self.budget.refresh)
-                if self.budget.exceeded():  # like SIGTERM: no new rows, requests in flight finish
-                    over_budget = True
-                    slots.release()
-                    break
-                task = asyncio.create_task(one(todo[start:start + size]))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-            if fatal:
-                raise fatal[0]
-            if over_budget:
-                raise BudgetExceeded(f"shard {self.index}: {self.budget.describe()}")
+            if fatal or stopping.is_set():
+                slots.release()
+                break
+            if self.budget.due():
+                await asyncio.to_thread(self.budget.refresh)
+            if self.budget.exceeded():  # like SIGTERM: no new rows, requests in flight finish
+                over_budget = True
+                slots.release()
+                break
+            task = asyncio.create_task(one(todo[start:start + size]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await self._drain(tasks, stopping)
+        if fatal:
+            raise fatal[0]
+        if over_budget:
+            raise BudgetExceeded(f"shard {self.index}: {self.budget.describe()}")
+        if stopping.is_set():
+            raise WorkerStopped(f"shard {self.index}: stopped ({stop.reason}); finished rows are "
+                                "checkpointed", reason=stop.reason)
+
+    async def _drain(self, tasks: set[asyncio.Task], stopping: asyncio.Event) -> None:
+        """Wait for the batches in flight; after a stop request, give them the grace period, then cancel."""
+        waiting = set(tasks)
+        halt = asyncio.ensure_future(stopping.wait())
+        try:
+            while waiting and not stopping.is_set():
+                _, waiting = await asyncio.wait(waiting | {halt}, return_when=asyncio.FIRST_COMPLETED)
+                waiting.discard(halt)
+        finally:
+            halt.cancel()
+        if waiting:
+            grace = grace_seconds()
+            log.warning("shard %d: letting %d requests in flight finish (up to %.0fs)", self.index,
+                        len(waiting), grace)
+            _, late = await asyncio.wait(waiting, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("shard %d: %d requests did not finish within the grace period; their rows "
+                            "stay pending", self.index, len(late))
+                await asyncio.gather(*late, return_exceptions=True)
+
+
+#: Seconds between live progress writes of a running shard.
+PROGRESS_SECONDS = float(os.environ.get("DFK8S_PROGRESS_SECONDS", "2"))
+
+
+class WorkerSession:
+    """What a worker process keeps from shard to shard: one event loop, one serving, one stop token.
+
+    A long-lived local worker processes many shards in one session, so imports, the HTTP session and a
+    FLUX load happen once; a pod (or a plain ``process_shard`` call) uses a session for one shard.
+    """
+
+    def __init__(self, serving: Serving | None = None, *, stop: StopToken | None = None):
+        self._serving = serving
+        self.owns_serving = serving is None
+        self.stop = stop or StopToken()
+        self._runner: asyncio.Runner | None = None
+
+    def serving_for(self, spec: RunSpec) -> Serving:
+        """The session's serving, built from ``spec`` on first use."""
+        if self._serving is None:
+            loading = time.monotonic()
+            self._serving = build_serving(spec)
+            # bench/end_to_end.py counts these lines: model loads per worker process.
+            log.info("loaded serving %s in %.2fs (pid %d)", spec.serving, time.monotonic() - loading,
+                     os.getpid())
+        return self._serving
+
+    def run(self, coroutine):
+        """Run ``coroutine`` on the session's event loop (the same loop for every shard)."""
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner.run(coroutine)
+
+    def close(self) -> None:
+        """Close the serving (if the session built it) and the event loop."""
+        serving, self._serving = self._serving, None
+        try:
+            if serving is not None:
+                if self._runner is not None:
+                    self.run(serving.aclose())  # per-loop clients (HTTP sessions) close on their loop
+                if self.owns_serving:
+                    serving.close()
+        finally:
+            if self._runner is not None:
+                self._runner.close()
+                self._runner = None
 
 
 def process_shard(storage, index: int, *, serving: Serving | None = None,
-                  endpoint_url: str | None = None) -> ShardStats:
+                  endpoint_url: str | None = None, session: WorkerSession | None = None) -> ShardStats:
     """Process shard ``index`` of the run in ``storage`` to its done marker; skip what is done.
 
     Args:
@@ -297,16 +436,27 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
         index: Shard index.
         serving: A serving to use instead of the one the spec names (tests, benchmarks).
         endpoint_url: S3 endpoint for s3:// image references.
+        session: The worker's session (event loop, serving, stop token) when it processes many shards;
+            by default one is made for this shard and closed after it.
 
     Returns:
         The shard's stats (also written as its done marker).
 
     Raises:
         SpecError / ShardError: The shard cannot succeed.
+        WorkerStopped: A stop was requested; finished rows are checkpointed (a retry resumes).
     """
     spec = RunSpec.load(storage)
     if not 0 <= index < spec.shards:
         raise ShardError(f"shard index {index} is out of range: the run has {spec.shards} shards")
+    parallelism = os.environ.get("DFK8S_PARALLELISM", "")
+    if parallelism.isdigit() and int(parallelism) > 0:
+        spec.parallelism = int(parallelism)  # the launcher's real parallelism, not the first run's
+    if spec.option("rpm"):
+        from dfk8s.servings.api import ApiOptions
+
+        log.info("--rpm %g for the run: %g a minute for this worker (%d workers)", float(spec.option("rpm")),
+                 ApiOptions.from_spec(spec, "").rpm, min(spec.parallelism, spec.shards))
     done_key = layout.shard_done_key(index)
     if storage.exists(done_key):
         log.info("shard %d is already done", index)
@@ -320,26 +470,33 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
     pending = [r for r in shard_rows if r["pos"] not in finished]
     log.info("shard %d: %d rows, %d already finished, %d to do", index, len(shard_rows), len(finished),
              len(pending))
-    runner = ShardRunner(spec, storage, index, serving, endpoint_url=endpoint_url)
+    own_session = session is None
+    if own_session:
+        session = WorkerSession(serving)
+    runner = ShardRunner(spec, storage, index, serving, endpoint_url=endpoint_url, session=session)
     runner.next_part = next_part
     for record in finished.values():
         runner.budget.add(record.get("usage"))  # spent by earlier attempts: it counts against --max-cost
+    runner.rows = len(shard_rows)
+    runner.ok = sum(1 for r in finished.values() if r["ok"])
+    runner.failed = len(finished) - runner.ok
     try:
-        asyncio.run(runner.run(pending))
+        session.run(runner.run(pending))
     except SystematicFailure as exc:
         # The finished rows are checkpointed (runner.run flushed them); the unsent ones stay unprocessed.
-        storage.write_json(layout.BREAKER_KEY, {"shard": index, **exc.to_dict()})
+        if not _exists(storage, layout.BREAKER_KEY):
+            storage.write_json(layout.BREAKER_KEY, {"shard": index, **exc.to_dict()})
         log.error("shard %d: circuit breaker: %s", index, exc)
         raise
     finally:
-        if runner.serving is not None and serving is None:
-            runner.serving.close()
+        if own_session:
+            session.close()
     return _assemble(storage, index, shard_rows, time.monotonic() - started, len(finished), runner.budget)
 
 
 def read_breaker(storage) -> SystematicFailure | None:
     """The failure a tripped circuit breaker recorded in the run (``breaker.json``), or None."""
-    if not storage.exists(layout.BREAKER_KEY):
+    if not _exists(storage, layout.BREAKER_KEY):
         return None
     try:
         found = storage.read_json(layout.BREAKER_KEY)
@@ -378,6 +535,7 @@ def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resum
         budget.write(final=True)  # the ledger a reopened (retried) shard starts from
     for key in list(storage.list(layout.part_prefix(index))):
         storage.delete(key)  # the output holds them now; parts were only checkpoints
+    storage.delete(layout.progress_key(index))
     log.info("shard %d done: %d ok, %d failed in %.1fs", index, stats.ok, stats.failed, seconds)
     return stats
 
@@ -409,3 +567,87 @@ def shard_index_from_env(index: int | None) -> int:
     if value is None or not value.isdigit():
         raise SpecError("no shard index: pass --index or set JOB_COMPLETION_INDEX")
     return int(value)
+
+
+def serve(storage, *, endpoint_url: str | None = None, commands=None, replies=None,
+          stop: StopToken | None = None) -> int:
+    """A long-lived worker: take shard indexes from ``commands`` (one a line) until EOF or a stop.
+
+    Each shard is processed with one session (one event loop, one serving built once), and answered
+    with one JSON line on ``replies``: ``{"index", "code", "message", "ok", "failed"}``. ``code`` has the
+    meaning of a worker's exit code: 0 done, 42 cannot succeed, else retry. After a retryable failure or
+    a stop the worker exits with that code (a fresh process takes over); after 42 it goes on, unless the
+    run's circuit breaker tripped.
+
+    Returns:
+        The process exit code.
+    """
+    import queue
+    import threading
+
+    stop = stop or StopToken()
+    commands = commands if commands is not None else sys.stdin
+    lines: queue.Queue = queue.Queue()
+
+    def read_commands():
+        for line in commands:
+            lines.put(line)
+        lines.put(None)  # EOF: the launcher closed the pipe (or is gone)
+
+    threading.Thread(target=read_commands, name="commands", daemon=True).start()
+    session = WorkerSession(stop=stop)
+    code = 0
+    try:
+        while not stop.requested:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None or not line.strip():
+                break
+            index = int(line)
+            code, reply = _serve_one(storage, index, session, endpoint_url)
+            replies.write(_dumps(reply) + "\n")
+            replies.flush()
+            if code not in (0, EXIT_DO_NOT_RETRY) or reply.get("breaker"):
+                break
+            code = 0
+    finally:
+        if code != WorkerStopped.exit_code:
+            session.close()  # a stopped worker may have a model call still running in a thread: skip
+    return code
+
+
+def _serve_one(storage, index: int, session: WorkerSession, endpoint_url: str | None) -> tuple[int, dict]:
+    """Process one shard for :func:`serve`; returns the exit code it stands for and the reply."""
+    reply: dict = {"index": index, "code": 0, "message": ""}
+    try:
+        stats = process_shard(storage, index, session=session, endpoint_url=endpoint_url)
+        reply.update(ok=stats.ok, failed=stats.failed, message=f"shard {index}: {stats.ok} ok, "
+                     f"{stats.failed} failed")
+    except Exception as exc:
+        code = exc.exit_code if isinstance(exc, Dfk8sError) else 1
+        if not isinstance(exc, Dfk8sError):
+            log.exception("shard %d failed", index)
+        else:
+            log.error("shard %d: %s", index, exc)
+        reply.update(code=code, message=f"{type(exc).__name__}: {exc}"[:1000])
+        tripped = type(exc).__name__ == "SystematicFailure"
+        if tripped and not _exists(storage, layout.BREAKER_KEY):
+            try:  # the breaker contract: breaker.json names the cause for the launcher's one line
+                storage.write_json(layout.BREAKER_KEY, {
+                    "shard": index, "type": str(getattr(exc, "type", "") or getattr(exc, "kind", "")),
+                    "message": str(getattr(exc, "message", "") or exc),
+                    "hint": str(getattr(exc, "hint", ""))})
+            except StorageError as write_error:
+                log.warning("could not write %s: %s", layout.BREAKER_KEY, write_error)
+        if code == EXIT_DO_NOT_RETRY and (tripped or _exists(storage, layout.BREAKER_KEY)):
+            reply["breaker"] = True
+    return reply["code"], reply
+
+
+def _exists(storage, key: str) -> bool:
+    try:
+        return storage.exists(key)
+    except StorageError:
+        return False

@@ -1,44 +1,84 @@
-"""The local executor: worker processes on this machine, retried like ``backoffLimitPerIndex``."""
+"""The local executor: long-lived worker processes on this machine, shards retried per index like a Job.
+
+Each worker is ``dfk8s worker --serve``: it imports once, builds its serving once (HTTP session, FLUX on its
+GPUs) and takes shard after shard from this executor over a pipe. The executor owns its workers: a signal
+to the launcher (SIGINT, SIGTERM, SIGHUP) stops them gracefully (they checkpoint what finished), and a
+launcher killed outright leaves workers that notice within a second and stop the same way.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfk8s import layout
-from dfk8s.errors import EXIT_DO_NOT_RETRY, Dfk8sError
-from dfk8s.progress import ProgressReader, progress_bar
+from dfk8s.errors import EXIT_DO_NOT_RETRY, Dfk8sError, NotFound, StorageError
+from dfk8s.lifecycle import PARENT_PID_ENV, grace_seconds
+from dfk8s.progress import ProgressReader, logs_above, progress_bar
 from dfk8s.reducer import Summary, reduce_run
 from dfk8s.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
+#: Seconds past the grace period a stopping worker gets to write its checkpoint before SIGKILL.
+CHECKPOINT_MARGIN = 10.0
+
 
 class Interrupted(Dfk8sError):
-    """The user stopped the run (Ctrl-C); it can be resumed with the same run id."""
+    """The user (or a signal) stopped the run; it can be resumed with the same run id."""
 
     exit_code = 130
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, signal_name: str = "SIGINT", output: str | None = None):
         self.run_id = run_id
-        super().__init__(f"interrupted; resume with --run-id {run_id}")
+        self.signal_name = signal_name
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
+        where = f" -o {output}" if output else ""
+        super().__init__(f"interrupted ({signal_name}); finished rows are checkpointed; resume with --run-id "
+                         f"{run_id}: dfk8s run --run-id {run_id}{where}")
+
+
+class BreakerTripped(Dfk8sError):
+    """A worker's circuit breaker stopped the run: every request would fail the same way."""
+
+    exit_code = EXIT_DO_NOT_RETRY
+
+    def __init__(self, breaker: dict, summary: Summary):
+        self.breaker = breaker
+        self.summary = summary
+        message = breaker.get("message") or "the circuit breaker tripped"
+        hint = breaker.get("hint")
+        super().__init__(f"{message}" + (f"; {hint}" if hint else ""))
+
+
+class _LauncherSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP to the launcher, raised like Ctrl-C so every path stops the workers."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
 
 
 @dataclass
-class _Slot:
-    index: int
-    attempt: int
+class _Worker:
+    number: int
     process: subprocess.Popen
     log_path: Path
     gpus: str | None = None
+    shard: int | None = None
+    attempt: int = 0
+    retiring: bool = False
 
 
 def visible_gpus() -> list[str]:
@@ -61,14 +101,16 @@ def split_gpus(gpus: list[str], workers: int) -> list[str]:
 
 @dataclass
 class LocalExecutor:
-    """Runs every unfinished shard of a planned run as worker processes, then reduces.
+    """Runs every unfinished shard of a planned run on long-lived worker processes, then reduces.
 
     Attributes:
-        workers: Worker processes at once.
-        shard_retries: Extra attempts for a shard whose process fails (not for exit 42).
+        workers: Worker processes at most (never more than there are shards left).
+        shard_retries: Extra attempts for a shard whose worker fails (not for exit 42).
         endpoint_url: S3 endpoint passed to workers as ``AWS_ENDPOINT_URL``.
         show_progress: Draw the progress bar (it switches itself off when stderr is not a terminal).
-        poll_seconds: How often processes and storage are polled.
+        poll_seconds: How often the progress is read from storage.
+        output: The ``--output`` the run lives under (for the resume hint).
+        started: ``time.monotonic()`` when this launcher session began (planning included).
     """
 
     workers: int = 4
@@ -76,87 +118,282 @@ class LocalExecutor:
     endpoint_url: str | None = None
     show_progress: bool = True
     poll_seconds: float = 0.5
+    output: str | None = None
+    started: float = field(default_factory=time.monotonic)
     failed_shards: dict[int, str] = field(default_factory=dict)
+    breaker: dict | None = None
 
-    def _start(self, storage, index: int, attempt: int, log_dir: Path, gpus: str | None = None) -> _Slot:
+    # -- workers -------------------------------------------------------------------------------------
+
+    def _spawn(self, storage, number: int, parallelism: int, gpus: str | None, events: queue.Queue,
+               log_dir: Path) -> _Worker:
         env = dict(os.environ)
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus
         if self.endpoint_url:
             env["AWS_ENDPOINT_URL"] = self.endpoint_url
         env.setdefault("DFK8S_LOG_LEVEL", "INFO")
-        log_path = log_dir / f"shard-{index:05d}.log"
+        env[PARENT_PID_ENV] = str(os.getpid())
+        env["DFK8S_PARALLELISM"] = str(parallelism)  # --rpm is split by the workers really running
+        log_path = log_dir / f"worker-{number:03d}.log"
         with open(log_path, "ab") as log_file:
             # A new session: Ctrl-C reaches only us, and we stop the workers in order.
             process = subprocess.Popen(
-                [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--index", str(index)],
-                stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        return _Slot(index, attempt, process, log_path, gpus)
-
-    def execute(self, storage, spec: RunSpec) -> Summary:
-        """Run the shards that have no done marker, then reduce; returns the summary."""
-        done = {i for key in storage.list(layout.OUTPUT_PREFIX) if (i := layout.done_index(key)) is not None}
-        queue = deque((i, 0) for i in range(spec.shards) if i not in done)
-        log_dir = Path(tempfile.gettempdir()) / f"dfk8s-{spec.run_id}"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        reader = ProgressReader(storage)
-        running: list[_Slot] = []
-        workers, gpu_sets = self.workers, None
-        if spec.serving == "diffusers" and (gpus := visible_gpus()):
-            gpu_sets = split_gpus(gpus, self.workers)  # each worker drives its own GPUs
-            workers = len(gpu_sets)
-        started, first = time.monotonic(), reader.poll()
-        with progress_bar(spec.rows, enabled=self.show_progress) as bar:
-            task = bar.add_task(spec.run_id, total=spec.rows, completed=first.rows, failed=first.failed,
-                                rate="-")
-            try:
-                while queue or running:
-                    while queue and len(running) < workers:
-                        index, attempt = queue.popleft()
-                        free = None
-                        if gpu_sets is not None:
-                            free = next(g for g in gpu_sets if g not in {s.gpus for s in running})
-                        running.append(self._start(storage, index, attempt, log_dir, free))
-                    time.sleep(self.poll_seconds)
-                    for slot in [s for s in running if s.process.poll() is not None]:
-                        running.remove(slot)
-                        self._finished(slot, queue)
-                    now = reader.poll()
-                    rate = (now.rows - first.rows) / max(1e-6, time.monotonic() - started)
-                    bar.update(task, completed=now.rows, failed=now.failed, rate=f"{rate:,.1f}")
-            except KeyboardInterrupt:
-                self._stop(running)
-                raise Interrupted(spec.run_id) from None
-            now = reader.poll()
-            bar.update(task, completed=now.rows, failed=now.failed)
-        return reduce_run(storage, failed_shards=sorted(self.failed_shards))
-
-    def _finished(self, slot: _Slot, queue: deque) -> None:
-        code = slot.process.returncode
-        if code == 0:
-            return
-        tail = _tail(slot.log_path)
-        if code == EXIT_DO_NOT_RETRY or slot.attempt >= self.shard_retries:
-            why = "cannot succeed" if code == EXIT_DO_NOT_RETRY else f"failed {slot.attempt + 1} times"
-            self.failed_shards[slot.index] = tail
-            log.error("shard %d %s (exit %s): %s", slot.index, why, code, tail)
-            return
-        log.warning("shard %d exited with %s; retrying (%d/%d)", slot.index, code, slot.attempt + 1,
-                    self.shard_retries)
-        queue.append((slot.index, slot.attempt + 1))
+                [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--serve"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env,
+                start_new_session=True, text=True, bufsize=1)
+        worker = _Worker(number, process, log_path, gpus)
+        threading.Thread(target=_read_replies, args=(worker, events), name=f"worker-{number}",
+                         daemon=True).start()
+        return worker
 
     @staticmethod
-    def _stop(running: list[_Slot]) -> None:
-        for slot in running:
-            if slot.process.poll() is None:
-                slot.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for slot in running:
+    def _assign(worker: _Worker, index: int, attempt: int) -> bool:
+        worker.shard, worker.attempt = index, attempt
+        try:
+            worker.process.stdin.write(f"{index}\n")
+            worker.process.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False  # it died meanwhile; its exit event requeues the shard
+
+    # -- the run -------------------------------------------------------------------------------------
+
+    def execute(self, storage, spec: RunSpec, *, only: set[int] | None = None) -> Summary:
+        """Run the shards that have no done marker (those in ``only``, if given), then reduce.
+
+        Raises:
+            Interrupted: A signal stopped the run (workers checkpointed; resume with the run id).
+            BreakerTripped: A worker's circuit breaker stopped the run (the run is reduced first).
+        """
+        done = {i for key in storage.list(layout.OUTPUT_PREFIX) if (i := layout.done_index(key)) is not None}
+        todo = deque((i, 0) for i in range(spec.shards) if i not in done and (only is None or i in only))
+        _clear_stale_breaker(storage)
+        log_dir = Path(tempfile.gettempdir()) / f"dfk8s-{spec.run_id}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        gpu_sets = None
+        parallelism = max(1, min(self.workers, len(todo)))
+        if spec.serving == "diffusers" and (gpus := visible_gpus()):
+            gpu_sets = split_gpus(gpus, parallelism)  # each worker drives its own GPUs
+            parallelism = len(gpu_sets)
+        # The bar does not wait out a storage outage (the workers do): it just stays put meanwhile.
+        with_patience = getattr(storage, "with_patience", None)
+        reader = ProgressReader(with_patience(2.0) if with_patience else storage)
+        first = _poll(reader)
+        events: queue.Queue = queue.Queue()
+        workers: list[_Worker] = []
+        numbers = iter(range(1_000_000))
+        previous = _trap_launcher_signals()
+        try:
+            with progress_bar(spec.rows, enabled=self.show_progress) as bar, logs_above(bar):
+                task = bar.add_task(spec.run_id, total=spec.rows, completed=first.rows if first else 0,
+                                    failed=first.failed if first else 0, rate="-")
+                base, began, last_poll = (first.rows if first else 0), time.monotonic(), 0.0
+                try:
+                    while todo or any(w.shard is not None for w in workers):
+                        self._top_up(storage, workers, todo, parallelism, gpu_sets, events, log_dir, numbers)
+                        try:
+                            kind, worker, value = events.get(timeout=self.poll_seconds)
+                        except queue.Empty:
+                            kind = None
+                        if kind == "reply":
+                            self._on_reply(storage, worker, value, todo)
+                        elif kind == "exit":
+                            self._on_exit(worker, value, todo, workers)
+                        if self.breaker is not None:
+                            break
+                        if time.monotonic() - last_poll >= self.poll_seconds:
+                            last_poll = time.monotonic()
+                            if (now := _poll(reader)) is not None:
+                                rate = (now.rows - base) / max(1e-6, last_poll - began)
+                                bar.update(task, completed=now.rows, failed=now.failed, rate=f"{rate:,.1f}")
+                except KeyboardInterrupt as exc:
+                    self._stop(workers, events)
+                    raise Interrupted(spec.run_id, getattr(exc, "signal_name", "SIGINT"),
+                                      self.output) from None
+                if self.breaker is not None:
+                    self._stop(workers, events)
+                else:
+                    self._finish(workers, events)
+                if (now := _poll(reader)) is not None:
+                    bar.update(task, completed=now.rows, failed=now.failed)
+        finally:
+            _restore_signals(previous)
+        summary = reduce_run(storage, failed_shards=sorted(self.failed_shards),
+                             session_seconds=time.monotonic() - self.started)
+        if self.breaker is not None:
+            raise BreakerTripped(self.breaker, summary)
+        return summary
+
+    def _top_up(self, storage, workers, todo, parallelism, gpu_sets, events, log_dir, numbers) -> None:
+        """Give every idle worker a shard, starting workers until ``parallelism`` are alive."""
+        for worker in workers:
+            if todo and worker.shard is None and not worker.retiring:
+                index, attempt = todo.popleft()
+                self._assign(worker, index, attempt)
+        while todo and len(workers) < parallelism:
+            gpus = None
+            if gpu_sets is not None:
+                gpus = next(g for g in gpu_sets if g not in {w.gpus for w in workers})
+            worker = self._spawn(storage, next(numbers), parallelism, gpus, events, log_dir)
+            workers.append(worker)
+            index, attempt = todo.popleft()
+            self._assign(worker, index, attempt)
+
+    def _on_reply(self, storage, worker: _Worker, reply: dict, todo: deque) -> None:
+        index, code = reply.get("index"), int(reply.get("code", 1))
+        if index != worker.shard:
+            return
+        attempt = worker.attempt
+        worker.shard = None
+        if code == 0:
+            return
+        if code == EXIT_DO_NOT_RETRY:
+            self.failed_shards[index] = reply.get("message", "")
+            log.error("shard %d cannot succeed: %s", index, reply.get("message", ""))
+            if reply.get("breaker") or storage.exists(layout.BREAKER_KEY):
+                self.breaker = _read_breaker(storage, reply)
+            return
+        worker.retiring = True  # after a retryable failure the worker exits; a fresh one takes over
+        self._retry_or_fail(index, attempt, code, reply.get("message", ""), todo)
+
+    def _on_exit(self, worker: _Worker, code: int, todo: deque, workers: list[_Worker]) -> None:
+        workers.remove(worker)
+        if worker.shard is None:
+            return
+        index, attempt = worker.shard, worker.attempt
+        worker.shard = None
+        if code == EXIT_DO_NOT_RETRY:
+            self.failed_shards[index] = _tail(worker.log_path)
+            log.error("shard %d cannot succeed (exit 42): %s", index, self.failed_shards[index])
+            return
+        self._retry_or_fail(index, attempt, code, _tail(worker.log_path), todo)
+
+    def _retry_or_fail(self, index: int, attempt: int, code: int, why: str, todo: deque) -> None:
+        if attempt >= self.shard_retries:
+            self.failed_shards[index] = why
+            log.error("shard %d failed %d times (exit %s): %s", index, attempt + 1, code, why)
+            return
+        log.warning("shard %d stopped with exit %s; retrying (%d/%d): %s", index, code, attempt + 1,
+                    self.shard_retries, why)
+        todo.append((index, attempt + 1))
+
+    def _finish(self, workers: list[_Worker], events: queue.Queue) -> None:
+        """Every shard is done: close the workers' input (they exit at EOF) and wait for them."""
+        for worker in workers:
+            _close_input(worker)
+        self._wait(workers, events, grace_seconds() + CHECKPOINT_MARGIN)
+
+    def _stop(self, workers: list[_Worker], events: queue.Queue) -> None:
+        """Stop the workers gracefully: SIGTERM, then the grace period plus a margin, then SIGKILL.
+
+        A second signal meanwhile kills them at once (the rows they had not checkpointed are redone).
+        """
+        killed = []
+
+        def kill_now(signum, _frame):
+            log.warning("%s again: killing the workers", signal.Signals(signum).name)
+            killed.append(signum)
+            for worker in workers:
+                _signal(worker.process, signal.SIGKILL)
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, kill_now)
+        if workers:
+            log.warning("stopping %d workers (they checkpoint what finished)", len(workers))
+        for worker in workers:
+            _signal(worker.process, signal.SIGTERM)
+            _close_input(worker)
+        self._wait(workers, events, grace_seconds() + CHECKPOINT_MARGIN)
+
+    @staticmethod
+    def _wait(workers: list[_Worker], events: queue.Queue, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        for worker in workers:
             try:
-                slot.process.wait(max(0.1, deadline - time.monotonic()))
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                slot.process.kill()
-                slot.process.wait()
+                log.warning("worker %d did not stop in time: killing it", worker.number)
+                worker.process.kill()
+                worker.process.wait()
+        while True:  # drop what the reader threads still queue; nobody acts on it any more
+            try:
+                events.get_nowait()
+            except queue.Empty:
+                break
+
+
+def _read_replies(worker: _Worker, events: queue.Queue) -> None:
+    """Forward a worker's reply lines, then its exit, to the executor's event queue."""
+    for line in worker.process.stdout:
+        try:
+            events.put(("reply", worker, json.loads(line)))
+        except ValueError:
+            log.debug("worker %d wrote a line that is not a reply: %r", worker.number, line[:200])
+    events.put(("exit", worker, worker.process.wait()))
+
+
+def _close_input(worker: _Worker) -> None:
+    try:
+        worker.process.stdin.close()
+    except OSError:
+        pass
+
+
+def _signal(process: subprocess.Popen, sig: int) -> None:
+    if process.poll() is None:
+        try:
+            process.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _poll(reader: ProgressReader):
+    """The progress now, or None while storage does not answer (the bar just waits)."""
+    try:
+        return reader.poll()
+    except StorageError as exc:
+        log.debug("progress not readable now: %s", exc)
+        return None
+
+
+def _clear_stale_breaker(storage) -> None:
+    """A breaker from an earlier session is history: this session gets a fresh chance."""
+    try:
+        if storage.exists(layout.BREAKER_KEY):
+            storage.delete(layout.BREAKER_KEY)
+    except StorageError:
+        pass
+
+
+def _read_breaker(storage, reply: dict) -> dict:
+    try:
+        breaker = storage.read_json(layout.BREAKER_KEY)
+        return breaker if isinstance(breaker, dict) else {"message": str(breaker)}
+    except (NotFound, StorageError, ValueError):
+        return {"shard": reply.get("index"), "message": reply.get("message", "the circuit breaker tripped")}
+
+
+def _trap_launcher_signals():
+    """SIGTERM and SIGHUP stop the run like Ctrl-C (main thread only); returns what to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_signal(signum, _frame):
+        raise _LauncherSignal(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGTERM, raise_signal)
+    signal.signal(signal.SIGHUP, raise_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return previous
+
+
+def _restore_signals(previous) -> None:
+    if previous:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -25,6 +25,7 @@ from dfk8s.servings import SERVINGS
 #: servings registry: guesses for typical hosted endpoints; real latency varies).
 API_SERVINGS: dict[str, float] = {name: s.latency for name, s in SERVINGS.items() if s.is_api}
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+HF_TOKEN_WARNING = "pods get no Hugging Face token (no --hf-token-secret): gated models will not load"
 
 
 @dataclass
@@ -49,6 +50,8 @@ class ClusterOptions:
     service_account: str | None = None
     backoff_limit_per_index: int = 2
     max_failed_indexes: int | None = None
+    model_cache_pvc: str | None = None
+    model_cache_subpath: str | None = None
 
 
 # ----- flag parsing -----------------------------------------------------------------------------
@@ -126,7 +129,7 @@ def check_credentials(
             "(IRSA, GKE/Azure workload identity) that can read and write the output"
         )
     if options.hf_token_secret is None and serving == "diffusers" and environ.get("HF_TOKEN"):
-        warnings.append("pods get no Hugging Face token (no --hf-token-secret): gated models will not load")
+        warnings.append(HF_TOKEN_WARNING)
     if options.service_account is None:
         warnings.append(
             "the reduce Job runs as the namespace's default ServiceAccount; it must be allowed "
@@ -161,6 +164,8 @@ def kube_run_config(
         service_account=options.service_account,
         backoff_limit_per_index=options.backoff_limit_per_index,
         max_failed_indexes=options.max_failed_indexes,
+        model_cache_pvc=options.model_cache_pvc,
+        model_cache_subpath=options.model_cache_subpath,
     )
 
 

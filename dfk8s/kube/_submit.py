@@ -174,6 +174,7 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
     if not shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
     config = kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=shards)
+    warnings = _model_cache_warnings(warnings, config, serving_options)
     pods = min(options.parallelism, shards)
     estimate = estimate_api_time(
         profile.serving,
@@ -272,6 +273,7 @@ def submit(
     config = kube_run_config(
         request, options, profile, run_id=spec.run_id, run_uri=storage.url(), shards=spec.shards
     )
+    warnings = _model_cache_warnings(warnings, config, spec.options)
     names = create_jobs(clients, config)
     return Submission(
         run_id=spec.run_id,
@@ -283,6 +285,12 @@ def submit(
         jobs=names,
         warnings=warnings,
     )
+
+
+def _model_cache_warnings(warnings: list[str], config: KubeRunConfig, options: dict[str, Any]) -> list[str]:
+    from dfk8s.model_jobs import merge_warnings, model_cache_warnings
+
+    return merge_warnings(warnings, model_cache_warnings(config, options.get("model")), config)
 
 
 def create_jobs(clients, config: KubeRunConfig) -> list[str]:

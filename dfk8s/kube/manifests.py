@@ -87,6 +87,9 @@ class KubeRunConfig:
             keeps going and the reducer reports the failed shards).
         ttl_seconds_after_finished: how long finished Jobs (and their pod logs) stay around.
         extra_env: non-secret env vars for the workers, e.g. ``DF_BASE_URL``.
+        model_cache_pvc: an existing PersistentVolumeClaim holding the model cache (replaces the
+            profile's cache volume); workers mount it read-only and load with ``HF_HUB_OFFLINE=1``.
+        model_cache_subpath: folder inside that claim to mount (``subPath``).
 
     """
 
@@ -114,6 +117,8 @@ class KubeRunConfig:
     max_failed_indexes: int | None = None
     ttl_seconds_after_finished: int = 86400
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    model_cache_pvc: str | None = None
+    model_cache_subpath: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -122,6 +127,16 @@ class KubeRunConfig:
     def worker_image(self) -> str:
         """The image the worker pods run."""
         return self.image or self.profile.image
+
+    @property
+    def model_cache_claim(self) -> tuple[str, str | None] | None:
+        """``(claim name, subPath or None)`` of a shared model cache (flag or profile), else None."""
+        if self.model_cache_pvc:
+            return self.model_cache_pvc, self.model_cache_subpath
+        cache = self.profile.model_cache
+        if cache is not None and cache.pvc:
+            return cache.pvc, self.model_cache_subpath or cache.subpath
+        return None
 
     @property
     def gpu_count(self) -> int:
@@ -392,6 +407,7 @@ def _validate(cfg: KubeRunConfig) -> None:
             len(secret) != 2 or not all(isinstance(part, str) and part for part in secret)
         ):
             raise SpecError(f"{what} must be a secret reference (secret name, key), not a value")
+    _validate_model_cache(cfg)
     if not _ENV_NAME_RE.match(cfg.api_key_env):
         raise SpecError(f"invalid env var name {cfg.api_key_env!r}")
     reserved = {name for name, _ in _common_env_pairs(cfg)} | {
@@ -400,6 +416,7 @@ def _validate(cfg: KubeRunConfig) -> None:
         "AWS_SECRET_ACCESS_KEY",
         "HF_TOKEN",
         "HF_HOME",
+        "HF_HUB_OFFLINE",
         "JOB_COMPLETION_INDEX",
     }
     for name in cfg.extra_env:
@@ -412,6 +429,39 @@ def _validate(cfg: KubeRunConfig) -> None:
                 f"env var {name} looks like a credential; pass it through a Kubernetes Secret, "
                 "not as a plain value"
             )
+
+
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+def check_claim(name: str, subpath: str | None, what: str = "--model-cache-pvc") -> None:
+    """Refuse a claim name or subPath Kubernetes would reject (one line, naming the flag).
+
+    Raises:
+        SpecError: Not a DNS subdomain name, or a subPath that is absolute or climbs out with ``..``.
+
+    """
+    if not _DNS_SUBDOMAIN_RE.match(name):
+        raise SpecError(
+            f"{what} {name!r} is not a PersistentVolumeClaim name (lowercase letters, digits, '-', '.')"
+        )
+    if subpath is not None and (not subpath or subpath.startswith("/") or ".." in subpath.split("/")):
+        raise SpecError(
+            f"subpath {subpath!r} must be a relative folder inside the claim (no leading '/', no '..')"
+        )
+
+
+def _validate_model_cache(cfg: KubeRunConfig) -> None:
+    if cfg.model_cache_subpath is not None and cfg.model_cache_claim is None:
+        raise SpecError("--model-cache-subpath needs --model-cache-pvc (or a profile with model_cache.pvc)")
+    if cfg.model_cache_pvc and cfg.profile.model_cache is None:
+        raise SpecError(
+            f"serving {cfg.serving!r} of pipeline {cfg.pipeline!r} loads no model from the Hub: "
+            "--model-cache-pvc is for the diffusers serving"
+        )
+    claim = cfg.model_cache_claim
+    if claim is not None:
+        check_claim(*claim)
 
 
 def _common_env_pairs(cfg: KubeRunConfig) -> list[tuple[str, str]]:
@@ -437,6 +487,10 @@ def _worker_env(cfg: KubeRunConfig) -> list[dict[str, Any]]:
     # is on the writable /tmp (HOME) instead of the read-only root filesystem.
     if cfg.profile.model_cache is not None:
         env.append({"name": "HF_HOME", "value": HF_HOME})
+    if cfg.model_cache_claim is not None:
+        # The shared cache is read-only and filled by `dfk8s model pull --pvc`: a model missing from it
+        # must fail the shard at once (exit 42), not start a download per pod.
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     env += [{"name": name, "value": str(value)} for name, value in cfg.extra_env.items()]
     if cfg.api_key_secret:
         env.append(_secret_env(cfg.api_key_env, *cfg.api_key_secret))
@@ -488,14 +542,32 @@ def _worker_volumes(cfg: KubeRunConfig) -> tuple[list[dict[str, Any]], list[dict
         # PyTorch uses /dev/shm for inter-process tensors; the runtime default of 64 MiB is too small.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": profile.shm_size}})
         mounts.append({"name": "dshm", "mountPath": SHM_PATH})
-    if profile.model_cache is not None:
-        if profile.model_cache.pvc:
-            source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": profile.model_cache.pvc}}
-        else:
-            source = {"emptyDir": {"sizeLimit": profile.model_cache.size}}
-        volumes.append({"name": "model-cache", **source})
+    claim = cfg.model_cache_claim
+    if claim is not None:
+        volumes.append({"name": "model-cache", **model_cache_volume(claim[0], read_only=True)})
+        mounts.append(model_cache_mount(claim[1], read_only=True))
+    elif profile.model_cache is not None:
+        volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": profile.model_cache.size}})
         mounts.append({"name": "model-cache", "mountPath": CACHE_PATH})
     return volumes, mounts
+
+
+def model_cache_volume(claim: str, *, read_only: bool) -> dict[str, Any]:
+    """The ``persistentVolumeClaim`` source of the shared model cache (without the volume's name)."""
+    source: dict[str, Any] = {"claimName": claim}
+    if read_only:
+        source["readOnly"] = True
+    return {"persistentVolumeClaim": source}
+
+
+def model_cache_mount(subpath: str | None, *, read_only: bool) -> dict[str, Any]:
+    """The mount of the shared model cache at ``/cache`` (``HF_HOME`` is ``/cache/huggingface``)."""
+    mount: dict[str, Any] = {"name": "model-cache", "mountPath": CACHE_PATH}
+    if subpath:
+        mount["subPath"] = subpath
+    if read_only:
+        mount["readOnly"] = True
+    return mount
 
 
 def _pod_security() -> dict[str, Any]:

@@ -503,7 +503,8 @@ def _load_hint(exc: BaseException) -> str:
     if name == "GatedRepoError" or "gated" in str(exc).lower():
         return " (a gated model: accept its licence on the hub and set HF_TOKEN)"
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return " (HF_HUB_OFFLINE is set: the model must be a local folder or already in $HF_HOME)"
+        return (" (HF_HUB_OFFLINE is set: the model must be a local folder or already in $HF_HOME; fill the "
+                "cache once with `dfk8s model pull MODEL --to DIR` or `--pvc NAME`)")
     return ""
 
 

@@ -23,4 +23,23 @@ def open_storage(uri: str, *, endpoint_url: str | None = None) -> Storage:
     return LocalStorage(uri)
 
 
-__all__ = ["Storage", "LocalStorage", "open_storage", "join_key"]
+def check_output(uri: str, *, endpoint_url: str | None = None) -> None:
+    """Fail early, in one line, when runs cannot be written under ``uri``.
+
+    A local folder must be (or be creatable as) a writable folder; on S3 an endpoint must be given and
+    the bucket must exist.
+
+    Raises:
+        StorageError: What is wrong, and what to change.
+    """
+    if uri.startswith("s3://"):
+        from dfk8s.storage._s3 import S3Storage
+
+        S3Storage.from_uri(uri, endpoint_url=endpoint_url).check_bucket()
+        return
+    from dfk8s.storage._local import check_writable_folder
+
+    check_writable_folder(uri)
+
+
+__all__ = ["Storage", "LocalStorage", "open_storage", "join_key", "check_output"]

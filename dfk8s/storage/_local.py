@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dfk8s.errors import NotFound
+from dfk8s.errors import NotFound, StorageError
 from dfk8s.storage._base import Storage, join_key
 
 
@@ -30,8 +30,11 @@ class LocalStorage(Storage):
 
     def _atomic(self, key: str):
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {_reason(exc, path.parent)}") from None
         return path, fd, tmp
 
     def write_bytes(self, key: str, data: bytes) -> None:
@@ -40,6 +43,9 @@ class LocalStorage(Storage):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StorageError(f"cannot write {path}: {_reason(exc, path)}") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -98,3 +104,34 @@ class LocalStorage(Storage):
 
     def url(self, key: str = "") -> str:
         return str(self._path(join_key(key)))
+
+
+def _reason(exc: OSError, path: Path) -> str:
+    """Why a local write failed, in words (a file where a folder should be, read-only, disk full)."""
+    import errno
+
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        return f"{blocker or path} is a file, not a folder"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied (the folder is read-only)"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return exc.strerror or str(exc)
+
+
+def check_writable_folder(root: str | os.PathLike) -> None:
+    """Raise a one-line StorageError unless ``root`` is (or can become) a folder this process can write.
+
+    A folder made read-only with chmod counts as read-only even for root, who could write it anyway.
+    """
+    path = Path(root).expanduser().absolute()
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise StorageError(f"--output {path}: {blocker} is a file, not a folder")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    import stat
+
+    mode = existing.stat().st_mode
+    if not os.access(existing, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise StorageError(f"--output {path}: {existing} is read-only (permission denied)")

@@ -54,6 +54,7 @@ class SeaweedS3:
     data_dir: str
     access_key: str = "test-access"
     secret_key: str = "test-secret"
+    command: tuple[str, ...] = ()
 
     def client(self):
         """A boto3 S3 client for this server (path-style)."""
@@ -79,6 +80,18 @@ class SeaweedS3:
         except client.exceptions.BucketAlreadyExists:
             pass
 
+    def kill(self) -> None:
+        """Kill the server at once (an outage); its data folder and ports stay for :meth:`restart`."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start the server again on the same ports and data folder, and wait until S3 answers."""
+        self.kill()
+        self.process = _spawn(list(self.command), self.data_dir)
+        _wait_ready(self, timeout)
+
     def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL after a short wait (its SIGTERM can take 25 s)."""
         if self.process.poll() is None:
@@ -101,19 +114,31 @@ def start_seaweed(timeout: float = 60.0) -> SeaweedS3:
            "-master.volumeSizeLimitMB=256",
            # Iceberg and Lance listen on fixed ports by default: two servers would collide.
            "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    log_file = open(os.path.join(data_dir, "weed.log"), "wb")
-    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    server = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", process, data_dir)
+    process = _spawn(cmd, data_dir)
+    server = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", process, data_dir, command=tuple(cmd))
+    try:
+        _wait_ready(server, timeout)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def _spawn(cmd: list[str], data_dir: str) -> subprocess.Popen:
+    with open(os.path.join(data_dir, "weed.log"), "ab") as log_file:
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_ready(server: SeaweedS3, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if server.process.poll() is not None:
             break
         try:
             server.create_bucket("dfk8s-probe")
-            return server
+            return
         except Exception as exc:  # not up yet: connection refused, 503 while the filer starts
             last_error = exc
             time.sleep(0.5)
-    server.stop()
     raise RuntimeError(f"SeaweedFS did not start in {timeout}s: {last_error}")

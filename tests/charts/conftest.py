@@ -22,6 +22,7 @@ FULLNAME = "demo-dfk8s"
 ALL_ON = {
     "seaweedfs": {"enabled": True},
     "fakeApi": {"enabled": True},
+    "modelCache": {"enabled": True},
     "secret": {
         "create": True,
         "apiKey": "sk-x",

@@ -19,6 +19,7 @@ SCENARIOS = {
     "defaults": {},
     "seaweedfs": {"seaweedfs": {"enabled": True}},
     "fake-api": {"fakeApi": {"enabled": True}},
+    "model-cache": {"modelCache": {"enabled": True, "storageClass": "nfs"}},
     "secret-create": {"secret": {"create": True, "apiKey": "sk-x", "awsAccessKeyId": "id"}},
     "secret-existing": {"secret": {"existingSecret": "mine"}},
     "no-service-accounts": {

@@ -180,9 +180,10 @@ def test_should_mount_the_claim_when_the_model_cache_is_a_pvc():
     profile = dataclasses.replace(cfg.profile, model_cache=ModelCache(pvc="hf-cache"))
     job = build_map_job(dataclasses.replace(cfg, profile=profile))
     volumes = {volume["name"]: volume for volume in pod_spec(job)["volumes"]}
+    # Shared and filled once by `dfk8s model pull --pvc` (issue 13): workers only read it.
     assert volumes["model-cache"] == {
         "name": "model-cache",
-        "persistentVolumeClaim": {"claimName": "hf-cache"},
+        "persistentVolumeClaim": {"claimName": "hf-cache", "readOnly": True},
     }
     validate(job)
 

@@ -101,3 +101,10 @@ imagePullSecrets:
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- end }}
+
+{{/*
+Name of the model cache PersistentVolumeClaim the chart creates (`modelCache.enabled`).
+*/}}
+{{- define "dfk8s.modelCache.claimName" -}}
+{{- default (printf "%s-model-cache" (include "dfk8s.fullname" .)) .Values.modelCache.name }}
+{{- end }}

@@ -1,0 +1,98 @@
+"""``lease.json``: the one live launcher of a run. A second launcher is refused while the lease is fresh."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from dfk8s import layout
+from dfk8s.errors import NotFound, RunBusy, StorageError
+
+log = logging.getLogger(__name__)
+
+#: Seconds between heartbeats of a live launcher.
+HEARTBEAT_SECONDS = 3.0
+#: A lease whose heartbeat is older than this is stale (its launcher died): it may be taken over.
+STALE_SECONDS = 15.0
+
+
+class RunLease:
+    """Hold ``lease.json`` of a run while launching it (a context manager); heartbeats in a thread.
+
+    Args:
+        storage: The run's storage.
+        stale_after: Seconds after which another launcher's silent lease no longer counts.
+        heartbeat: Seconds between heartbeats.
+        command: What holds the lease (``run``, ``retry``), shown to a refused launcher.
+    """
+
+    def __init__(self, storage, *, stale_after: float = STALE_SECONDS, heartbeat: float = HEARTBEAT_SECONDS,
+                 command: str = "run"):
+        self.storage = storage
+        self.stale_after = stale_after
+        self.heartbeat = heartbeat
+        self.command = command
+        self.owner = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.started_at = time.time()
+
+    def _body(self) -> dict:
+        return {"owner": self.owner, "command": self.command, "pid": os.getpid(),
+                "host": socket.gethostname(), "started_at": round(self.started_at, 3),
+                "heartbeat": round(time.time(), 3), "stale_after": self.stale_after}
+
+    def _current(self) -> dict | None:
+        try:
+            lease = self.storage.read_json(layout.LEASE_KEY)
+        except (NotFound, ValueError):
+            return None
+        return lease if isinstance(lease, dict) else None
+
+    def _refuse_if_live(self, lease: dict | None) -> None:
+        if not lease or lease.get("owner") == self.owner:
+            return
+        age = time.time() - float(lease.get("heartbeat", 0))
+        if age < float(lease.get("stale_after", self.stale_after)):
+            raise RunBusy(f"run {self.storage.url()} is already being launched by `dfk8s "
+                          f"{lease.get('command', 'run')}` (pid {lease.get('pid')} on {lease.get('host')}, "
+                          f"heartbeat {max(0.0, age):.0f}s ago); wait for it to end, or stop it first")
+
+    def acquire(self) -> RunLease:
+        """Take the lease, or raise :class:`RunBusy` while another launcher's lease is fresh."""
+        self._refuse_if_live(self._current())
+        self.storage.write_json(layout.LEASE_KEY, self._body())
+        time.sleep(0.2)  # two launchers that wrote at once: the later write wins, the other backs off
+        self._refuse_if_live(self._current())
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:
+                self.storage.write_json(layout.LEASE_KEY, self._body())
+            except StorageError as exc:  # a storage blip: the next beat tries again
+                log.debug("lease heartbeat failed: %s", exc)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lease if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            lease = self._current()
+            if lease is not None and lease.get("owner") == self.owner:
+                self.storage.delete(layout.LEASE_KEY)
+        except StorageError as exc:
+            log.warning("could not remove %s: %s", self.storage.url(layout.LEASE_KEY), exc)
+
+    def __enter__(self) -> RunLease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,216 @@
+"""The run lifecycle with real processes: long-lived workers, SIGTERM checkpoints, launchers own workers.
+
+Every test counts the requests the fake API received: a row is paid for once, whatever signal came.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dfk8s.runs import RunRequest, prepare_run
+
+pytestmark = pytest.mark.slow
+
+
+def _manifest(tmp_path: Path, n: int, name: str = "m.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"prompt {i}"}]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"DF_API_KEY": "test-key-not-secret", "DFK8S_GRACE_SECONDS": "20", **extra})
+    return env
+
+
+def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _ok(api) -> int:
+    return api.stats()["by_status"].get("200", 0)
+
+
+def _launch(tmp_path: Path, args: list[str], log_name: str = "launcher.log", **env) -> subprocess.Popen:
+    log = open(tmp_path / log_name, "wb")
+    return subprocess.Popen([sys.executable, "-m", "dfk8s", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=_env(**env), cwd=tmp_path)
+
+
+def _run_args(fake_api, manifest: Path, output: Path, run_id: str, *extra: str) -> list[str]:
+    return ["run", "-p", "vqa", "-i", str(manifest), "-o", str(output), "--run-id", run_id,
+            "--api-url", fake_api.url + "/v1", "--model", "fake-model", "--no-progress", *extra]
+
+
+def _results(output: Path, run_id: str) -> list[dict]:
+    return [json.loads(line) for line in (output / run_id / "result.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_mid_shard_checkpoints_what_finished_and_the_resume_pays_nothing_twice(tmp_path, fake_api):
+    fake_api.configure(latency=0.2)
+    manifest = _manifest(tmp_path, 400)
+    storage, _, _ = prepare_run(RunRequest(
+        pipeline="vqa", serving="openai-chat", input=str(manifest), output=str(tmp_path / "o"), run_id="term",
+        rows_per_shard=400, save_interval=100,
+        options={"api_url": fake_api.url + "/v1", "model": "fake-model", "max_concurrency": 16}))
+    worker = [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--index", "0"]
+    with open(tmp_path / "worker.log", "wb") as log:
+        process = subprocess.Popen(worker, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        _wait_for(lambda: _ok(fake_api) >= 150, what="150 answered requests")
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code not in (0, 42), "a stopped shard exits with a retryable code"
+    first = fake_api.stats()["requests_total"]
+    assert 150 <= first < 400
+    assert "checkpointed" in (tmp_path / "worker.log").read_text()
+    again = subprocess.run(worker, capture_output=True, text=True, env=_env())
+    assert again.returncode == 0, again.stderr
+    assert fake_api.stats()["requests_total"] == 400  # every row once: nothing finished was paid again
+    rows = [json.loads(line) for line in storage.open_lines("output/00000.jsonl")]
+    assert [r["conversations"][0]["content"] for r in rows] == [f"prompt {i}" for i in range(400)]
+    assert all(r["answer"] for r in rows)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_its_workers_gracefully_and_leaves_no_orphan(tmp_path, fake_api, sig):
+    fake_api.configure(latency=0.2)
+    manifest = _manifest(tmp_path, 400)
+    output = tmp_path / "o"
+    launcher = _launch(tmp_path, _run_args(fake_api, manifest, output, "sig", "--workers", "2",
+                                           "--rows-per-shard", "100", "--max-concurrency", "8"))
+    proc = psutil.Process(launcher.pid)
+    workers = _wait_for(lambda: len(proc.children()) >= 2 and proc.children(), what="two workers")
+    _wait_for(lambda: _ok(fake_api) >= 30, what="30 answered requests")
+    launcher.send_signal(sig)
+    assert launcher.wait(60) == 128 + sig
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"orphaned workers: {alive}"
+    log = (tmp_path / "launcher.log").read_text()
+    assert f"resume with --run-id sig: dfk8s run --run-id sig -o {output}" in log and "Traceback" not in log
+    first = fake_api.stats()["requests_total"]
+    resume = subprocess.run([sys.executable, "-m", "dfk8s", "run", "--run-id", "sig", "-o", str(output),
+                             "--no-progress"], capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert resume.returncode == 0, resume.stderr
+    assert first < 400 and fake_api.stats()["requests_total"] == 400
+    assert len(_results(output, "sig")) == 400
+
+
+def test_a_launcher_killed_outright_leaves_workers_that_stop_and_a_lease_that_goes_stale(tmp_path, fake_api):
+    fake_api.configure(latency=0.2)
+    manifest = _manifest(tmp_path, 400)
+    output = tmp_path / "o"
+    launcher = _launch(tmp_path, _run_args(fake_api, manifest, output, "kill", "--workers", "2",
+                                           "--rows-per-shard", "100", "--max-concurrency", "8"))
+    proc = psutil.Process(launcher.pid)
+    workers = _wait_for(lambda: len(proc.children()) >= 2 and proc.children(), what="two workers")
+    _wait_for(lambda: _ok(fake_api) >= 30, what="30 answered requests")
+    launcher.kill()
+    launcher.wait(10)
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers outlived their launcher: {alive}"
+    resume = [sys.executable, "-m", "dfk8s", "run", "--run-id", "kill", "-o", str(output), "--no-progress"]
+    # The dead launcher's lease is still fresh for a few seconds: a second launcher is refused meanwhile.
+    busy = subprocess.run(resume, capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert busy.returncode == 3 and "already being launched" in busy.stderr, busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1
+    first = fake_api.stats()["requests_total"]
+
+    def resumed():
+        result = subprocess.run(resume, capture_output=True, text=True, env=_env(), cwd=tmp_path)
+        return result if result.returncode != 3 else None
+
+    done = _wait_for(resumed, timeout=60, what="the stale lease to be taken over")
+    assert done.returncode == 0, done.stderr
+    assert first < 400 and fake_api.stats()["requests_total"] == 400
+    assert len(_results(output, "kill")) == 400
+
+
+def test_ctrl_c_then_resume_counts_time_worked_not_the_pause(tmp_path, fake_api):
+    fake_api.configure(latency=0.2)
+    manifest = _manifest(tmp_path, 200)
+    output = tmp_path / "o"
+    launcher = _launch(tmp_path, _run_args(fake_api, manifest, output, "wall", "--workers", "1",
+                                           "--max-concurrency", "4"))
+    _wait_for(lambda: _ok(fake_api) >= 10, what="10 answered requests")
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(60) == 130
+    time.sleep(8)  # the pause between the interrupt and the resume is not work
+    started = time.monotonic()
+    resume = subprocess.run([sys.executable, "-m", "dfk8s", "run", "--run-id", "wall", "-o", str(output),
+                             "--no-progress"], capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert resume.returncode == 0, resume.stderr
+    spec = json.loads((output / "wall" / "run.json").read_text())
+    summary = json.loads((output / "wall" / "summary.json").read_text())
+    first_session = spec["history"][0]["seconds"]
+    assert [h["action"] for h in spec["history"]] == ["run", "resume"]
+    assert summary["wall_seconds"] <= first_session + (time.monotonic() - started) + 0.5
+    assert summary["wall_seconds"] < time.time() - spec["created_at"] - 7
+
+
+def test_one_worker_loads_flux_once_for_four_shards(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("sentencepiece")
+    from dfk8s.testing.tiny_flux import build_tiny_flux
+
+    model = build_tiny_flux(tmp_path / "flux")
+    manifest = tmp_path / "t2i.jsonl"
+    manifest.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"a fox {i}"}]})
+                                + "\n" for i in range(8)))
+    run_id = f"flux-once-{os.getpid()}-{time.monotonic_ns()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "dfk8s", "run", "-p", "text2image", "--serving", "diffusers", "--model",
+         str(model), "--steps", "2", "--height", "64", "--width", "64", "--dtype", "float32", "-i",
+         str(manifest), "-o", str(tmp_path / "o"), "--run-id", run_id, "--shards", "4", "--workers", "1",
+         "--no-progress"], capture_output=True, text=True, env=_env(HF_HUB_OFFLINE="1"), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "8 rows: 8 ok, 0 failed" in result.stderr
+    logs = "".join(p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
+    assert logs.count("shard ") and logs.count("done:") == 4
+    assert logs.count("loaded FluxPipeline") == 1, logs
+
+
+def test_requests_that_outlast_the_grace_period_are_cancelled_and_stay_pending(tmp_path, fake_api):
+    fake_api.configure(latency=60)
+    storage, _, _ = prepare_run(RunRequest(
+        pipeline="vqa", serving="openai-chat", input=str(_manifest(tmp_path, 20)), output=str(tmp_path / "o"),
+        run_id="grace",
+        options={"api_url": fake_api.url + "/v1", "model": "fake-model", "max_concurrency": 4}))
+    worker = [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--index", "0"]
+    process = subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=_env(DFK8S_GRACE_SECONDS="1"))
+    try:
+        _wait_for(lambda: fake_api.stats()["inflight"] >= 4, what="four requests in flight")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 143 and time.monotonic() - started < 20  # the grace (1 s) is kept, not the 60 s latency
+    assert "did not finish within the grace period" in process.stderr.read()
+    assert not list(storage.list("output"))
+    fake_api.configure(latency=0.0)
+    again = subprocess.run(worker, capture_output=True, text=True, env=_env())
+    assert again.returncode == 0, again.stderr
+    rows = [json.loads(line) for line in storage.open_lines("output/00000.jsonl")]
+    assert len(rows) == 20 and all(r["answer"] for r in rows)
+    assert fake_api.stats()["requests_total"] == 4 + 20  # the four cut off are sent again, nothing else
