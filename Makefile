@@ -7,7 +7,8 @@ PYTEST_ARGS ?=
 # torch first, from the exact version whose CPU wheel is available offline; any other request pulls CUDA.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint bench images test-images kind-up kind-down kind-test clean help
+.PHONY: install test lint bench images test-images kind-up kind-down kind-test clean help \
+	cluster-build cluster-up cluster-down test-cluster
 
 help:  ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,6 +24,29 @@ install: $(PY)  ## Create .venv with dfk8s and every extra (torch CPU first), an
 
 test:  ## Run the test suite.
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# ---- The local control plane (hack/cluster, tests/cluster) ----------------------------------------
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and helm built from their Go
+# modules into ~/.cache/dfk8s/cluster (DFK8S_CLUSTER_CACHE), one folder per version: minutes once, then
+# seconds. KUBE_VERSION=1.33 picks the version of cluster-up (default: the newest pinned).
+KUBE_VERSIONS := $(shell cat hack/cluster/kube-*/VERSION)
+CLUSTER_DIR ?= .cluster
+
+cluster-build:  ## Build the control plane, kubectl and helm from their Go modules (cached by version).
+	hack/cluster/build.sh
+
+cluster-up: cluster-build  ## Start etcd, the control plane and a node agent on loopback, in the background (.cluster/env).
+	$(PY) -m tests.cluster.controlplane up --dir $(CLUSTER_DIR) $(if $(KUBE_VERSION),--version $(KUBE_VERSION))
+
+cluster-down:  ## Stop what cluster-up started.
+	$(PY) -m tests.cluster.controlplane down --dir $(CLUSTER_DIR)
+
+test-cluster: cluster-build  ## The cluster tests (tests/cluster), once per pinned Kubernetes version.
+	@for v in $(KUBE_VERSIONS); do \
+	  echo "--> tests/cluster against Kubernetes $$v"; \
+	  DFK8S_CLUSTER_TESTS=1 DFK8S_KUBE_VERSION=$$v $(PY) -m pytest -q -p no:xdist -p no:cacheprovider \
+	    --durations=5 tests/cluster $(PYTEST_ARGS) || exit 1; \
+	done
 
 lint:  ## ruff over the package, tests and benchmarks.
 	$(BIN)/ruff check dfk8s tests bench

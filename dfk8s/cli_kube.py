@@ -407,6 +407,8 @@ def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json)
         )
         if job and job.finished == "Failed" and job.message:
             click.echo(f"    {job.reason}: {job.message}")
+    for problem in state.problems:
+        click.echo(f"  problem: {problem}")
     if state.storage_error:
         click.echo(f"  storage: cannot read {state.run_uri}: {state.storage_error}")
     elif state.progress is not None:

@@ -486,5 +486,5 @@ def test_should_fail_the_shard_at_once_when_the_cache_lacks_the_model(hub, tmp_p
         len(warnings) == 1
         and "HF_HUB_OFFLINE is set and tiny-org/not-pulled is not in the cache" in warnings[0]
     )
-    assert "cannot succeed (exit 42)" in run.stderr
+    assert "shard 0 cannot succeed" in run.stderr and "dfk8s model pull" in run.stderr
     assert len(hub.requests) == requests_before

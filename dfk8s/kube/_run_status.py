@@ -21,7 +21,9 @@ def run_state(map_job: JobState | None, reduce_job: JobState | None) -> str:
     """One word for a run from its Jobs: queued, running, reducing, complete, partial, failed, ..."""
     if map_job is None and reduce_job is None:
         return "gone"
-    if (map_job and map_job.deleting) or (reduce_job and reduce_job.deleting):
+    # A finished Job being deleted is the TTL controller expiring it (foreground deletion), not a
+    # cancel: the run keeps the state its finished Jobs give it.
+    if any(job is not None and job.deleting and not job.finished for job in (map_job, reduce_job)):
         return "cancelling"
     if reduce_job is not None and reduce_job.finished == "Failed":
         return "failed"
@@ -51,6 +53,7 @@ class RunStatus:
     shards_done: list[int] = field(default_factory=list)
     summary: dict | None = None
     storage_error: str | None = None
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Return a JSON-able form (``dfk8s status --json``)."""
@@ -114,6 +117,7 @@ def run_status(
         reduce_job=job_state(to_dict(clients.api, reduce_raw)) if reduce_raw else None,
     )
     status.state = run_state(status.map_job, status.reduce_job)
+    status.problems = _pod_creation_problems(clients, namespace, status)
     any_job = to_dict(clients.api, map_raw or reduce_raw) if (map_raw or reduce_raw) else {}
     status.pipeline = (any_job.get("metadata", {}).get("labels") or {}).get("dfk8s.io/pipeline")
     if reader is not None:
@@ -144,7 +148,8 @@ def run_status(
             status.summary = storage.read_json(layout.SUMMARY_KEY)
         except NotFound:
             pass
-        if status.state == "gone" and status.summary:  # the Jobs expired (TTL) or were deleted after the end
+        # The Jobs (or the reduce Job) expired (TTL) or were deleted after the end: the summary says.
+        if status.summary and (status.state == "gone" or (status.state == "reducing" and not reduce_raw)):
             status.state = "complete" if status.summary.get("complete") else "partial"
     except (StorageError, SpecError) as exc:
         if not any_job:
@@ -153,6 +158,22 @@ def run_status(
     except Exception as exc:  # storage unreachable from here (e.g. an in-cluster endpoint): still report Jobs
         status.storage_error = f"{type(exc).__name__}: {exc}"
     return status
+
+
+def _pod_creation_problems(clients, namespace: str, status: RunStatus) -> list[str]:
+    """Why running Jobs have no pods: the Job controller's FailedCreate events.
+
+    A missing ServiceAccount, a quota or Pod Security refuse the pods; the Job's status never says so.
+    """
+    from dfk8s.kube.client import job_events
+
+    problems = []
+    for label, job in (("map", status.map_job), ("reduce", status.reduce_job)):
+        if job is None or job.finished or job.active or job.suspended or job.deleting:
+            continue
+        for message in job_events(clients, namespace, job.name, reason="FailedCreate")[-1:]:
+            problems.append(f"{label} job {job.name} cannot create its pods: {message}")
+    return problems
 
 
 def cancel_run(clients, namespace: str, run_id: str) -> tuple[list[str], list[str], str | None]:
@@ -260,6 +281,8 @@ def follow_run(
                         rate=f"{rate:,.1f}",
                     )
                 line = _jobs_line(status)
+                if status.problems:
+                    line += "; " + "; ".join(status.problems)
                 if line != last_line:
                     echo(line)
                     last_line = line

@@ -264,7 +264,10 @@ def submit(
     )
     run_uri = run_storage(request.output, request.run_id, request.endpoint_url).url()
     # Everything the Jobs need is checked before a single shard is written.
-    kube_run_config(request, options, profile, run_id=request.run_id, run_uri=run_uri, shards=1)
+    kube_run_config(
+        request, options, profile, run_id=request.run_id, run_uri=run_uri, shards=request.shards or 1
+    )
+    warnings += check_cluster(clients, options)
     storage, spec, resumed = prepare_run(request, stage_images=True, on_row=on_row, executor="kubernetes")
     if not spec.shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
@@ -291,6 +294,35 @@ def _model_cache_warnings(warnings: list[str], config: KubeRunConfig, options: d
     from dfk8s.model_jobs import merge_warnings, model_cache_warnings
 
     return merge_warnings(warnings, model_cache_warnings(config, options.get("model")), config)
+
+
+def check_cluster(clients, options: ClusterOptions) -> list[str]:
+    """Refuse what the cluster would leave stuck; return warnings about the cluster itself.
+
+    Raises:
+        SpecError: The reduce Job's ServiceAccount does not exist: its pods could never be created,
+            and the run would show "reducing" forever.
+
+    """
+    from dfk8s.kube.client import server_version, service_account_exists
+    from dfk8s.kube.versions import SUPPORTED_KUBERNETES, is_supported
+
+    warnings = []
+    version = server_version(clients)
+    if version and not is_supported(version):
+        oldest, newest = SUPPORTED_KUBERNETES
+        warnings.append(
+            f"the cluster runs Kubernetes {version}, outside the range dfk8s supports ({oldest} to {newest})"
+        )
+    account = options.service_account
+    if account and service_account_exists(clients, options.namespace, account) is False:
+        raise SpecError(
+            f"ServiceAccount {account} not found in namespace {options.namespace}: the reduce Job's pods "
+            f"could never be created. Install the chart there (helm install dfk8s charts/dfk8s -n "
+            f"{options.namespace}; its reducer account is <release>-dfk8s-reducer) or pass the "
+            "--service-account of an account that exists"
+        )
+    return warnings
 
 
 def create_jobs(clients, config: KubeRunConfig) -> list[str]:

@@ -25,10 +25,13 @@ __all__ = [
     "default_namespace",
     "delete_run",
     "find_run_jobs",
+    "job_events",
     "kube_error",
     "list_dfk8s_jobs",
     "read_pod_log",
     "run_pods",
+    "server_version",
+    "service_account_exists",
     "to_dict",
 ]
 
@@ -244,6 +247,57 @@ def find_run_jobs(clients: KubeClients, namespace: str, run_id: str) -> dict[str
             namespace, label_selector=f"{APP_SELECTOR},{RUN_LABEL}={run_id}", _request_timeout=REQUEST_TIMEOUT
         )
     return {(job.metadata.labels or {}).get(COMPONENT_LABEL, job.metadata.name): job for job in listed.items}
+
+
+def job_events(
+    clients: KubeClients, namespace: str, job_name: str, *, reason: str | None = None
+) -> list[str]:
+    """Return the messages of a Job's events (oldest first); [] when events may not be read (403)."""
+    from kubernetes.client.exceptions import ApiException
+
+    selector = f"involvedObject.kind=Job,involvedObject.name={job_name}"
+    if reason:
+        selector += f",reason={reason}"
+    try:
+        listed = clients.core.list_namespaced_event(
+            namespace, field_selector=selector, _request_timeout=REQUEST_TIMEOUT
+        )
+    except ApiException as exc:
+        if exc.status in (401, 403, 404):
+            log.debug("cannot read the events of job %s: %s", job_name, exc.status)
+            return []
+        raise kube_error(exc, f"reading the events of job {job_name}") from None
+    events = sorted(
+        listed.items,
+        key=lambda e: str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or ""),
+    )
+    return [e.message or e.reason or "" for e in events]
+
+
+def service_account_exists(clients: KubeClients, namespace: str, name: str) -> bool | None:
+    """Tell whether a ServiceAccount exists; None when these credentials may not look (403)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        clients.core.read_namespaced_service_account(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        if exc.status in (401, 403):
+            return None
+        raise kube_error(exc, f"reading ServiceAccount {name}") from None
+
+
+def server_version(clients: KubeClients) -> str | None:
+    """The cluster's git version (``v1.33.13``); None when it cannot be read."""
+    from kubernetes import client
+
+    try:
+        return client.VersionApi(clients.api).get_code(_request_timeout=REQUEST_TIMEOUT).git_version
+    except Exception as exc:  # a version we cannot read is no reason to refuse a submit
+        log.debug("cannot read the server version: %s", exc)
+        return None
 
 
 def list_dfk8s_jobs(clients: KubeClients, namespace: str) -> list[dict]:

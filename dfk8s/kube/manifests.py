@@ -22,6 +22,7 @@ __all__ = [
     "build_reduce_job",
     "build_run_objects",
     "map_job_name",
+    "max_run_id_length",
     "reduce_job_name",
     "run_labels",
     "to_yaml",
@@ -371,11 +372,29 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
+def max_run_id_length(shards: int) -> int:
+    """The longest run id whose Jobs and pods Kubernetes accepts for a run of ``shards`` shards.
+
+    Job names go into a 63-character label, and each pod of an Indexed Job gets the hostname
+    ``<job name>-<index>``, a DNS label of at most 63 characters: the API server refuses a Job whose
+    last index would not fit ("will not able to create pod with invalid DNS label").
+    """
+    hostname_room = 63 - len(map_job_name("")) - len("-") - len(str(max(shards - 1, 0)))
+    return min(_MAX_RUN_ID, hostname_room)
+
+
 def _validate(cfg: KubeRunConfig) -> None:
     if not _DNS_LABEL_RE.match(cfg.run_id) or len(cfg.run_id) > _MAX_RUN_ID:
         raise SpecError(
             f"run id {cfg.run_id!r} cannot name a Kubernetes Job: use at most {_MAX_RUN_ID} lowercase "
             "letters, digits and '-', starting and ending with a letter or digit"
+        )
+    if 1 <= cfg.shards <= _MAX_SHARDS and len(cfg.run_id) > max_run_id_length(cfg.shards):
+        longest = max_run_id_length(cfg.shards)
+        raise SpecError(
+            f"run id {cfg.run_id!r} ({len(cfg.run_id)} characters) is too long for {cfg.shards} shards: "
+            f"the pod hostnames {map_job_name(cfg.run_id)}-<index> must fit in 63 characters; use a run id "
+            f"of at most {longest} characters (or fewer shards)"
         )
     if (cfg.pipeline, cfg.serving) != (cfg.profile.pipeline, cfg.profile.serving):
         raise SpecError(

@@ -1,9 +1,10 @@
 """The range of Kubernetes versions dfk8s supports, pinned in one constant.
 
-The oldest is the first release where Indexed Jobs have everything the map Job uses on by default
-(``backoffLimitPerIndex``, ``maxFailedIndexes``, the ``FailIndex`` pod-failure action: beta in 1.29);
-the newest is the newest release kubernetes-validate ships schemas for, so every object dfk8s builds
-is checked against both ends in the tests.
+The oldest is 1.33, the release where ``backoffLimitPerIndex`` (with ``maxFailedIndexes`` and the
+``FailIndex`` pod-failure action), which the map Job relies on, became GA; older minors are out of
+upstream support. The newest is the newest release the Go module proxy serves and kubernetes-validate
+ships schemas for. Every object dfk8s builds is validated against both ends, and the cluster tests
+(``make test-cluster``) run against a real control plane of each.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 __all__ = ["SUPPORTED_KUBERNETES", "is_supported", "parse_minor", "validator_versions"]
 
 #: (oldest, newest) supported Kubernetes minor versions, inclusive.
-SUPPORTED_KUBERNETES: tuple[str, str] = ("1.29", "1.37")
+SUPPORTED_KUBERNETES: tuple[str, str] = ("1.33", "1.37")
 
 _VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)")
 

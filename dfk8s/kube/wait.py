@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 
 from dfk8s.errors import EXIT_DO_NOT_RETRY, KubernetesError
 
-__all__ = ["JobDeleted", "JobState", "format_indexes", "job_state", "parse_indexes", "wait_for_job_end"]
+__all__ = [
+    "JobDeleted",
+    "JobState",
+    "WaitNotAllowed",
+    "format_indexes",
+    "job_state",
+    "parse_indexes",
+    "wait_for_job_end",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,21 @@ class JobDeleted(KubernetesError):
     """The Job waited for was deleted (the run was cancelled); nothing is reduced."""
 
     exit_code = EXIT_DO_NOT_RETRY
+
+
+class WaitNotAllowed(KubernetesError):
+    """The credentials may not read the Job (401/403): a retried pod would be refused just the same."""
+
+    exit_code = EXIT_DO_NOT_RETRY
+
+
+def _retry_after(exc, default: float) -> float:
+    """Seconds a 429 asks to wait (its ``Retry-After`` header), else ``default``; at most 60."""
+    try:
+        value = float((exc.headers or {}).get("Retry-After"))
+    except (TypeError, ValueError):
+        return default
+    return min(60.0, max(0.0, value))
 
 
 def parse_indexes(text: str | None) -> list[int]:
@@ -59,7 +82,11 @@ def parse_indexes(text: str | None) -> list[int]:
 
 
 def format_indexes(indexes) -> str:
-    """Write indexes the way the Job controller does: ``[1, 3, 4, 5]`` -> ``"1,3-5"``."""
+    """Write indexes the way the Job controller does: ``[1, 3, 4, 5, 7, 8]`` -> ``"1,3-5,7,8"``.
+
+    Two neighbours are written ``7,8``, three or more as a range (``orderedIntervals.String`` of the
+    Job controller).
+    """
     ordered = sorted(set(indexes))
     runs: list[str] = []
     i = 0
@@ -67,7 +94,10 @@ def format_indexes(indexes) -> str:
         j = i
         while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
             j += 1
-        runs.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        if i == j:
+            runs.append(str(ordered[i]))
+        else:
+            runs.append(f"{ordered[i]}{',' if j == i + 1 else '-'}{ordered[j]}")
         i = j + 1
     return ",".join(runs)
 
@@ -236,7 +266,20 @@ def wait_for_job_end(
             if exc.status == 410:  # the resourceVersion is too old: list again
                 log.info("watch of job %s expired; listing again", name)
                 continue
-            if exc.status in (401, 403, 404) or exc.status is None or exc.status < 500:
+            if exc.status == 429:  # API priority and fairness (or a busy server): come back later
+                pause = _retry_after(exc, backoff)
+                log.warning("the API is busy (429) while watching job %s; retrying in %.0fs", name, pause)
+                sleep(pause)
+                backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+                continue
+            if exc.status in (401, 403):
+                error = kube_error(exc, f"watching job {name}")
+                raise WaitNotAllowed(
+                    f"{error} (watching job {name} in namespace {namespace} needs get/list/watch on jobs: "
+                    "run the reduce Job as the Helm chart's reducer ServiceAccount, --service-account "
+                    "<release>-dfk8s-reducer); not retrying"
+                ) from None
+            if exc.status in (404,) or exc.status is None or exc.status < 500:
                 raise kube_error(exc, f"watching job {name}") from None
             log.warning(
                 "the API answered %s while watching job %s; retrying in %.0fs", exc.status, name, backoff

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,15 @@ from dfk8s.errors import KubernetesError, SpecError
 from dfk8s.kube import launcher
 from dfk8s.kube.client import connect, default_namespace
 from dfk8s.kube.launcher import ClusterOptions
-from dfk8s.kube.wait import JobDeleted, JobState, format_indexes, job_state, parse_indexes, wait_for_job_end
+from dfk8s.kube.wait import (
+    JobDeleted,
+    JobState,
+    WaitNotAllowed,
+    format_indexes,
+    job_state,
+    parse_indexes,
+    wait_for_job_end,
+)
 from dfk8s.profiles import load_profile
 from dfk8s.runs import RunRequest, prepare_run
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
@@ -36,6 +45,15 @@ def _repo_profiles(monkeypatch):
 def test_index_lists_parse_and_format_like_the_job_controller(text, indexes):
     assert parse_indexes(text) == indexes
     assert parse_indexes(format_indexes(indexes)) == indexes
+
+
+@pytest.mark.parametrize(
+    ("indexes", "text"),
+    [([], ""), ([0], "0"), ([0, 1], "0,1"), ([0, 2, 3], "0,2,3"), ([1, 3, 4, 5, 7, 8], "1,3-5,7,8")],
+)
+def test_index_lists_are_written_as_the_job_controller_writes_them(indexes, text):
+    # What kube-controller-manager put in status.completedIndexes of a real Job: "0,2,3", not "0,2-3".
+    assert format_indexes(indexes) == text
 
 
 @pytest.mark.parametrize("bad", ["a", "1-", "-1", "5-3", "1,,x", "1;2"])
@@ -237,3 +255,47 @@ def test_files_only_this_machine_has_are_refused(tmp_path):
     )
     with pytest.raises(SpecError, match="pods cannot read it"):
         launcher.dry_run(request, ClusterOptions(namespace="ns", api_key_secret=("a", "b")))
+
+
+def api_exception(status, headers=None):
+    from kubernetes.client.exceptions import ApiException
+
+    exc = ApiException(status=status, reason="x")
+    exc.headers = headers or {}
+    exc.body = json.dumps({"kind": "Status", "message": f"status {status}"})
+    return exc
+
+
+def test_wait_retries_a_429_after_its_retry_after():
+    """API priority and fairness answers 429 with Retry-After: the reducer waits, it does not fail."""
+    done = job([{"type": "Complete", "status": "True"}], completedIndexes="0-3")
+    batch = FlakyBatch([api_exception(429, {"Retry-After": "7"}), [done]])
+    pauses = []
+    state = wait_for_job_end(batch, "ns", "j", sleep=pauses.append, watch_seconds=1)
+    assert state.finished == "Complete" and pauses == [7.0]
+
+
+def test_wait_without_rbac_fails_once_with_exit_42():
+    """A 403 cannot heal by retrying the pod: exit 42 (FailJob) and say which permission is missing."""
+    with pytest.raises(WaitNotAllowed) as info:
+        wait_for_job_end(FlakyBatch([api_exception(403)]), "ns", "j", sleep=lambda s: None)
+    assert info.value.exit_code == 42
+    assert "get/list/watch on jobs" in str(info.value) and "--service-account" in str(info.value)
+
+
+def test_a_finished_run_expired_by_its_ttl_is_not_cancelling():
+    """The TTL controller deletes finished Jobs with foreground propagation: they show deleting."""
+    done = JobState("m", finished="Complete", deleting=True)
+    reduced = JobState("r", finished="Complete", deleting=True)
+    assert launcher.run_state(done, reduced) == "complete"
+    assert launcher.run_state(JobState("m", finished="Failed", deleting=True), reduced) == "partial"
+    assert launcher.run_state(JobState("m", deleting=True), JobState("r")) == "cancelling"
+    assert launcher.run_state(done, JobState("r", deleting=True)) == "cancelling"
+
+
+@pytest.mark.parametrize(("shards", "longest"), [(1, 50), (100, 50), (101, 49), (1001, 48), (100_000, 47)])
+def test_run_ids_leave_room_for_the_pod_hostnames(shards, longest):
+    from dfk8s.kube.manifests import max_run_id_length
+
+    assert max_run_id_length(shards) == longest
+    assert len(f"dfk8s-{'r' * longest}-map-{shards - 1}") <= 63

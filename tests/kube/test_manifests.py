@@ -113,9 +113,11 @@ def test_should_validate_against_shipped_schemas_when_the_range_is_pinned():
 @pytest.mark.parametrize(
     ("version", "supported"),
     [
-        ("v1.29.0", True),
+        ("v1.33.0", True),
+        ("v1.32.9", False),
+        ("v1.29.0", False),
         ("1.37", True),
-        ("v1.31.4-eks-1234", True),
+        ("v1.35.4-eks-1234", True),
         ("v1.28.9", False),
         ("v1.38.0", False),
         ("v2.0.0", False),

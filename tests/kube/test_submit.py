@@ -1,28 +1,20 @@
-"""`dfk8s submit / status / logs / list / cancel` and `reduce --wait-job`.
+"""`dfk8s submit --dry-run`: the Jobs it prints (checked with kubernetes-validate) and the plan.
 
-Dry runs are checked with kubernetes-validate; real submits go through the official `kubernetes`
-client to the fake API server (dfk8s.testing.fake_kube), which runs the pods as local processes
-against SeaweedFS and the fake OpenAI server.
+Real submits, status, logs, list, cancel and the reduce Job run against a real control plane in
+tests/cluster (make test-cluster).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from dfk8s import layout
 from dfk8s.cli import cli
-from dfk8s.errors import KubernetesError, SpecError
+from dfk8s.errors import SpecError
 from dfk8s.kube import SUPPORTED_KUBERNETES
-from dfk8s.storage import open_storage
-from dfk8s.testing.fake_kube import FakeKube
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -54,18 +46,6 @@ def sentinels(monkeypatch):
     for name, value in SENTINELS.items():
         monkeypatch.setenv(name, value)
     return SENTINELS
-
-
-@pytest.fixture
-def cluster(tmp_path, monkeypatch, s3_env, fake_api):
-    """The fake API server running pods, its kubeconfig in $KUBECONFIG, and the run's Secrets."""
-    with FakeKube(run_pods=True, watch_timeout=1.0) as fake:
-        monkeypatch.setenv("KUBECONFIG", fake.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS))
-        fake.create_secret(NS, "api", {"DF_API_KEY": "test-key-not-secret"})
-        fake.create_secret(
-            NS, "s3", {"AWS_ACCESS_KEY_ID": s3_env.access_key, "AWS_SECRET_ACCESS_KEY": s3_env.secret_key}
-        )
-        yield fake
 
 
 def invoke(*args):
@@ -291,204 +271,3 @@ def test_submit_needs_s3_output_and_secret_references_not_values(tmp_path):
         "--dry-run",
     )
     assert isinstance(result.exception, SpecError) and "sk-live-1234" not in str(result.exception)
-
-
-# ----- through the cluster API ------------------------------------------------------------------
-
-
-def test_submit_wait_status_logs_list_cancel(cluster, s3_bucket, fake_api, api_key, tmp_path):
-    output = f"s3://{s3_bucket}/runs"
-    result = invoke(
-        *caption_args(
-            output,
-            "--run-id",
-            "e2e1",
-            "--shards",
-            "2",
-            "--parallelism",
-            "2",
-            "--api-url",
-            fake_api.url + "/v1",
-            "--model",
-            "gpt-5-nano",
-            "--max-concurrency",
-            "4",
-            "--wait",
-            "--poll-seconds",
-            "0.2",
-        )
-    )
-    assert result.exit_code == 0, result.output + "".join(
-        cluster.pod_log(NS, p["metadata"]["name"]) for p in cluster.list("pods", NS)
-    )
-    assert result.stdout.splitlines()[0] == "e2e1"
-    assert "created jobs dfk8s-e2e1-map, dfk8s-e2e1-reduce in namespace batch" in result.stderr
-    assert "dfk8s status e2e1 -n batch" in result.stderr and "8 rows: 4 ok, 4 failed" in result.stderr
-    storage = open_storage(output).child("e2e1")
-    rows = [json.loads(line) for line in storage.open_lines(layout.RESULT_KEY)]
-    assert [r["conversation"] for r in rows] == [
-        r["conversation"] for r in json.loads(VQA_MANIFEST.read_text())
-    ]
-    assert sum("caption" in r for r in rows) == 4
-    assert any(key.startswith("staged/") for key in storage.list("staged"))  # local images went to S3
-
-    status = invoke("status", "e2e1")
-    assert status.exit_code == 0, status.output
-    assert "in namespace batch: complete" in status.stdout and "2/2 indexes completed (0-1)" in status.stdout
-    assert "8/8 rows (4 ok, 4 failed); 2/2 shards done" in status.stdout
-    assert f"result: {output}/e2e1/result.jsonl" in status.stdout
-    as_json = json.loads(invoke("status", "e2e1", "--json").stdout)
-    assert as_json["state"] == "complete" and as_json["map_job"]["completed"] == [0, 1]
-
-    logs = invoke("logs", "e2e1", "--index", "1")
-    assert logs.exit_code == 0 and "shard 1: 2 ok, 2 failed" in logs.stdout
-    assert "job dfk8s-e2e1-map: Complete" in invoke("logs", "e2e1", "--reducer").stdout
-    assert invoke("logs", "e2e1").stdout.count("==> dfk8s-e2e1-map-") == 2
-    followed = invoke("logs", "e2e1", "--index", "0", "--follow", "--tail", "1")
-    assert followed.exit_code == 0 and followed.stdout == "shard 0: 2 ok, 2 failed\n"
-    assert "--follow streams one pod" in invoke("logs", "e2e1", "--follow").output
-    listing = invoke("list").stdout.splitlines()
-    assert listing[0].split() == ["RUN", "PIPELINE", "STATE", "SHARDS", "FAILED", "CREATED"]
-    assert listing[1].split()[:5] == ["e2e1", "caption", "complete", "2/2", "-"]
-
-    everything = (
-        result.output
-        + status.output
-        + logs.output
-        + json.dumps(cluster.list("jobs", NS))
-        + storage.read_bytes(layout.RUN_SPEC_KEY).decode()
-    )
-    assert (
-        api_key not in everything
-        and cluster.list("jobs", NS)[0]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-    )
-
-    again = invoke(*caption_args(output, "--run-id", "e2e1"))
-    assert isinstance(again.exception, KubernetesError) and "already exists" in str(again.exception)
-    cancelled = invoke("cancel", "e2e1")
-    assert cancelled.exit_code == 0 and "deleted jobs dfk8s-e2e1-map, dfk8s-e2e1-reduce" in cancelled.stderr
-    assert f"its data stays at {output}/e2e1" in cancelled.stderr
-    assert cluster.list("jobs", NS) == [] and cluster.list("pods", NS) == []
-    assert storage.exists(layout.RESULT_KEY) and storage.exists(layout.SUMMARY_KEY)
-    gone = invoke("status", "e2e1")
-    assert isinstance(gone.exception, KubernetesError) and "run not found" in str(gone.exception)
-    from_storage = invoke("status", "e2e1", "--output", output).stdout  # the run's data still knows it
-    assert "in namespace batch: complete" in from_storage and "map job: none" in from_storage
-
-
-def test_failed_index_and_evicted_pod_are_reduced_and_reported(cluster, s3_bucket, fake_api, api_key):
-    output = f"s3://{s3_bucket}/runs"
-    cluster.inject(NS, "dfk8s-fail1-map", 1, 42)  # FailIndex: the shard is failed, not retried
-    cluster.inject(NS, "dfk8s-fail1-map", 2, "evict")  # DisruptionTarget: retried, not counted
-    result = invoke(
-        *caption_args(
-            output,
-            "--run-id",
-            "fail1",
-            "--shards",
-            "4",
-            "--parallelism",
-            "2",
-            "--api-url",
-            fake_api.url + "/v1",
-            "--wait",
-            "--poll-seconds",
-            "0.2",
-        )
-    )
-    assert result.exit_code == 1, result.output
-    assert "not processed (shards [1])" in result.stderr and "did not complete: partial" in result.stderr
-    summary = open_storage(output).child("fail1").read_json(layout.SUMMARY_KEY)
-    assert (
-        summary["failed_shards"] == [1] and summary["finished_shards"] == 3 and summary["not_processed"] == 2
-    )
-    errors = [json.loads(line) for line in open_storage(output).child("fail1").open_lines(layout.ERRORS_KEY)]
-    assert any("shard 1: its shard failed" in e["error"]["message"] for e in errors)
-    job = cluster.get("jobs", NS, "dfk8s-fail1-map")["status"]
-    assert job["completedIndexes"] == "0,2-3" and job["failedIndexes"] == "1" and job["failed"] == 1
-    index2 = cluster.list("pods", NS, "batch.kubernetes.io/job-completion-index=2")
-    assert sorted(p["status"]["phase"] for p in index2) == ["Failed", "Succeeded"]
-    status = invoke("status", "fail1").stdout
-    assert "partial" in status and "failed indexes 1" in status and "failed shards: 1" in status
-    # Cancel, fix the cause, submit the same run id: only shard 1 is processed again.
-    assert invoke("cancel", "fail1").exit_code == 0
-    requests_before = len(fake_api.requests())
-    resumed = invoke(
-        *caption_args(output, "--run-id", "fail1", "--parallelism", "2", "--wait", "--poll-seconds", "0.2")
-    )
-    assert resumed.exit_code == 0, resumed.output
-    assert "run fail1: resumed 8 rows in 4 shards" in resumed.stderr
-    assert len(fake_api.requests()) - requests_before == 1  # shard 1 holds one good row
-    summary = open_storage(output).child("fail1").read_json(layout.SUMMARY_KEY)
-    assert summary["complete"] and summary["failed_shards"] == [] and summary["ok"] == 4
-
-
-def test_map_job_failed_with_some_indexes_done_is_still_reduced(
-    tmp_path, monkeypatch, s3_env, s3_bucket, fake_api, api_key
-):
-    """The Job ends Failed (deadline) after one shard; the reducer (waiting through watch timeouts and
-    a compacted history) assembles what exists and names the rest."""
-    from dfk8s.worker import process_shard
-
-    with FakeKube(watch_timeout=0.3) as fake:
-        monkeypatch.setenv("KUBECONFIG", fake.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS))
-        output = f"s3://{s3_bucket}/runs"
-        result = invoke(
-            *caption_args(output, "--run-id", "dl1", "--shards", "3", "--api-url", fake_api.url + "/v1")
-        )
-        assert result.exit_code == 0, result.output
-        storage = open_storage(output).child("dl1")
-        # The reducer runs as its pod would: its own process, the cluster through $KUBECONFIG.
-        reducer = subprocess.Popen(
-            [sys.executable, "-m", "dfk8s", "reduce", storage.url(), "--wait-job", "dfk8s-dl1-map", "-n", NS],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        process_shard(storage, 0)
-        fake.finish_pod(NS, "dfk8s-dl1-map", 0, 0)
-        fake.start_pod(NS, "dfk8s-dl1-map", 1)
-        fake.wait_for(lambda: any("watch=" in path for _, path in fake.requests), what="the reducer's watch")
-        fake.compact()
-        time.sleep(0.5)  # the reducer's watch times out and meets the compacted history
-        fake.end_job(NS, "dfk8s-dl1-map")
-        out, err = reducer.communicate(timeout=60)
-        assert reducer.returncode == 0, out + err
-        assert (
-            "job dfk8s-dl1-map: Failed (DeadlineExceeded); failed shards" not in err
-        )  # none failed by index
-        assert "job dfk8s-dl1-map: Failed (DeadlineExceeded)" in err
-        assert sum(1 for _, path in fake.requests if "watch=" in path) >= 2, "the reducer did not watch again"
-        summary = storage.read_json(layout.SUMMARY_KEY)
-        assert summary["finished_shards"] == 1 and summary["failed_shards"] == [1, 2]
-        assert len(list(storage.open_lines(layout.RESULT_KEY))) == 8
-        status = invoke("status", "dl1").stdout
-        assert "map job: dfk8s-dl1-map: Failed (DeadlineExceeded), 1/3 indexes completed (0)" in status
-        assert "failed shards: 1-2" in status
-
-
-def test_reduce_stops_when_the_map_job_is_deleted(tmp_path, monkeypatch, s3_env, s3_bucket):
-    with FakeKube(watch_timeout=5) as fake:
-        monkeypatch.setenv("KUBECONFIG", fake.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS))
-        output = f"s3://{s3_bucket}/runs"
-        assert invoke(*caption_args(output, "--run-id", "del1")).exit_code == 0
-        # (CliRunner swaps sys.stdout: a second invoke on another thread would mix them up.)
-        threading.Timer(0.5, lambda: fake.api_delete_job(NS, "dfk8s-del1-map", "Background")).start()
-        result = invoke("reduce", f"{output}/del1", "--wait-job", "dfk8s-del1-map")
-        assert result.exception is not None and result.exception.exit_code == 42
-        assert "deleted" in str(result.exception)
-        assert not open_storage(output).child("del1").exists(layout.SUMMARY_KEY)
-
-
-def test_cluster_errors_are_one_line(tmp_path, monkeypatch, s3_env, s3_bucket):
-    with FakeKube() as fake:
-        monkeypatch.setenv("KUBECONFIG", fake.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS))
-        fake.forbid("create", "jobs")
-        result = invoke(*caption_args(f"s3://{s3_bucket}/runs", "--run-id", "no1"))
-        assert isinstance(result.exception, KubernetesError)
-        assert str(result.exception).startswith("not allowed: jobs.batch is forbidden") and "\n" not in str(
-            result.exception
-        )
-        assert fake.list("jobs", NS) == []
-        missing = invoke("cancel", "nope")
-        assert isinstance(missing.exception, KubernetesError) and "run not found" in str(missing.exception)

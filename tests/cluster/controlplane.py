@@ -1,0 +1,656 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
+
+Test and development code (never shipped in the dfk8s package). The binaries are the ones
+``hack/cluster/build.sh`` builds from their Go modules into ``$DFK8S_CLUSTER_CACHE`` (default
+``~/.cache/dfk8s/cluster``), one folder per version. The set-up follows a kubeadm cluster's:
+
+* a CA; the API server's serving certificate (IP SAN 127.0.0.1, DNS localhost and
+  kubernetes.default.svc); client certificates for the admin (``O=system:masters``), the
+  controller-manager, the scheduler and the API server's calls to the node agents; a service-account
+  RSA key pair;
+* kube-apiserver with ``Node,RBAC`` authorization, the default admission plugins (PodSecurity and
+  ServiceAccount among them) plus NodeRestriction, service-account token signing and issuer
+  ``https://kubernetes.default.svc``;
+* kube-controller-manager running the job, ttl-after-finished, garbage-collector, serviceaccount,
+  serviceaccount-token, namespace, podgc and root-ca-cert-publisher controllers, each with its own
+  service-account credentials.
+
+Everything listens on free ports of 127.0.0.1 and keeps its state in one temporary folder. Each
+process runs in its own process group and is stopped with it: by :meth:`ControlPlane.stop`, at
+interpreter exit (atexit), on SIGTERM, and, should this process die without cleaning up, by the
+kernel (``PR_SET_PDEATHSIG``).
+
+Usage from a shell (``make cluster-up`` / ``make cluster-down``)::
+
+    python -m tests.cluster.controlplane up [--version v1.37.2] [--dir .cluster]
+    python -m tests.cluster.controlplane down [--dir .cluster]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HACK = REPO / "hack" / "cluster"
+CACHE = Path(os.environ.get("DFK8S_CLUSTER_CACHE") or Path("~/.cache/dfk8s/cluster").expanduser())
+#: The service range is an allocation only: nothing ever routes to it here.
+SERVICE_CIDR = "10.96.0.0/16"
+CONTROLLERS = (
+    "job-controller",
+    "ttl-after-finished-controller",
+    "garbage-collector-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "namespace-controller",
+    "pod-garbage-collector-controller",
+    "root-ca-certificate-publisher-controller",
+)
+_PR_SET_PDEATHSIG = 1
+
+
+def kube_versions() -> list[str]:
+    """The Kubernetes versions pinned under hack/cluster (``kube-<minor>/VERSION``), oldest first."""
+    found = [(HACK / d / "VERSION").read_text().strip() for d in os.listdir(HACK) if d.startswith("kube-")]
+    return sorted(found, key=lambda v: tuple(int(p) for p in v.lstrip("v").split(".")))
+
+
+def resolve_version(wanted: str | None) -> str:
+    """Map ``1.33``, ``v1.33.13`` or None (the newest) to a pinned version."""
+    versions = kube_versions()
+    if not wanted:
+        return versions[-1]
+    wanted = wanted.lstrip("v")
+    for version in versions:
+        if version.lstrip("v") == wanted or version.lstrip("v").startswith(wanted + "."):
+            return version
+    raise SystemExit(f"no pinned Kubernetes {wanted} in {HACK} (have {', '.join(versions)})")
+
+
+def module_version(folder: str, module: str) -> str:
+    """The version of ``module`` the go.mod in ``hack/cluster/<folder>`` requires (no Go needed)."""
+    for line in (HACK / folder / "go.mod").read_text().splitlines():
+        parts = line.split()
+        if module in parts:
+            return parts[parts.index(module) + 1]
+    raise RuntimeError(f"{module} not in hack/cluster/{folder}/go.mod")
+
+
+def binaries(version: str, need=("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd")):
+    """Paths of the built binaries; raises with the command to build them when a needed one is missing."""
+    kube = CACHE / f"kube-{version}"
+    etcd = CACHE / f"etcd-{module_version('etcd', 'go.etcd.io/etcd/server/v3')}"
+    helm = CACHE / f"helm-{module_version('helm', 'helm.sh/helm/v3')}"
+    paths = {name: kube / name for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler")}
+    paths |= {"kubectl": kube / "kubectl", "etcd": etcd / "etcd", "helm": helm / "helm"}
+    missing = [name for name in need if not paths[name].is_file()]
+    if missing:
+        raise RuntimeError(
+            f"not built: {', '.join(missing)} (in {CACHE}): run hack/cluster/build.sh {version} first"
+        )
+    return paths
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----- certificates -----------------------------------------------------------------------------
+
+
+class Certs:
+    """The cluster's CA and every key pair the components need, written under ``folder``."""
+
+    def __init__(self, folder: Path):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        self._x509, self._hashes, self._ser, self._rsa = x509, hashes, serialization, rsa
+        self._eku, self._oid = ExtendedKeyUsageOID, NameOID
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ca_key = self._key("ca")
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dfk8s-test-ca")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+            )
+            .sign(self.ca_key, hashes.SHA256())
+        )
+        self.ca = self._write("ca.crt", self.ca_cert.public_bytes(serialization.Encoding.PEM))
+        # The service-account signing key pair (the controller-manager signs legacy tokens with it too).
+        sa_key = self._key("sa")
+        self.sa_key = folder / "sa.key"
+        self.sa_pub = self._write(
+            "sa.pub",
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
+
+    def _key(self, name: str):
+        key = self._rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._write(
+            f"{name}.key",
+            key.private_bytes(
+                self._ser.Encoding.PEM, self._ser.PrivateFormat.TraditionalOpenSSL, self._ser.NoEncryption()
+            ),
+        )
+        return key
+
+    def _write(self, name: str, data: bytes) -> Path:
+        path = self.folder / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+        return path
+
+    def issue(
+        self, name: str, common_name: str, *, orgs=(), server: bool = False, client: bool = True
+    ) -> tuple[Path, Path]:
+        """Write ``name.crt`` / ``name.key`` signed by the CA; server certs get the loopback SANs."""
+        x509, oid = self._x509, self._oid
+        key = self._key(name)
+        subject = [x509.NameAttribute(oid.ORGANIZATION_NAME, org) for org in orgs]
+        subject.append(x509.NameAttribute(oid.COMMON_NAME, common_name))
+        usages = ([self._eku.SERVER_AUTH] if server else []) + ([self._eku.CLIENT_AUTH] if client else [])
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(subject))
+            .issuer_name(self.ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        )
+        if server:
+            sans = [
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.DNSName("localhost"),
+                x509.DNSName("kubernetes"),
+                x509.DNSName("kubernetes.default"),
+                x509.DNSName("kubernetes.default.svc"),
+            ]
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self.ca_key, self._hashes.SHA256())
+        return self._write(
+            f"{name}.crt", cert.public_bytes(self._ser.Encoding.PEM)
+        ), self.folder / f"{name}.key"
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, *, cert=None, key=None, token=None, namespace=None):
+    """Write a one-context kubeconfig (client certificate or bearer token) and return its path."""
+    import yaml
+
+    user = {"token": token} if token else {"client-certificate": str(cert), "client-key": str(key)}
+    context = {"cluster": "dfk8s", "user": "user"}
+    if namespace:
+        context["namespace"] = namespace
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "dfk8s", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": "user", "user": user}],
+        "contexts": [{"name": "dfk8s", "context": context}],
+        "current-context": "dfk8s",
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+    return path
+
+
+# ----- processes --------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if this (test) process dies without cleaning up,
+    # the kernel kills the component instead of leaving it running.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def start_process(argv: list[str], log: Path, *, env=None, cwd=None) -> subprocess.Popen:
+    """Start ``argv`` in a process group of its own, output to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, SIGKILL it after ``grace`` seconds, and reap the process."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything left in the group
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+class ControlPlane:
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler on 127.0.0.1.
+
+    Args:
+        version: a pinned Kubernetes version (``v1.37.2``) or minor (``1.37``); None: the newest.
+        state_dir: where certificates, etcd data and logs go; None: a temporary folder removed on stop.
+
+    """
+
+    def __init__(self, version: str | None = None, state_dir: Path | None = None):
+        self.version = resolve_version(version)
+        self.bin = binaries(self.version)
+        self._own_dir = state_dir is None
+        self.dir = Path(state_dir or tempfile.mkdtemp(prefix="dfk8s-cluster-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.apiserver_port = 0
+        self.server = ""
+        self.kubeconfig = self.dir / "admin.kubeconfig"
+        self._stopped = False
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 180.0) -> ControlPlane:
+        """Start every component and wait until the API is ready and controllers work."""
+        atexit.register(self.stop)
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        certs = self.certs = Certs(self.dir / "pki")
+        self.apiserver_port = free_port()
+        self.server = f"https://127.0.0.1:{self.apiserver_port}"
+        api_cert = certs.issue("apiserver", "kube-apiserver", server=True, client=False)
+        kubelet_client = certs.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", orgs=["kubeadm:cluster-admins"]
+        )
+        admin = certs.issue("admin", "kubernetes-admin", orgs=["system:masters"])
+        self.admin_cert = admin
+        write_kubeconfig(self.kubeconfig, self.server, certs.ca, cert=admin[0], key=admin[1])
+        kcm = certs.issue("controller-manager", "system:kube-controller-manager")
+        kcm_config = write_kubeconfig(
+            self.dir / "controller-manager.kubeconfig", self.server, certs.ca, cert=kcm[0], key=kcm[1]
+        )
+        sched = certs.issue("scheduler", "system:kube-scheduler")
+        sched_config = write_kubeconfig(
+            self.dir / "scheduler.kubeconfig", self.server, certs.ca, cert=sched[0], key=sched[1]
+        )
+        # The node agent serves container logs with a certificate of this CA; the API server calls it
+        # with this client certificate (and, like kubeadm, does not verify the agent's serving cert).
+        self.kubelet_serving = certs.issue("kubelet-serving", "dfk8s-node-agent", server=True, client=False)
+
+        etcd_port, etcd_peer = free_port(), free_port()
+        self._run(
+            "etcd",
+            [
+                str(self.bin["etcd"]),
+                "--name",
+                "default",
+                "--data-dir",
+                str(self.dir / "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{etcd_peer}",
+                "--log-level",
+                "warn",
+                # Test state is thrown away: no fsync keeps etcd from waiting on the disk.
+                "--unsafe-no-fsync",
+            ],
+        )
+        self._wait(lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"), "etcd", deadline)
+
+        self._run(
+            "kube-apiserver",
+            [
+                str(self.bin["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.apiserver_port}",
+                # The default (lease) reconciler would write 127.0.0.1 into the kubernetes Service's
+                # endpoints, which validation refuses; pods reach the API through KUBERNETES_SERVICE_HOST.
+                "--endpoint-reconciler-type=none",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--client-ca-file={certs.ca}",
+                f"--tls-cert-file={api_cert[0]}",
+                f"--tls-private-key-file={api_cert[1]}",
+                "--authorization-mode=Node,RBAC",
+                # On top of the default plugins (NamespaceLifecycle, LimitRanger, ServiceAccount,
+                # TaintNodesByCondition, PodSecurity, Priority, ..., ResourceQuota), as kubeadm does.
+                "--enable-admission-plugins=NodeRestriction",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={certs.sa_pub}",
+                f"--service-account-signing-key-file={certs.sa_key}",
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={kubelet_client[0]}",
+                f"--kubelet-client-key={kubelet_client[1]}",
+                "--allow-privileged=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._wait(self._ready, "kube-apiserver /readyz", deadline)
+
+        self._run(
+            "kube-controller-manager",
+            [
+                str(self.bin["kube-controller-manager"]),
+                f"--kubeconfig={kcm_config}",
+                f"--authentication-kubeconfig={kcm_config}",
+                f"--authorization-kubeconfig={kcm_config}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={self.dir / 'kcm-certs'}",
+                f"--controllers={','.join(CONTROLLERS)}",
+                f"--service-account-private-key-file={certs.sa_key}",
+                f"--root-ca-file={certs.ca}",
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._run(
+            "kube-scheduler",
+            [
+                str(self.bin["kube-scheduler"]),
+                f"--kubeconfig={sched_config}",
+                f"--authentication-kubeconfig={sched_config}",
+                f"--authorization-kubeconfig={sched_config}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={self.dir / 'scheduler-certs'}",
+                "--leader-elect=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        # The serviceaccount controller makes "default" in every namespace, the root-CA publisher the
+        # kube-root-ca.crt ConfigMap pods' token volumes read: both mean the controller-manager works.
+        self._wait(
+            lambda: self._exists("serviceaccounts", "default", "default"),
+            "the default ServiceAccount (kube-controller-manager)",
+            deadline,
+        )
+        self._wait(
+            lambda: self._exists("configmaps", "default", "kube-root-ca.crt"),
+            "the kube-root-ca.crt ConfigMap",
+            deadline,
+        )
+
+    def stop(self) -> None:
+        """Stop every component (scheduler and controllers first, etcd last); remove a temp state dir."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for name in reversed(list(self.procs)):
+            stop_process(self.procs[name])
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ----- helpers ------------------------------------------------------------------------------
+
+    def _run(self, name: str, argv: list[str]) -> None:
+        self.procs[name] = start_process(argv, self.dir / f"{name}.log")
+
+    def log(self, name: str, lines: int = 40) -> str:
+        """The last ``lines`` lines of a component's log."""
+        try:
+            return "\n".join((self.dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _wait(self, check, what: str, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+            try:
+                if check():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        logs = "\n".join(f"--- {name}\n{self.log(name, 15)}" for name in self.procs)
+        raise TimeoutError(f"timed out waiting for {what}\n{logs}")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A TLS context trusting the cluster CA, with the admin client certificate."""
+        context = ssl.create_default_context(cafile=str(self.certs.ca))
+        context.load_cert_chain(str(self.admin_cert[0]), str(self.admin_cert[1]))
+        return context
+
+    def _get(self, path: str):
+        return urllib.request.urlopen(self.server + path, context=self.ssl_context(), timeout=5)
+
+    def _ready(self) -> bool:
+        with self._get("/readyz") as response:
+            return response.status == 200
+
+    def _exists(self, resource: str, namespace: str, name: str) -> bool:
+        with self._get(f"/api/v1/namespaces/{namespace}/{resource}/{name}") as response:
+            return response.status == 200
+
+    def env(self) -> dict[str, str]:
+        """What a shell needs: KUBECONFIG, and helm and kubectl first on PATH."""
+        path = os.pathsep.join(
+            [str(self.bin["helm"].parent), str(self.bin["kubectl"].parent), os.environ.get("PATH", "")]
+        )
+        return {"KUBECONFIG": str(self.kubeconfig), "PATH": path}
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
+
+
+# ----- make cluster-up / cluster-down -----------------------------------------------------------
+
+
+def _serve(args) -> None:
+    """The background process of ``up``: the control plane and a node agent until SIGTERM."""
+    from tests.cluster.node_agent import NodeAgent
+
+    folder = Path(args.dir).resolve()
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    plane = ControlPlane(args.version, folder / "state")
+    try:
+        plane.start()
+        agent = NodeAgent(plane, state_dir=folder / "state" / "node").start()
+        try:
+            shutil.copy(plane.kubeconfig, folder / "kubeconfig")
+            (folder / "env").write_text(
+                f"# . .cluster/env: the local control plane (Kubernetes {plane.version})\n"
+                f"export KUBECONFIG={folder / 'kubeconfig'}\n"
+                f"export PATH={plane.bin['helm'].parent}:{plane.bin['kubectl'].parent}:$PATH\n"
+            )
+            (folder / "ready").write_text(plane.server + "\n")
+            while not stop["now"]:
+                time.sleep(0.5)
+        finally:
+            agent.stop()
+    finally:
+        plane.stop()
+        for name in ("ready", "pid"):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _up(args) -> int:
+    folder = Path(args.dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    pid_file = folder / "pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+            print(f"already running (pid {pid_file.read_text().strip()}): make cluster-down first")
+            return 1
+        except (ProcessLookupError, ValueError):
+            pid_file.unlink()
+    shutil.rmtree(folder / "state", ignore_errors=True)
+    (folder / "ready").unlink(missing_ok=True)
+    version = resolve_version(args.version)
+    binaries(version)
+    log = open(folder / "cluster.log", "ab")  # noqa: SIM115 - handed to the background process
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.cluster.controlplane",
+            "serve",
+            "--dir",
+            str(folder),
+            "--version",
+            version,
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    pid_file.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if (folder / "ready").exists():
+            print(
+                f"Kubernetes {version} is up at {(folder / 'ready').read_text().strip()} "
+                f"(nodes dfk8s-cpu and dfk8s-gpu); state in {folder / 'state'}"
+            )
+            print(f"  . {os.path.relpath(folder / 'env')}   # KUBECONFIG, helm and kubectl on PATH")
+            return 0
+        if proc.poll() is not None:
+            print(f"the control plane exited ({proc.returncode}); see {folder / 'cluster.log'}")
+            pid_file.unlink(missing_ok=True)
+            return 1
+        time.sleep(0.5)
+    print(f"not ready after 240 s; see {folder / 'cluster.log'}; stopping it")
+    os.kill(proc.pid, signal.SIGTERM)
+    return 1
+
+
+def _down(args) -> int:
+    folder = Path(args.dir).resolve()
+    pid_file = folder / "pid"
+    if not pid_file.exists():
+        print("no local control plane running")
+        return 0
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        print("no local control plane running")
+        return 0
+    for _ in range(120):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.25)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    for name in ("kubeconfig", "env", "ready"):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / "state", ignore_errors=True)  # keys, tokens, etcd data; cluster.log stays
+    print("local control plane stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``up`` starts the control plane and a node agent in the background; ``down`` stops them."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.cluster.controlplane",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=["up", "down", "serve"])
+    parser.add_argument(
+        "--version",
+        default=os.environ.get("DFK8S_KUBE_VERSION"),
+        help="Kubernetes version or minor (default: the newest pinned)",
+    )
+    parser.add_argument("--dir", default=str(REPO / ".cluster"), help="where kubeconfig, env and state go")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        return _up(args)
+    if args.command == "down":
+        return _down(args)
+    _serve(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
