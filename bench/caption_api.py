@@ -1,6 +1,6 @@
 """Caption throughput against the fake API at a fixed latency, as a ratio of the concurrency limit.
 
-    python bench/caption_api.py [--latency 0.2] [--concurrency 16 64 256] [--seconds 8]
+    python bench/caption_api.py [--latency 0.2] [--concurrency 16 64 256] [--seconds 8] [--client fast|sdk]
 
 For each concurrency C the limit is C / latency rows/s. The worker runs in this process (its CPU is
 measured); the fake server runs in another process. Prints rows/s, the ratio to the limit, and the
@@ -28,10 +28,14 @@ def main():
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--seconds", type=float, default=8.0, help="Ideal duration of each measurement.")
+    parser.add_argument("--client", choices=["fast", "sdk"], default="fast", help="Request path (--client).")
     args = parser.parse_args()
     setup_logging("WARNING")
     started = time.perf_counter()
     import dfk8s.servings.openai_chat  # noqa: F401 - a once-per-process cost, reported apart from throughput
+
+    if args.client == "sdk":
+        import dfk8s.servings.openai_common  # noqa: F401
 
     print(f"importing the openai serving: {time.perf_counter() - started:.2f}s (once per worker process)")
     server = FakeApiProcess("--latency", str(args.latency))
@@ -44,7 +48,8 @@ def main():
                 manifest = write_prompts(os.path.join(tmp, "m.jsonl"), rows)
                 storage, _, _ = prepare_run(RunRequest(
                     pipeline="vqa", input=manifest, output=tmp, run_id="bench", rows_per_shard=rows,
-                    options={"api_url": server.url, "max_concurrency": conc, "max_retries": 0}))
+                    options={"api_url": server.url, "max_concurrency": conc, "max_retries": 0,
+                             "client": args.client}))
                 server_cpu = sum(server_process.cpu_times()[:2])
                 stats, wall, cpu = timed(process_shard, storage, 0)
                 server_cpu = sum(server_process.cpu_times()[:2]) - server_cpu

@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 
 MODELS = {"openai-images": "gpt-image-1.5", "gemini-images": "gemini-2.5-flash-image"}
+#: gemini-images request path (--client); set from the command line.
+CLIENT = "fast"
 
 
 def start_fake(latency: float) -> tuple[subprocess.Popen, str]:
@@ -84,7 +86,8 @@ def bench_one(url: str, serving: str, concurrency: int, rows: int, latency: floa
         storage, spec, _ = prepare_run(RunRequest(
             pipeline=pipeline, serving=serving, input=str(manifest), output=str(folder / "out"), shards=1,
             save_interval=max(100, rows // 4),
-            options={"api_url": url, "model": MODELS[serving], "max_concurrency": concurrency}))
+            options={"api_url": url, "model": MODELS[serving], "max_concurrency": concurrency,
+                     **({"client": CLIENT} if serving == "gemini-images" else {})}))
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         stats = process_shard(storage, 0)
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -109,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, help="rows per run (default: 8 x concurrency)")
     parser.add_argument("--pipeline", choices=["text2image", "imageedit"], default="text2image")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
+    parser.add_argument("--client", choices=["fast", "sdk"], default="fast",
+                        help="gemini-images request path")
     args = parser.parse_args(argv)
+    global CLIENT
+    CLIENT = args.client
     os.environ.setdefault("DF_API_KEY", "bench-key")
     os.environ.setdefault("GEMINI_API_KEY", "bench-key")
     os.environ.pop("DF_BASE_URL", None)

@@ -324,13 +324,12 @@ def _local_model_warnings(request) -> None:
 def _check_credentials(serving: str | None, pipeline: str) -> None:
     """Fail before planning when an API serving has no key (the worker would exit 42 on every shard)."""
     from dfk8s.pipelines import get_pipeline
-    from dfk8s.servings.api import API_KEY_ENV, api_key_from_env
+    from dfk8s.servings import serving_info
+    from dfk8s.servings.api import api_key_from_env
 
-    name = serving or get_pipeline(pipeline).default_serving
-    if name == "openai-chat" or name == "openai-images":
-        api_key_from_env(API_KEY_ENV)
-    elif name == "gemini-images":
-        api_key_from_env(("GEMINI_API_KEY", "GOOGLE_API_KEY", "DF_API_KEY"))
+    info = serving_info(serving or get_pipeline(pipeline).default_serving)
+    if info.credentials:
+        api_key_from_env(info.credentials)
 
 
 @cli.command()

@@ -283,6 +283,9 @@ def _dry_run(plan) -> None:
     bad = plan.rows - plan.good_rows
     _err(f"  rows: {plan.rows:,}" + (f" ({bad:,} with problems: they fail without a request)" if bad else ""))
     _err(f"  shards: {plan.shards:,} of up to {plan.rows_per_shard:,} rows (map Job completions)")
+    if plan.shard_size is not None:
+        _err(f"  shard size: ~{_duration(plan.shard_size.seconds_per_shard)} per shard; default rule: "
+             f"{plan.shard_size.rule} (--rows-per-shard or --shards to choose)")
     _err(
         f"  pods: {pods} at once (parallelism {cfg.parallelism}"
         + (", capped at the shard count" if pods < cfg.parallelism else "")

@@ -18,6 +18,30 @@ class SpecError(Dfk8sError):
     exit_code = EXIT_DO_NOT_RETRY
 
 
+class SystematicFailure(SpecError):
+    """Every request fails the same way (unknown model, bad key, bad URL, unresolvable host): stop paying.
+
+    Raised by a serving's circuit breaker. The worker keeps the rows that finished, leaves the unsent
+    ones unprocessed (a resume sends them), writes ``breaker.json`` at the run root and exits 42.
+
+    Attributes:
+        type: The failure's type, as its error records would name it (``ModelNotFound``, ``DNSError``).
+        message: What the server (or the network) said, first 500 characters.
+        hint: What to change (``check --model``).
+    """
+
+    def __init__(self, type: str, message: str, hint: str = ""):  # noqa: A002 - the error record's key
+        self.type = type
+        self.message = message[:500]
+        self.hint = hint
+        super().__init__(f"stopped early: every request failed with {type}: {self.message}"
+                         + (f"; {hint}" if hint else ""))
+
+    def to_dict(self) -> dict:
+        """The ``breaker.json`` body (the worker adds the shard index)."""
+        return {"type": self.type, "message": self.message, "hint": self.hint}
+
+
 class ManifestError(Dfk8sError):
     """The manifest cannot be read at all (as opposed to one bad row, which becomes an error record)."""
 

@@ -192,6 +192,28 @@ def check_image(data: bytes, ref: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) 
     return CheckedImage(data, mime, width, height, ref)
 
 
+def sniff_image(data: bytes, ref: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckedImage:
+    """Read an image's type and size from its header alone, for images a plan-time check already read.
+
+    The worker uses this instead of :func:`check_image`: the plan decoded-checked the file, so reading
+    its header again is enough to type the request (bytes the server cannot decode still fail their row
+    with the server's message, never the shard).
+
+    Raises:
+        ImageProblem: The header is not an image's, or it is over the pixel limit.
+    """
+    if not data:
+        raise ImageProblem(f"image {ref} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header, decodes no pixels
+            width, height, fmt = img.width, img.height, img.format
+    except Exception as exc:  # Pillow raises many types for bad data
+        raise ImageProblem(f"image {ref} does not decode: {type(exc).__name__}") from None
+    if width * height > max_pixels:
+        raise ImageProblem(f"image {ref} is {width}x{height}, over the {max_pixels} pixel limit")
+    return CheckedImage(data, Image.MIME.get(fmt or "", "application/octet-stream"), width, height, ref)
+
+
 def read_image(ref: str, *, run_storage=None, endpoint_url: str | None = None,
                max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckedImage:
     """Read and check one resolved image reference (local path, ``s3://`` URI or ``run:`` staged key).

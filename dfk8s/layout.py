@@ -8,6 +8,8 @@ RUN_SPEC_KEY = "run.json"
 RESULT_KEY = "result.jsonl"
 ERRORS_KEY = "errors.jsonl"
 SUMMARY_KEY = "summary.json"
+#: Written by a worker whose serving's circuit breaker tripped; workers check it before a shard.
+BREAKER_KEY = "breaker.json"
 INPUT_PREFIX = "input"
 PARTS_PREFIX = "parts"
 OUTPUT_PREFIX = "output"

@@ -42,7 +42,9 @@ PIPELINE_OPTIONS = [
                  help="Folder relative image paths are taken from (default: the manifest's folder)."),
     click.option("--shards", type=click.IntRange(min=1), help="Split into exactly N shards."),
     click.option("--rows-per-shard", type=click.IntRange(min=1),
-                 help="Rows per shard (default 1000)."),
+                 help="Rows per shard. Default: sized to the work, about 4 shards per worker (run) or pod "
+                      "(submit), none under ~10 s of work locally or ~5 min on Kubernetes at the serving's "
+                      "estimated rate (--max-concurrency / its latency estimate), at most 50,000 rows."),
     click.option("--save-interval", type=click.IntRange(min=1), default=100, show_default=True,
                  help="Checkpoint a part every N finished rows."),
     click.option("--seed", type=int, default=0, show_default=True,
@@ -68,14 +70,19 @@ API_OPTIONS = [
     click.option("--system-prompt", help="System prompt (caption default: DataFlow-MM's)."),
     click.option("--temperature", type=float, help="Sampling temperature, passed through."),
     click.option("--max-tokens", type=click.IntRange(min=1), help="Answer length limit, passed through."),
-    click.option("--max-concurrency", type=click.IntRange(min=1), default=64, show_default=True,
-                 help="API requests in flight per worker."),
+    click.option("--max-concurrency", type=click.IntRange(min=1),
+                 help="API requests in flight per worker (default per serving: "
+                      + ", ".join(f"{n} {s.defaults['max_concurrency']}" for n, s in SERVINGS.items()
+                                  if s.is_api) + ")."),
     click.option("--rpm", type=click.FloatRange(min=0, min_open=True),
                  help="Requests per minute for the whole run (split across workers)."),
     click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
                  help="Seconds before a request is abandoned and retried."),
     click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
                  help="Retries of a 429/5xx/timeout before the row gets an error record."),
+    click.option("--client", type=click.Choice(["fast", "sdk"]),
+                 help="openai-chat / gemini-images request path: fast (aiohttp + orjson, the same wire "
+                      "requests at a fraction of the CPU; the default) or sdk (the vendor's SDK)."),
 ]
 
 IMAGE_OPTIONS = [
@@ -130,7 +137,7 @@ SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max
                         "aspect_ratio", "image_size", "response_format", "mask", "max_area",
                         "auto_resize", "max_sequence_length", "max_image_side", "api_mode",
                         "batch_poll_seconds", "prompt", "image_timeout", "allow_private_image_hosts",
-                        "allowed_image_networks", "image_fetch")
+                        "allowed_image_networks", "image_fetch", "client")
 
 shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS + COST_OPTIONS)
 #: ``dfk8s run``: the same flags, but --pipeline may be left out to resume (run.json knows it).

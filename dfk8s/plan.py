@@ -33,9 +33,81 @@ from dfk8s.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
-#: Rows per shard when neither --shards nor --rows-per-shard is given: small enough that a lost pod
-#: redoes little, big enough that a million rows make a thousand pods, not a million.
+#: Rows per shard when the work cannot be sized (no row count): the old fixed default.
 DEFAULT_ROWS_PER_SHARD = 1000
+#: Shards each worker (or pod) should get, so a slow or lost one holds up little and resume is fine-grained.
+SHARDS_PER_WORKER = 4
+#: Least work in a shard, in seconds, per executor: a local worker pays a checkpoint and a ramp-down per
+#: shard; a pod pays its scheduling and start-up (image pull, imports, a model load), so it should run
+#: for minutes.
+MIN_SHARD_SECONDS = {"local": 10.0, "kubernetes": 300.0}
+#: Most rows in a shard (a worker holds its shard's rows in memory).
+MAX_ROWS_PER_SHARD = 50_000
+
+
+@dataclass(frozen=True)
+class ShardSize:
+    """How a run is split by default, and why.
+
+    Attributes:
+        rows_per_shard: The size chosen.
+        shards: The resulting shard count.
+        seconds_per_shard: Expected time of one shard at the serving's estimated rate.
+        rows_per_second: The rate one worker (or pod) is expected to keep.
+        rule: The rule, in words, for --help-like messages and the dry-run plan.
+    """
+
+    rows_per_shard: int
+    shards: int
+    seconds_per_shard: float
+    rows_per_second: float
+    rule: str
+
+
+def default_shard_size(rows: int, serving: str, options: dict, workers: int,
+                       executor: str = "local") -> ShardSize:
+    """Size shards for the work: about SHARDS_PER_WORKER per worker, none shorter than the executor's floor.
+
+    A worker's rate is ``concurrency / latency`` rows/s (the serving's registered latency estimate and
+    ``--max-concurrency``; one row per ``latency`` on a GPU), capped by its share of ``--rpm``. The size is
+    ``rows / (SHARDS_PER_WORKER x workers)``, raised to at least ``MIN_SHARD_SECONDS[executor]`` of work,
+    and at most ``MAX_ROWS_PER_SHARD``. Locally the floor never leaves a started worker without a shard;
+    on Kubernetes it does: a small run takes fewer pods rather than pods that live for seconds.
+    """
+    from dfk8s.servings import serving_info
+
+    info = serving_info(serving)
+    workers = max(1, workers)
+    merged = {**info.defaults, **{k: v for k, v in options.items() if v is not None}}
+    rate = 1.0 / info.latency if info.gpu else info.concurrency(merged) / info.latency
+    if merged.get("rpm"):
+        rate = min(rate, float(merged["rpm"]) / 60.0 / workers)
+    floor = math.ceil(MIN_SHARD_SECONDS.get(executor, MIN_SHARD_SECONDS["local"]) * rate)
+    size = max(math.ceil(rows / (SHARDS_PER_WORKER * workers)), floor)
+    if executor != "kubernetes":
+        size = min(size, math.ceil(rows / workers))
+    size = max(1, min(size, rows, MAX_ROWS_PER_SHARD))
+    shards = math.ceil(rows / size) if rows else 0
+    rule = (f"about {SHARDS_PER_WORKER} shards per {'pod' if executor == 'kubernetes' else 'worker'}, none "
+            f"under ~{MIN_SHARD_SECONDS.get(executor, 10.0):g} s of work at ~{rate:,.1f} rows/s each "
+            f"({serving}: ~{info.latency:g} s per {'row' if info.gpu else 'request'}"
+            + ("" if info.gpu else f", {info.concurrency(merged)} in flight")
+            + f"), at most {MAX_ROWS_PER_SHARD:,}")
+    return ShardSize(size, shards, size / rate if rate else 0.0, rate, rule)
+
+
+def estimate_rows(source: str, *, endpoint_url: str | None = None) -> int:
+    """The manifest's row count: newlines for a local JSONL file (fast, no parsing), else a counting pass."""
+    if "://" not in source and os.path.isfile(source):
+        with open(source, "rb") as f:
+            head = f.read(1 << 16)
+            if not head.lstrip().startswith(b"["):  # JSONL: one row per non-empty line
+                count, last = head.count(b"\n"), head[-1:] if head else b""
+                while chunk := f.read(1 << 20):
+                    count += chunk.count(b"\n")
+                    last = chunk[-1:]
+                return count + (last not in (b"", b"\n"))
+    return count_rows(source, endpoint_url=endpoint_url)
 
 
 class SeenIds:
@@ -319,13 +391,15 @@ def iter_problems(manifest: str, pipeline: str, counts: dict, *, input_key=None,
 
 def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shards: int | None = None,
          image_root: str | None = None, stage_images: bool = False, endpoint_url: str | None = None,
-         on_row: Callable[[int], None] | None = None, count_only: bool = False, tally=None) -> RunSpec:
+         on_row: Callable[[int], None] | None = None, count_only: bool = False, tally=None,
+         executor: str = "local") -> RunSpec:
     """Write a run's shards and then its run.json (whose presence means the plan is complete).
 
     Args:
         spec: The spec to complete; ``input``, pipeline, serving, keys and options are set.
         run_storage: The run's storage (``<output>/<run_id>``).
-        rows_per_shard: Rows per shard (default ``DEFAULT_ROWS_PER_SHARD``); ignored when ``shards`` is set.
+        rows_per_shard: Rows per shard (default: :func:`default_shard_size` for the run's serving,
+            options, parallelism and executor); ignored when ``shards`` is set.
         shards: At most this many shards instead, ``ceil(rows / shards)`` rows each (costs one extra
             counting pass).
         image_root: Folder relative image paths are taken from.
@@ -335,6 +409,7 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
         count_only: Read and check every row as planning does, but write nothing (``--dry-run``): the
             returned spec has the shard and row counts a real plan would give.
         tally: A :class:`dfk8s.cost.Tally` that counts what each row's request will carry (the estimate).
+        executor: ``local`` or ``kubernetes``: what the default shard size is sized for.
 
     Returns:
         The completed spec, also saved as run.json (unless ``count_only``).
@@ -345,7 +420,12 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
     if shards:
         total = count_rows(spec.input, endpoint_url=endpoint_url, **selection)
         rows_per_shard = max(1, math.ceil(total / shards)) if total else 1
-    rows_per_shard = rows_per_shard or DEFAULT_ROWS_PER_SHARD
+    elif not rows_per_shard:
+        total = estimate_rows(spec.input, endpoint_url=endpoint_url)
+        sized = default_shard_size(total, spec.serving, spec.options, spec.parallelism, executor)
+        rows_per_shard = sized.rows_per_shard
+        log.info("default shard size %d rows (~%.0f s per shard): %s", sized.rows_per_shard,
+                 sized.seconds_per_shard, sized.rule)
     byte_cap = None
     if spec.option("api_mode") == "batch":  # one shard is one provider batch: keep it within its limits
         from dfk8s.batch import request_bytes, shard_limits

@@ -87,7 +87,8 @@ class Profile:
         tolerations: taints the worker pods tolerate.
         shm_size: ``sizeLimit`` of the in-memory ``/dev/shm`` volume, or None for none.
         model_cache: the Hugging Face cache volume, or None for none.
-        defaults: serving parameters used when no flag overrides them.
+        defaults: serving parameters used when no flag overrides them: the serving's registered
+            defaults (what ``dfk8s run`` uses), under the file's ``defaults``.
         source: the file the profile was read from.
         batch_resources: container ``resources`` with ``--api-mode batch`` (the pod only uploads a
             file and polls, for hours): empty to keep ``resources``.
@@ -252,6 +253,11 @@ def _serving_profile(entry: Any, pipeline: str, serving: str, path: Path) -> Pro
 
     defaults = entry.get("defaults") or {}
     _require_mapping(defaults, where, "defaults")
+    # The serving's own defaults (the ones `dfk8s run` uses), under what this cluster's file sets.
+    from dfk8s.servings import SERVINGS
+
+    registered = SERVINGS[serving].defaults_for(pipeline) if serving in SERVINGS else {}
+    defaults = {**registered, **defaults}
 
     return Profile(
         pipeline=pipeline,

@@ -12,6 +12,7 @@ from dfk8s import layout
 from dfk8s.errors import NotFound, SpecError, StorageError
 from dfk8s.pipelines import check_serving, get_pipeline
 from dfk8s.plan import plan
+from dfk8s.servings import serving_defaults
 from dfk8s.spec import RunSpec, new_run_id
 from dfk8s.storage import Storage, open_storage
 
@@ -161,8 +162,10 @@ def _new_spec(request: RunRequest, run_id: str) -> RunSpec:
         from dfk8s.batch import check_batch_mode
 
         check_batch_mode(request.pipeline, serving)
+    given = {k: v for k, v in request.options.items() if v is not None}
+    # The serving's registered defaults under the flags: the same options submit resolves.
     return RunSpec(run_id=run_id, pipeline=request.pipeline, serving=serving,
-                   options={k: v for k, v in request.options.items() if v is not None},
+                   options={**serving_defaults(serving, request.pipeline), **given},
                    input=_same_source(request.input), input_key=request.input_key,
                    image_key=request.image_key,
                    output_key=request.output_key, id_key=request.id_key, parallelism=request.parallelism,
@@ -171,7 +174,7 @@ def _new_spec(request: RunRequest, run_id: str) -> RunSpec:
 
 
 def prepare_run(request: RunRequest, *, stage_images: bool = False,
-                on_row=None) -> tuple[Storage, RunSpec, bool]:
+                on_row=None, executor: str = "local") -> tuple[Storage, RunSpec, bool]:
     """Plan a new run, or load the existing one when ``run_id`` names a planned run.
 
     A new run's cost is estimated while it is planned (``cost.json``); with ``max_cost`` set, a run whose
@@ -191,6 +194,8 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
     spec = _existing_run(request, storage, run_id)
     if spec is not None:
         log.info("resuming run %s (%d shards)", run_id, spec.shards)
+        if storage.exists(layout.BREAKER_KEY):  # a resume tries again; a mistake still there trips it again
+            storage.delete(layout.BREAKER_KEY)
         if request.max_cost is not None:
             budget.set_budget(storage, request.max_cost)
         return storage, spec, True
@@ -200,7 +205,7 @@ def prepare_run(request: RunRequest, *, stage_images: bool = False,
     tally = cost.Tally()
     plan(spec, storage, rows_per_shard=request.rows_per_shard, shards=request.shards,
          image_root=request.image_root, stage_images=stage_images, endpoint_url=request.endpoint_url,
-         on_row=on_row, tally=tally)
+         on_row=on_row, tally=tally, executor=executor)
     if prices is not None:
         estimate = cost.estimate(tally, serving, spec.options, prices, spec.pipeline)
         budget.write_cost_record(storage, prices=prices, est=estimate, serving=serving, options=spec.options,
@@ -224,7 +229,7 @@ class DryRun:
     estimate: Any = None
 
 
-def dry_run(request: RunRequest, *, on_row=None) -> DryRun:
+def dry_run(request: RunRequest, *, on_row=None, executor: str = "local") -> DryRun:
     """Everything :func:`prepare_run` does up to writing: plan in count-only mode and estimate the cost.
 
     Writes nothing anywhere. A planned run named by ``run_id`` is read (and its stored estimate shown).
@@ -248,7 +253,7 @@ def dry_run(request: RunRequest, *, on_row=None) -> DryRun:
     tally = cost.Tally()
     plan(spec, storage, rows_per_shard=request.rows_per_shard, shards=request.shards,
          image_root=request.image_root, endpoint_url=request.endpoint_url, on_row=on_row, count_only=True,
-         tally=tally)
+         tally=tally, executor=executor)
     try:
         estimate = cost.estimate(tally, serving, spec.options, prices, spec.pipeline)
     except SpecError as exc:  # no price known: say so instead of guessing, and still show the plan

@@ -26,9 +26,10 @@ from dfk8s.errors import (
     ShardError,
     SpecError,
     StorageError,
+    SystematicFailure,
     WorkerStopped,
 )
-from dfk8s.images import CheckedImage, ImageProblem, is_http_url, read_image
+from dfk8s.images import CheckedImage, ImageProblem, is_http_url, read_ref_bytes, sniff_image
 from dfk8s.lifecycle import StopToken, grace_seconds
 from dfk8s.pipelines import Pipeline, get_pipeline
 from dfk8s.resize import shrink_image
@@ -228,10 +229,16 @@ class ShardRunner:
             if result is None:
                 raise ImageProblem(f"image {ref} was not fetched", type="ImageFetchError")
             return result
-        return read_image(ref, run_storage=self.storage, endpoint_url=self.endpoint_url)
+        # The plan checked the image (a full integrity check): read its bytes once, parse only its header.
+        data = read_ref_bytes(ref, run_storage=self.storage, endpoint_url=self.endpoint_url)
+        return sniff_image(data, ref)
 
     def request_for(self, shard_row: dict, fetched: dict | None = None):
-        """Load a row's images and build its request; a RowError if an image is bad."""
+        """Load a row's images and build its request; a RowError if an image is bad.
+
+        The plan checked each image (a full integrity check); here its bytes are read once and only
+        its header is parsed again, for the type and size the request needs.
+        """
         images = []
         for ref in shard_row["images"]:
             try:
@@ -255,8 +262,11 @@ class ShardRunner:
             ServingUnavailable: The serving is down (the shard stops with a retryable exit).
         """
         fetched = await self.fetch_images(batch)
+        # Remote images are read off the event loop; a local file in the page cache is read faster
+        # than a thread hop takes (fetched http(s) images are in memory already).
+        remote = any(not ref.startswith("/") and not is_http_url(ref) for r in batch for ref in r["images"])
         prepared = await asyncio.to_thread(lambda: [self.request_for(r, fetched) for r in batch]) \
-            if any(r["images"] for r in batch) else [self.request_for(r) for r in batch]
+            if remote else [self.request_for(r, fetched) for r in batch]
         ready = [(r, p) for r, p in zip(batch, prepared, strict=True) if not isinstance(p, RowError)]
         results: dict[int, Response | RowError] = {
             r["pos"]: p for r, p in zip(batch, prepared, strict=True) if isinstance(p, RowError)}
@@ -428,7 +438,11 @@ class WorkerSession:
     def serving_for(self, spec: RunSpec) -> Serving:
         """The session's serving, built from ``spec`` on first use."""
         if self._serving is None:
+            loading = time.monotonic()
             self._serving = build_serving(spec)
+            # bench/end_to_end.py counts these lines: model loads per worker process.
+            log.info("loaded serving %s in %.2fs (pid %d)", spec.serving, time.monotonic() - loading,
+                     os.getpid())
         return self._serving
 
     def run(self, coroutine):
@@ -486,6 +500,9 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
     if storage.exists(done_key):
         log.info("shard %d is already done", index)
         return ShardStats(**storage.read_json(done_key))
+    tripped = read_breaker(storage)
+    if tripped is not None:  # another shard's breaker tripped: this one would fail the same way
+        raise tripped
     started = time.monotonic()
     shard_rows = read_shard(storage, index)
     finished, next_part = read_parts(storage, index)
@@ -504,10 +521,28 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
     runner.failed = len(finished) - runner.ok
     try:
         session.run(runner.run(pending))
+    except SystematicFailure as exc:
+        # The finished rows are checkpointed (runner.run flushed them); the unsent ones stay unprocessed.
+        if not _exists(storage, layout.BREAKER_KEY):
+            storage.write_json(layout.BREAKER_KEY, {"shard": index, **exc.to_dict()})
+        log.error("shard %d: circuit breaker: %s", index, exc)
+        raise
     finally:
         if own_session:
             session.close()
     return _assemble(storage, index, shard_rows, time.monotonic() - started, len(finished), runner.budget)
+
+
+def read_breaker(storage) -> SystematicFailure | None:
+    """The failure a tripped circuit breaker recorded in the run (``breaker.json``), or None."""
+    if not _exists(storage, layout.BREAKER_KEY):
+        return None
+    try:
+        found = storage.read_json(layout.BREAKER_KEY)
+    except (NotFound, ValueError):
+        return None
+    return SystematicFailure(str(found.get("type", "SystematicFailure")), str(found.get("message", "")),
+                             str(found.get("hint", "")))
 
 
 def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resumed: int,

@@ -163,10 +163,11 @@ def _start_worker(run_uri, env):
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_gives_every_row_exactly_once(tmp_path, fake_api, api_key):
-    fake_api.configure(latency=0.05)
+    # Slow enough that a worker cannot finish its 150 rows between two kills (the lean path starts fast).
+    fake_api.configure(latency=0.12)
     manifest = _prompts(tmp_path, 150)
     storage, spec, _ = prepare_run(RunRequest(pipeline="vqa", input=str(manifest), output=str(tmp_path),
-                                              run_id="k9", save_interval=7,
+                                              run_id="k9", save_interval=7, rows_per_shard=150,
                                               options={"api_url": fake_api.url, "max_concurrency": 4}))
     env = dict(os.environ)
     rng = random.Random(1234)

@@ -203,18 +203,25 @@ def test_text_only_answer_keeps_the_text(api):
     assert record["finish_reason"] == "STOP" and record["text"].startswith("fake gemini: owl")
 
 
+# A bad key, model or path fails the row as "systematic": the serving's breaker trips on it at once.
 @pytest.mark.parametrize("code, body, outcome", [
-    (401, {"error": {"code": 401, "status": "UNAUTHENTICATED"}}, SpecError),
-    (403, {"error": {"code": 403, "status": "PERMISSION_DENIED"}}, SpecError),
+    (401, {"error": {"code": 401, "status": "UNAUTHENTICATED"}}, "AuthenticationError"),
+    (403, {"error": {"code": 403, "status": "PERMISSION_DENIED"}}, "PermissionDenied"),
     (400, {"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT",
-                     "details": [{"reason": "API_KEY_INVALID"}]}}, SpecError),
-    (404, {"error": {"code": 404, "message": "models/x is not found", "status": "NOT_FOUND"}}, SpecError),
+                     "details": [{"reason": "API_KEY_INVALID"}]}}, "AuthenticationError"),
+    (404, {"error": {"code": 404, "message": "models/x is not found", "status": "NOT_FOUND"}},
+     "ModelNotFound"),
     (400, {"error": {"code": 400, "message": "bad image", "status": "INVALID_ARGUMENT"}}, RowFailure),
     (429, {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
         {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]}}, RetryableError),
     (503, {"error": {"code": 503, "status": "UNAVAILABLE"}}, RetryableError),
 ])
 def test_error_mapping(code, body, outcome):
+    if isinstance(outcome, str):
+        with pytest.raises(RowFailure) as info, gemini_errors("m"):
+            raise genai_errors.APIError.raise_error(code, body, None)
+        assert info.value.kind == outcome and info.value.systematic
+        return
     with pytest.raises(outcome) as info, gemini_errors("m"):
         raise genai_errors.APIError.raise_error(code, body, None)
     if code == 429:
@@ -274,5 +281,5 @@ def test_run_local_end_to_end(api, tmp_path, pipeline, key):
 def test_connection_refused_is_retryable_and_quick(api):
     started = time.monotonic()
     [result] = run(spec(api, api_url="http://127.0.0.1:9", max_retries=1), request())
-    assert isinstance(result, RowError) and result.type == "ConnectionError" and result.attempts == 2
+    assert isinstance(result, RowError) and result.type == "ConnectionRefused" and result.attempts == 2
     assert time.monotonic() - started < 3  # the SDK's own hidden 1-10 s reconnect retry is off

@@ -191,7 +191,7 @@ def test_requests_that_outlast_the_grace_period_are_cancelled_and_stay_pending(t
     fake_api.configure(latency=60)
     storage, _, _ = prepare_run(RunRequest(
         pipeline="vqa", serving="openai-chat", input=str(_manifest(tmp_path, 20)), output=str(tmp_path / "o"),
-        run_id="grace",
+        run_id="grace", rows_per_shard=20,  # one shard: the test runs shard 0
         options={"api_url": fake_api.url + "/v1", "model": "fake-model", "max_concurrency": 4}))
     worker = [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--index", "0"]
     process = subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

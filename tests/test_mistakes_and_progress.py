@@ -128,7 +128,7 @@ def test_workers_publish_live_counts_between_checkpoints(tmp_path, fake_api):
     fake_api.configure(latency=0.2)
     storage, _, _ = prepare_run(RunRequest(
         pipeline="vqa", serving="openai-chat", input=str(_text_manifest(tmp_path, 200)), run_id="live",
-        output=str(tmp_path / "o"), save_interval=1000,
+        output=str(tmp_path / "o"), save_interval=1000, rows_per_shard=200,  # one shard: the test runs 0
         options={"api_url": fake_api.url + "/v1", "model": "m", "max_concurrency": 4}))
     env = {**os.environ, "DF_API_KEY": "k", "DFK8S_PROGRESS_SECONDS": "0.5"}
     worker = [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--index", "0"]

@@ -10,6 +10,7 @@ import yaml
 
 from dfk8s.errors import SpecError
 from dfk8s.profiles import ModelCache, Profile, load_profile, profile_search_path
+from dfk8s.servings import serving_defaults
 
 REPO_JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -103,9 +104,12 @@ def test_should_carry_the_flux_defaults_when_diffusers_is_chosen(monkeypatch):
         "width": 1024,
         "height": 1024,
         "dtype": "bfloat16",
+        "batch_size": 4,
     }
     assert load_profile("imageedit", "diffusers").defaults["model"] == "black-forest-labs/FLUX.1-Kontext-dev"
-    assert load_profile("text2image", "openai-images").defaults["model"] == "gpt-image-1"
+    assert load_profile("imageedit", "diffusers").defaults["guidance"] == 2.5
+    assert load_profile("text2image", "openai-images").defaults["model"] == "gpt-image-1.5"
+    assert load_profile("text2image", "openai-images").defaults["max_concurrency"] == 8
     assert load_profile("imageedit", "gemini-images").defaults["model"] == "gemini-2.5-flash-image"
     assert load_profile("caption").defaults["max_concurrency"] == 64
 
@@ -158,7 +162,8 @@ def test_should_prefer_dfk8s_jobs_dir_when_it_is_set(jobs_dir):
         tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
         shm_size="8Gi",
         model_cache=ModelCache(pvc="hf-cache"),
-        defaults={"model": "m", "steps": 4},
+        # The file's defaults over the serving's registered ones (what `dfk8s run` uses).
+        defaults={**serving_defaults("diffusers", "text2image"), "model": "m", "steps": 4},
     )
     assert profile.source == path
     # Pipelines the folder lacks still come from the repo.

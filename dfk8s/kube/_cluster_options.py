@@ -19,10 +19,11 @@ from dfk8s.errors import SpecError
 from dfk8s.kube.manifests import KubeRunConfig
 from dfk8s.profiles import Profile, load_profile
 from dfk8s.runs import RunRequest
+from dfk8s.servings import SERVINGS
 
-#: API servings, with the seconds one request is assumed to take for the time estimate. These are
-#: guesses for typical hosted endpoints (a short caption; one 1024px image); real latency varies.
-API_SERVINGS: dict[str, float] = {"openai-chat": 3.0, "openai-images": 20.0, "gemini-images": 10.0}
+#: API servings, with the seconds one request is assumed to take for the time estimate (from the
+#: servings registry: guesses for typical hosted endpoints; real latency varies).
+API_SERVINGS: dict[str, float] = {name: s.latency for name, s in SERVINGS.items() if s.is_api}
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 HF_TOKEN_WARNING = "pods get no Hugging Face token (no --hf-token-secret): gated models will not load"
 

@@ -105,6 +105,8 @@ class DryRun:
     estimate: Estimate | None
     warnings: list[str] = field(default_factory=list)
     cost: Any = None
+    #: The default shard-size rule and the expected time of one shard (None: sizes were given or frozen).
+    shard_size: Any = None
 
 
 def count_plan(request: RunRequest) -> tuple[int, int, int, int]:
@@ -122,7 +124,7 @@ def _count_plan_and_cost(request: RunRequest):
     """``plan()`` in count-only mode (the same code as a real plan, nothing written), plus the estimate."""
     from dfk8s.runs import dry_run as plan_dry_run
 
-    found = plan_dry_run(dataclasses.replace(request, run_id=None))
+    found = plan_dry_run(dataclasses.replace(request, run_id=None), executor="kubernetes")
     spec = found.spec
     return spec.rows, found.good_rows, spec.shards, spec.rows_per_shard, found.estimate
 
@@ -142,7 +144,7 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
     warnings = check_credentials(serving, options)
     run_id = request.run_id or new_run_id()
     storage = run_storage(request.output, run_id, request.endpoint_url)
-    spec = None
+    spec, shard_size = None, None
     if request.run_id:
         try:
             spec = RunSpec.load(storage)
@@ -163,7 +165,12 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
         kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=1)
         serving_options = apply_profile_defaults(request.options, profile, explicit)
         rows, good, shards, rows_per_shard, cost = _count_plan_and_cost(
-            dataclasses.replace(request, options=serving_options, serving=serving))
+            dataclasses.replace(request, options=serving_options, serving=serving,
+                                parallelism=options.parallelism))
+        if not (request.shards or request.rows_per_shard):
+            from dfk8s.plan import default_shard_size
+
+            shard_size = default_shard_size(rows, serving, serving_options, options.parallelism, "kubernetes")
     if not shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
     config = kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=shards)
@@ -188,6 +195,7 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
         estimate=estimate,
         warnings=warnings,
         cost=cost,
+        shard_size=shard_size,
     )
 
 
@@ -260,7 +268,7 @@ def submit(
         request, options, profile, run_id=request.run_id, run_uri=run_uri, shards=request.shards or 1
     )
     warnings += check_cluster(clients, options)
-    storage, spec, resumed = prepare_run(request, stage_images=True, on_row=on_row)
+    storage, spec, resumed = prepare_run(request, stage_images=True, on_row=on_row, executor="kubernetes")
     if not spec.shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
     if spec.serving != profile.serving:

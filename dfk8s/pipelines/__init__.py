@@ -83,16 +83,21 @@ def row_seed(run_seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-_API_TEXT = ("openai-chat", "echo")
-_IMAGE_SERVINGS = ("diffusers", "openai-images", "gemini-images", "echo")
+def _servings(pipeline: str) -> tuple[str, ...]:
+    """The servings that run ``pipeline``, as the servings registry describes them."""
+    from dfk8s.servings import SERVINGS
+
+    return tuple(name for name, s in SERVINGS.items() if pipeline in s.pipelines)
+
 
 PIPELINES: dict[str, Pipeline] = {
-    "caption": Pipeline("caption", "openai-chat", _API_TEXT, "caption", "text", uses_images=True,
+    "caption": Pipeline("caption", "openai-chat", _servings("caption"), "caption", "text", uses_images=True,
                         needs_images=True, system_prompt=CAPTION_SYSTEM_PROMPT),
-    "vqa": Pipeline("vqa", "openai-chat", _API_TEXT, "answer", "text", uses_images=True, needs_images=False),
-    "text2image": Pipeline("text2image", "diffusers", _IMAGE_SERVINGS, "images", "images",
+    "vqa": Pipeline("vqa", "openai-chat", _servings("vqa"), "answer", "text", uses_images=True,
+                    needs_images=False),
+    "text2image": Pipeline("text2image", "diffusers", _servings("text2image"), "images", "images",
                            uses_images=False, needs_images=False),
-    "imageedit": Pipeline("imageedit", "diffusers", _IMAGE_SERVINGS, "edited_images", "images",
+    "imageedit": Pipeline("imageedit", "diffusers", _servings("imageedit"), "edited_images", "images",
                           uses_images=True, needs_images=True),
 }
 

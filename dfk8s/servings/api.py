@@ -9,6 +9,7 @@ Every API serving (chat, OpenAI images, Gemini images) subclasses :class:`ApiSer
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -18,12 +19,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_exponential_jitter
 
 from dfk8s.errors import SpecError
+from dfk8s.servings import OPENAI_KEY_ENV, serving_info
 from dfk8s.servings.base import Request, Response, RowError, Serving
+from dfk8s.servings.breaker import Breaker
 
 log = logging.getLogger(__name__)
 
 #: Environment variables an API key is read from, in order (DataFlow-MM uses DF_API_KEY).
-API_KEY_ENV = ("DF_API_KEY", "OPENAI_API_KEY")
+API_KEY_ENV = OPENAI_KEY_ENV
 #: Longest Retry-After we honour; a server asking for more is capped so a shard cannot stall for hours.
 MAX_RETRY_AFTER = 120.0
 
@@ -31,19 +34,23 @@ MAX_RETRY_AFTER = 120.0
 class RetryableError(Exception):
     """A failure worth another attempt (429, 5xx, timeout, malformed body)."""
 
-    def __init__(self, kind: str, message: str, retry_after: float | None = None):
+    def __init__(self, kind: str, message: str, retry_after: float | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
+        self.details = details or {}
 
 
 class RowFailure(Exception):
     """A failure of this row that retrying cannot fix (refusal, bad request, no image returned)."""
 
-    def __init__(self, kind: str, message: str, details: dict | None = None):
+    def __init__(self, kind: str, message: str, details: dict | None = None, *, systematic: bool = False):
         super().__init__(message)
         self.kind = kind
         self.details = details or {}
+        #: The failure names a run-wide mistake (bad key, model, endpoint, host): the breaker trips at once.
+        self.systematic = systematic
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,10 @@ class ApiOptions:
         rpm = spec.option("rpm")
         if rpm:
             rpm = float(rpm) / max(1, min(spec.parallelism, spec.shards or 1))
+        registered = serving_info(spec.serving).defaults
         return cls(api_url=spec.option("api_url") or os.environ.get("DF_BASE_URL") or None,
                    model=spec.option("model") or default_model,
-                   max_concurrency=int(spec.option("max_concurrency", 64)),
+                   max_concurrency=int(spec.option("max_concurrency", registered.get("max_concurrency", 64))),
                    rpm=rpm, timeout=float(spec.option("timeout", 120.0)),
                    max_retries=int(spec.option("max_retries", 5)))
 
@@ -114,6 +122,27 @@ class PerLoop:
         self._loop = None
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """What a wait reads of tenacity's RetryCallState: the row's attempt number and its failure.
+
+    The first attempt runs outside tenacity, and tenacity counts the rest from 1: this carries the row's
+    own count to the wait, so backoff grows as if every attempt had run inside tenacity.
+    """
+
+    attempt_number: int
+    error: BaseException | None
+
+    @property
+    def outcome(self) -> _Attempt:
+        """Itself: ``outcome.exception()`` is the failure."""
+        return self
+
+    def exception(self) -> BaseException | None:
+        """The attempt's failure."""
+        return self.error
+
+
 class _WaitRetryAfter:
     """Wait what the server asked for in Retry-After, else exponential backoff with jitter."""
 
@@ -137,6 +166,7 @@ class ApiServing(Serving):
         self.concurrency = max(1, options.max_concurrency)
         self.limiter = AsyncLimiter(options.rpm, 60.0) if options.rpm else None
         self.wait = _WaitRetryAfter()
+        self.breaker = Breaker()
 
     @abc.abstractmethod
     async def call(self, request: Request) -> Response:
@@ -153,30 +183,71 @@ class ApiServing(Serving):
                 await value.aclose()
 
     async def run_one(self, request: Request) -> Response | RowError:
-        """Call with rate limit and retries; turn the last failure into a RowError."""
-        attempts = 0
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.options.max_retries + 1), wait=self.wait,
-                                 retry=retry_if_exception(lambda e: isinstance(e, RetryableError)),
-                                 reraise=True)
+        """Call with rate limit and retries; turn the last failure into a RowError.
+
+        Raises:
+            SystematicFailure: The circuit breaker is open (this row is not sent), or this row's failure
+                tripped it (the row stays unprocessed, so a resume sends it again).
+        """
+        probe = await self.breaker.enter()
         try:
+            result, signature, systematic = await self._attempts(request)
+        finally:
+            if probe:
+                await self.breaker.leave()
+        if isinstance(result, RowError):
+            tripped = self.breaker.failure(result.type, signature, systematic=systematic)
+            if tripped is not None:
+                raise tripped
+        else:
+            self.breaker.success()
+        return result
+
+    async def _attempts(self, request: Request) -> tuple[Response | RowError, str, bool]:
+        """The attempts of one row: its result, the failure's message without attempt counts, systematic.
+
+        The first attempt runs outside tenacity (most rows need only one; building the retry machinery
+        for each was ~10% of a worker's CPU at a thousand rows/s); a retryable failure continues in
+        tenacity with the same stop and wait rules as if it had run there from the start.
+        """
+        attempts = 1
+        try:
+            try:
+                return await self._attempt(request, 1), "", False
+            except RetryableError as exc:
+                if self.options.max_retries < 1:
+                    raise
+                await asyncio.sleep(self.wait(_Attempt(1, exc)))
+            retrying = AsyncRetrying(stop=stop_after_attempt(self.options.max_retries),
+                                     wait=lambda state: self.wait(_Attempt(
+                                         state.attempt_number + 1,
+                                         state.outcome.exception() if state.outcome else None)),
+                                     retry=retry_if_exception(lambda e: isinstance(e, RetryableError)),
+                                     reraise=True)
             async for attempt in retrying:
                 with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    if self.limiter is not None:
-                        await self.limiter.acquire()
-                    response = await self.call(request)
-                    response.attempts = attempts
-                    return response
+                    attempts = attempt.retry_state.attempt_number + 1
+                    return await self._attempt(request, attempts), "", False
         except RetryableError as exc:
-            return RowError(exc.kind, f"gave up after {attempts} attempts: {exc}", attempts)
+            message = f"gave up after {attempts} attempts: {exc}"
+            return RowError(exc.kind, message, attempts, dict(exc.details)), str(exc), False
         except RowFailure as exc:
-            return RowError(exc.kind, str(exc), attempts, dict(exc.details))
+            return RowError(exc.kind, str(exc), attempts, dict(exc.details)), str(exc), exc.systematic
         except SpecError:
-            raise
+            raise  # SystematicFailure included: the breaker is open
         except Exception as exc:  # an SDK or decoding surprise fails this row only
             log.debug("row %s failed", request.row_id, exc_info=True)
-            return RowError(type(exc).__name__, _one_line(exc), attempts)
+            message = _one_line(exc)
+            return RowError(type(exc).__name__, message, attempts), message, False
         raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _attempt(self, request: Request, number: int) -> Response:
+        self.breaker.check()  # another row tripped it while this one waited to retry
+        if self.limiter is not None:
+            await self.limiter.acquire()
+        response = await self.call(request)
+        response.attempts = number
+        return response
 
 
 def _one_line(exc: BaseException) -> str:

@@ -49,19 +49,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from dfk8s.errors import ServingUnavailable, SpecError
+from dfk8s.servings import SERVINGS
 from dfk8s.servings.base import Request, Response, RowError, Serving
 
 log = logging.getLogger(__name__)
 
-#: Per pipeline: (diffusers class name, default model, default guidance).
+_REGISTERED = SERVINGS["diffusers"]
+#: Per pipeline: (diffusers class name, default model, default guidance), from the servings registry.
 MODELS = {
-    "text2image": ("FluxPipeline", "black-forest-labs/FLUX.1-dev", 3.5),
-    "imageedit": ("FluxKontextPipeline", "black-forest-labs/FLUX.1-Kontext-dev", 2.5),
+    pipeline: (cls, defaults["model"], defaults["guidance"])
+    for pipeline, cls in (("text2image", "FluxPipeline"), ("imageedit", "FluxKontextPipeline"))
+    for defaults in (_REGISTERED.defaults_for(pipeline),)
 }
 DTYPES = ("bfloat16", "float16", "float32")
-DEFAULT_STEPS = 28
-DEFAULT_SIZE = 1024
-DEFAULT_BATCH_SIZE = 4
+DEFAULT_STEPS = _REGISTERED.defaults["steps"]
+DEFAULT_SIZE = _REGISTERED.defaults_for("text2image")["width"]
+DEFAULT_BATCH_SIZE = _REGISTERED.defaults["batch_size"]
 DEFAULT_MAX_AREA = 1024 ** 2
 
 

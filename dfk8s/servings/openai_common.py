@@ -1,4 +1,8 @@
-"""What OpenAI-compatible servings share: the client, and mapping SDK errors to retry decisions."""
+"""What OpenAI-compatible servings share: the client, and mapping SDK errors to retry decisions.
+
+``openai`` is imported only where the SDK is used: importing it costs ~1 s of CPU per worker process,
+which the lean request path (``--client fast``) never needs.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,8 @@ import json
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
-import openai
-
-from dfk8s.errors import SpecError
-from dfk8s.servings.api import ApiOptions, RetryableError, RowFailure, api_key_from_env
+from dfk8s.servings.api import ApiOptions, RetryableError, api_key_from_env
+from dfk8s.servings.http_errors import status_error, transport_error
 
 
 def normalise_base_url(url: str | None) -> str | None:
@@ -27,12 +29,13 @@ def normalise_base_url(url: str | None) -> str | None:
     return url if urlsplit(url).path.strip("/") else url + "/v1"
 
 
-def make_client(options: ApiOptions) -> openai.AsyncOpenAI:
+def make_client(options: ApiOptions):
     """An async client with the SDK's own retries off: ours count attempts and honour Retry-After.
 
     It uses the SDK's aiohttp transport where available: at hundreds of requests in flight it costs
     about 40% less CPU per request than the default httpx transport (bench/caption_api.py).
     """
+    import openai
     try:
         http_client = openai.DefaultAioHttpClient(
             limits=_limits(options.max_concurrency), timeout=options.timeout)
@@ -46,12 +49,14 @@ def _limits(concurrency: int):
     """Connection pool sized to the requests in flight, so no request waits for a connection."""
     import importlib
 
+    import openai
+
     httpx_module = importlib.import_module(type(openai.DEFAULT_CONNECTION_LIMITS).__module__.split(".")[0])
     return httpx_module.Limits(max_connections=max(100, concurrency * 2),
                                max_keepalive_connections=max(20, concurrency))
 
 
-def _retry_after(exc: openai.APIStatusError) -> float | None:
+def _retry_after(exc) -> float | None:
     value = exc.response.headers.get("retry-after") if exc.response is not None else None
     try:
         return float(value) if value is not None else None
@@ -60,28 +65,22 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
 
 
 @contextmanager
-def openai_errors():
-    """Translate the SDK's exceptions: 429/5xx/timeouts/garbage retry, auth stops the shard, 4xx fail."""
+def openai_errors(host: str | None = None):
+    """Translate the SDK's exceptions as the lean path does (:mod:`dfk8s.servings.http_errors`).
+
+    429/5xx/timeouts/garbage retry; 401/403/404 and an unresolvable host are systematic (the breaker
+    trips); other 4xx fail the row with the server's message.
+    """
+    import openai
+
     try:
         yield
-    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-        raise SpecError(f"the API refused the credentials ({exc.status_code}); check DF_API_KEY") from None
-    except openai.RateLimitError as exc:
-        raise RetryableError("RateLimited", "429 Too Many Requests", _retry_after(exc)) from None
-    except openai.InternalServerError as exc:
-        raise RetryableError("ServerError", f"HTTP {exc.status_code}", _retry_after(exc)) from None
-    except openai.APITimeoutError:
-        raise RetryableError("Timeout", "request timed out") from None
     except openai.APIConnectionError as exc:
-        raise RetryableError("ConnectionError", str(exc)) from None
+        # APITimeoutError included: the SDK's aiohttp transport reports an unresolvable host as a
+        # ConnectTimeout; the exception chain still holds the DNS error, which transport_error names.
+        raise transport_error(exc, host) from None
     except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
         raise RetryableError("MalformedResponse", f"unparseable response: {type(exc).__name__}") from None
     except openai.APIStatusError as exc:
-        if exc.status_code in (408, 409):
-            raise RetryableError("ServerError", f"HTTP {exc.status_code}", _retry_after(exc)) from None
-        body = exc.body if isinstance(exc.body, dict) else {}
-        code = body.get("code") or body.get("type")
-        if code == "content_policy_violation":
-            raise RowFailure("Refusal", body.get("message") or "refused by the content policy") from None
-        raise RowFailure("BadRequest", f"HTTP {exc.status_code}: {body.get('message') or exc.message}",
-                         {"status": exc.status_code, "code": code}) from None
+        body = exc.body if exc.body is not None else (exc.response.text if exc.response is not None else "")
+        raise status_error(exc.status_code, body, _retry_after(exc)) from None

@@ -15,6 +15,7 @@ import os
 
 from dfk8s.errors import SpecError
 from dfk8s.images import ImageProblem, check_image, read_ref_bytes, resolve_ref
+from dfk8s.servings import SERVINGS
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Request, Response
 from dfk8s.servings.image_models import OpenAIImageParams, as_png, check_openai, returned_image
@@ -23,7 +24,7 @@ from dfk8s.usage import usage_from_openai_images
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gpt-image-1.5"
+DEFAULT_MODEL = SERVINGS["openai-images"].defaults["model"]
 #: Largest image accepted from a response URL.
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 #: Largest mask file the API takes.
@@ -198,11 +199,11 @@ class OpenAIImagesServing(ApiServing):
                     raise RowFailure("BadInput", f"the mask is {mw}x{mh} but the image {images[0].ref} is "
                                                  f"{images[0].width}x{images[0].height}")
                 args["mask"] = ("mask.png", self.mask[0], "image/png")
-            with openai_errors():
+            with openai_errors(self.client.base_url.host):
                 result = await self.client.images.edit(
                     image=files[0] if len(files) == 1 else files, prompt=prompt, **args)
         else:
-            with openai_errors():
+            with openai_errors(self.client.base_url.host):
                 result = await self.client.images.generate(prompt=prompt, **args)
         return await self._response(result)
 

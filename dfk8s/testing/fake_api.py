@@ -72,6 +72,14 @@ class FakeConfig:
             `fail_first` attempts, then succeeds: retry counts become exact.
         seed: Seed of the random generator behind the `rate_*` knobs.
         image_size: Longest side, in pixels, of the PNGs the server makes.
+        keep_bodies: Keep the raw bytes and headers of the last `keep_bodies` API requests (`bodies()`),
+            so tests can compare what two clients sent, byte for byte.
+        models: Comma-separated model names the server knows; any other gets 404 `model_not_found`
+            (OpenAI) or `NOT_FOUND` (Gemini), as the real APIs answer. Empty: every name is served.
+        api_key: When set, a request with another key gets 401 `invalid_api_key` (Gemini: 400
+            `API_KEY_INVALID`), as the real APIs answer.
+        decode_images: 1: decode every input image fully (a broken one gets 400); 0: read headers only,
+            so a benchmark with big photos measures the client, not the fake's JPEG decoder.
         batch_seconds: Seconds a batch takes from create to completed (0: one state further per poll).
         batch_line_fail: Probability that one line of a batch fails (a 500 in the error file).
         batch_expire: 1 makes batches expire with half their lines done (see `fake_batch.py`).
@@ -90,6 +98,10 @@ class FakeConfig:
     fail_first: int = 0
     seed: int = 0
     image_size: int = 64
+    keep_bodies: int = 0
+    models: str = ""
+    api_key: str = ""
+    decode_images: int = 1
     batch_seconds: float = 0.0
     batch_line_fail: float = 0.0
     batch_expire: int = 0
@@ -100,12 +112,15 @@ class FakeConfig:
         Raises:
             ValueError: For an unknown knob or a value of the wrong kind.
         """
-        types = {f.name: {"float": float, "int": int}[f.type] for f in dataclasses.fields(self)}
+        types = {f.name: _KNOB_TYPES[f.type] for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - set(types))
         if unknown:
             raise ValueError(f"unknown knob(s): {', '.join(unknown)}; known: {', '.join(types)}")
         for name, value in changes.items():
             setattr(self, name, types[name](value))
+
+
+_KNOB_TYPES = {"float": float, "int": int, "str": str}
 
 
 class ApiError(Exception):
@@ -194,15 +209,21 @@ def size_from(spec: Any, limit: int, sep: str = "x") -> tuple[int, int] | None:
     return scaled(w, h, limit)
 
 
-def inspect_image(img: InImage, check_mime: bool = True) -> None:
+def inspect_image(img: InImage, check_mime: bool = True, decode: bool = True) -> None:
     """Decodes `img` with Pillow and fills in its format and size.
+
+    Args:
+        img: The image as it arrived.
+        check_mime: Also check the declared MIME type against the bytes.
+        decode: Decode every pixel (False: read the header only, for benchmarks with big photos).
 
     Raises:
         ApiError: 400 when the bytes do not decode, or do not match the declared MIME type.
     """
     try:
         with Image.open(io.BytesIO(img.data)) as im:
-            im.load()
+            if decode:
+                im.load()
             img.fmt, img.size = (im.format or "").lower(), im.size
     except Exception as exc:  # Pillow raises many kinds; all mean "not an image we can read"
         raise ApiError(400, f"Invalid image at {img.where}: the data could not be decoded as an image "
@@ -309,6 +330,7 @@ class FakeAPI:
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
         self._start_error: BaseException | None = None
+        self._model_errors: dict[str, tuple[int, Any]] = {}
         self.reset()
 
     # ----- lifecycle -------------------------------------------------------------------------------
@@ -410,6 +432,7 @@ class FakeAPI:
         app.router.add_get("/_config", self._h_config)
         app.router.add_post("/_config", self._h_config)
         app.router.add_post("/_reset", self._h_reset)
+        app.router.add_post("/_fail_model", self._h_fail_model)
         app.router.add_get("/healthz", self._h_health)
 
     # ----- counters --------------------------------------------------------------------------------
@@ -420,6 +443,7 @@ class FakeAPI:
             self._rng = random.Random(self.config.seed)
             self._attempts: dict[str, int] = {}
             self._log: deque[dict[str, Any]] = deque(maxlen=_REQUEST_LOG_SIZE)
+            self._bodies: deque[dict[str, Any]] = deque(maxlen=max(1, self.config.keep_bodies))
             self._seq = 0
             self._stats: dict[str, Any] = {
                 "requests_total": 0, "by_endpoint": {}, "by_status": {}, "faults": {},
@@ -429,6 +453,9 @@ class FakeAPI:
     def configure(self, **changes: Any) -> FakeConfig:
         """Changes knobs at runtime (`seed` also reseeds the generator); returns the config."""
         self.config.update(**changes)
+        if "keep_bodies" in changes:
+            with self._lock:
+                self._bodies = deque(self._bodies, maxlen=max(1, self.config.keep_bodies))
         if "seed" in changes:
             with self._lock:
                 self._rng = random.Random(self.config.seed)
@@ -443,6 +470,19 @@ class FakeAPI:
         """The last 200 API requests, oldest first, image data shortened (`GET /_requests`)."""
         with self._lock:
             return json.loads(json.dumps(list(self._log)))
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """The raw requests kept under `keep_bodies`, oldest first: seq, method, path, headers, body."""
+        with self._lock:
+            return list(self._bodies)
+
+    def fail_model(self, model: str, status: int, body: Any) -> None:
+        """Answer every request for `model` with `status` and `body` (a JSON value, or text), verbatim.
+
+        For the answers proxies give: LiteLLM's `400 no_db_connection` for a key it cannot check, say.
+        """
+        with self._lock:
+            self._model_errors[model] = (int(status), body)
 
     def _bump(self, group: str, name: str) -> None:
         counts = self._stats[group]
@@ -464,6 +504,11 @@ class FakeAPI:
             except (ValueError, TypeError) as exc:
                 return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(dataclasses.asdict(self.config))
+
+    async def _h_fail_model(self, request: web.Request) -> web.Response:
+        spec = await request.json()
+        self.fail_model(spec["model"], spec["status"], spec.get("body"))
+        return web.json_response({"ok": True})
 
     async def _h_reset(self, request: web.Request) -> web.Response:
         self.reset()
@@ -495,6 +540,12 @@ class FakeAPI:
                 self._bump("auth", "present" if auth else "missing")
                 s["inflight"] += 1
                 s["max_inflight"] = max(s["max_inflight"], s["inflight"])
+            if self.config.keep_bodies > 0:
+                raw = await request.read()  # cached: the parsers read the same bytes
+                with self._lock:
+                    self._bodies.append({"seq": entry["seq"], "method": request.method, "path": request.path,
+                                         "query": dict(request.query), "headers": dict(request.headers),
+                                         "body": raw})
             status: int | str = "cancelled"  # what a client hang-up leaves
             try:
                 response = await self._process(request, entry, dialect, parse, reply)
@@ -522,6 +573,9 @@ class FakeAPI:
                                ApiError(400, f"Malformed request body ({type(exc).__name__}: {exc})."))
         entry.update(model=call.model, system=call.system, prompt=call.prompt, n_images=len(call.images),
                      image_mimes=[i.mime for i in call.images], has_mask=call.mask is not None)
+        refused = self._refuse(request, dialect, call)
+        if refused is not None:
+            return refused
         if self.config.latency > 0:
             await asyncio.sleep(self.config.latency)
         mode = self._decide(call)
@@ -546,6 +600,42 @@ class FakeAPI:
             return web.json_response(reply(request, call, mode))
         except ApiError as exc:
             return self._error(dialect, exc)
+
+    def _refuse(self, request: web.Request, dialect: str, call: Call) -> web.Response | None:
+        """The answer to a wrong key, an unknown model or a model told to fail; None to go on."""
+        cfg = self.config
+        if cfg.api_key:
+            given = (request.headers.get("Authorization", "").removeprefix("Bearer ")
+                     or request.headers.get("x-goog-api-key") or request.query.get("key", ""))
+            if given != cfg.api_key:
+                if dialect == "gemini":
+                    from dfk8s.testing import fake_gemini
+                    body = fake_gemini.error_body(400, "API key not valid. Please pass a valid API key.")
+                    body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                                 "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]
+                    return web.json_response(body, status=400)
+                shown = (given[:3] + "*" * 10 + given[-4:]) if len(given) > 8 else "****"
+                return self._error(dialect, ApiError(
+                    401, f"Incorrect API key provided: {shown}. You can find your API key at "
+                         "https://platform.openai.com/account/api-keys.", code="invalid_api_key"))
+        with self._lock:
+            failing = self._model_errors.get(call.model.removeprefix("models/"))
+        if failing is not None:
+            status, body = failing
+            if isinstance(body, str):
+                return web.Response(status=status, text=body)
+            return web.json_response(body, status=status)
+        known = [m.strip() for m in cfg.models.split(",") if m.strip()]
+        if known and call.model.removeprefix("models/") not in known:
+            if dialect == "gemini":
+                return self._error(dialect, ApiError(
+                    404, f"models/{call.model.removeprefix('models/')} is not found for API version v1beta, "
+                         "or is not supported for generateContent. Call ListModels to see the list of "
+                         "available models and their supported methods."))
+            return self._error(dialect, ApiError(
+                404, f"The model `{call.model}` does not exist or you do not have access to it.",
+                code="model_not_found"))
+        return None
 
     def _decide(self, call: Call) -> str | None:
         """The fault for this request: a content trigger, `fail_first`, a random knob, or None."""
@@ -595,9 +685,9 @@ class FakeAPI:
     def _inspect(self, call: Call) -> None:
         # Multipart parts declare a Content-Type the real API checks; data URLs and Gemini blobs too.
         for img in call.images:
-            inspect_image(img)
+            inspect_image(img, decode=bool(self.config.decode_images))
         if call.mask is not None:
-            inspect_image(call.mask)
+            inspect_image(call.mask, decode=bool(self.config.decode_images))
             if call.images and call.mask.size != call.images[0].size:
                 raise ApiError(400, "Invalid mask: the mask and the image must have the same dimensions.",
                                code="invalid_value", param="mask")
@@ -785,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     for f in dataclasses.fields(FakeConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type={"float": float, "int": int}[f.type],
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_KNOB_TYPES[f.type],
                             default=f.default, help=f"default {f.default}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -163,7 +163,7 @@ def test_profile_defaults_fill_what_no_flag_set():
         {"max_concurrency": 64, "model": "mine"}, profile, explicit={"model"}
     )
     assert merged["model"] == "mine" and merged["max_concurrency"] == profile.defaults["max_concurrency"]
-    assert merged["max_retries"] == profile.defaults["max_retries"]
+    assert merged == {**profile.defaults, "model": "mine"}  # every other default filled in
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_dry_run_counts_what_plan_writes(tmp_path, shards, rows_per_shard):
         rows_per_shard=rows_per_shard,
     )
     rows, good, counted_shards, counted_size = launcher.count_plan(request)
-    _, spec, _ = prepare_run(request)
+    _, spec, _ = prepare_run(request, executor="kubernetes")  # as submit plans it
     assert (rows, counted_shards, counted_size) == (spec.rows, spec.shards, spec.rows_per_shard)
     assert good == 4
 
