@@ -138,8 +138,13 @@ class OpenAIChatServing(ApiServing):
         """
         if self.client == "sdk":
             return await self._call_sdk(request)
-        data = dumps_with_images(lambda slot: self.body(
-            request, lambda img: data_url(img) if not img.data else f"data:{img.mime};base64,{slot(img.data)}"))
+        def body(slot) -> dict:
+            def url(img) -> str:  # an unfetched URL (--image-fetch provider) goes as itself, as data_url does
+                return f"data:{img.mime};base64,{slot(img.data)}" if img.data else data_url(img)
+
+            return self.body(request, url)
+
+        data = dumps_with_images(body)
         return parse_completion(await self.clients.get().post("/chat/completions", data))
 
     async def _call_sdk(self, request: Request) -> Response:
