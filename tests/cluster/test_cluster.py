@@ -193,3 +193,36 @@ def test_a_gpu_pod_beyond_the_gpu_capacity_stays_pending(kube_env, held, s3_buck
         assert condition["reason"] == "Unschedulable" and "nvidia.com/gpu" in condition["message"]
     finally:
         cluster.batch.delete_namespaced_job(map_job["metadata"]["name"], NS, propagation_policy="Background")
+
+
+def test_model_cache_objects_are_accepted_by_the_api_server(kube_env, s3_bucket, tmp_path, run_id):
+    """Issue 13's objects on the real server: a FLUX submit with --model-cache-pvc (read-only claim, offline
+    env) and the model pull Job (write mount), through defaulting, validation and PodSecurity restricted."""
+    cluster = kube_env
+    manifest = tmp_path / "prompts.jsonl"
+    manifest.write_text("".join(json.dumps({"prompt": f"a cat {i}"}) + "\n" for i in range(2)))
+    submit_yaml = _dry_run(
+        s3_bucket,
+        "--pipeline",
+        "text2image",
+        "--input",
+        manifest,
+        "--run-id",
+        run_id,
+        "--service-account",
+        "dfk8s-reducer",
+        "--model-cache-pvc",
+        "hf-cache",
+    )
+    map_job = next(doc for doc in yaml.safe_load_all(submit_yaml) if doc["metadata"]["name"].endswith("-map"))
+    pod = map_job["spec"]["template"]["spec"]
+    claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert [c["persistentVolumeClaim"] for c in claims] == [{"claimName": "hf-cache", "readOnly": True}]
+    pull = invoke("model", "pull", "black-forest-labs/FLUX.1-dev", "--pvc", "hf-cache", "-n", NS,
+                  "--hf-token-secret", "hf/HF_TOKEN", "--dry-run")
+    assert pull.exit_code == 0, pull.output
+    for text, kind in ((submit_yaml, "submit"), (pull.stdout, "model pull")):
+        result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=text)
+        assert result.returncode == 0, (kind, result.stderr)
+        assert "created (server dry run)" in result.stdout, (kind, result.stdout)
+        assert "Warning" not in result.stderr, (kind, result.stderr)  # no PodSecurity warnings
