@@ -17,7 +17,6 @@ IMAGES_PREFIX = "images"
 STAGED_PREFIX = "staged"
 PROGRESS_PREFIX = "progress"
 LEASE_KEY = "lease.json"
-BREAKER_KEY = "breaker.json"
 #: Image refs that point inside the run (staged uploads) carry this scheme.
 RUN_REF_SCHEME = "run:"
 
