@@ -59,6 +59,9 @@ CONTROLLERS = (
     "namespace-controller",
     "pod-garbage-collector-controller",
     "root-ca-certificate-publisher-controller",
+    # Binds PersistentVolumeClaims to matching PersistentVolumes, as in a cluster with static volumes
+    # (no provisioner runs here); the scheduler places no pod whose claim is unbound.
+    "persistentvolume-binder-controller",
 )
 _PR_SET_PDEATHSIG = 1
 

@@ -15,7 +15,10 @@ what the kubelet does, against the real kube-apiserver, for pods the real schedu
 * sets up the pod's volumes as the kubelet does: ``emptyDir`` (a folder per pod), ``secret``,
   ``configMap``, ``downwardAPI`` and ``projected`` (the ServiceAccount admission plugin's
   ``kube-api-access-*`` volume: a TokenRequest bound to the pod, ``kube-root-ca.crt``, the
-  namespace), and bind-mounts them at their mount paths in a private mount namespace
+  namespace) and ``persistentVolumeClaim`` (the ``hostPath`` folder of the PersistentVolume the real
+  PV controller bound the claim to: no storage driver runs here, so a test creates a hostPath PV per
+  claim; an unbound claim waits in ContainerCreating), and bind-mounts them at their mount paths in a
+  private mount namespace
   (``unshare --mount``) of that process only, with the root filesystem read-only when the container
   asks for ``readOnlyRootFilesystem``. No token volume, no token: automount off means none;
 * reports status as the kubelet does: Pending (``ContainerCreating``, or
@@ -239,18 +242,14 @@ class _Pod:
     def _volumes(self) -> list[tuple[Path, str, bool]]:
         spec = self.pod["spec"]
         folders: dict[str, Path] = {}
+        read_only: set[str] = set()
         for volume in spec.get("volumes") or ():
             name = volume["name"]
             folder = self.dir / "volumes" / name
             if "persistentVolumeClaim" in volume:
-                # No storage provisioner here: a claim is one folder on this machine, shared by every
-                # pod that mounts it (ReadWriteMany).
-                folder = (
-                    self.agent.state_dir
-                    / "claims"
-                    / self.namespace
-                    / volume["persistentVolumeClaim"]["claimName"]
-                )
+                folder = self._claim_folder(volume["persistentVolumeClaim"]["claimName"])
+                if volume["persistentVolumeClaim"].get("readOnly"):
+                    read_only.add(name)
             folder.mkdir(parents=True, exist_ok=True)
             if "secret" in volume:
                 self._write_keys(
@@ -280,9 +279,29 @@ class _Pod:
             if mount.get("subPath"):
                 source = source / mount["subPath"]
                 source.mkdir(parents=True, exist_ok=True)
-            mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
+            read_only_mount = bool(mount.get("readOnly")) or mount["name"] in read_only
+            mounts.append((source, mount["mountPath"], read_only_mount))
         # Parents before children (/tmp before /tmp/x), as container runtimes order them.
         return sorted(mounts, key=lambda m: len(Path(m[1]).parts))
+
+    def _claim_folder(self, claim: str) -> Path:
+        """The host folder of a claim: the ``hostPath`` of the PersistentVolume it is bound to.
+
+        No storage driver runs here, so the agent mounts only hostPath volumes (a test creates the PV
+        with a folder of its own, and the real PV controller binds the claim). An unbound claim or
+        another kind of volume waits, as a kubelet waits for a volume it cannot attach.
+        """
+        pvc = self.agent.read("persistentvolumeclaims", self.namespace, claim)
+        if pvc is None:
+            raise ConfigError(f'persistentvolumeclaim "{claim}" not found')
+        volume_name = (pvc.get("spec") or {}).get("volumeName")
+        if not volume_name or (pvc.get("status") or {}).get("phase") != "Bound":
+            raise ConfigError(f'persistentvolumeclaim "{claim}" is not bound')
+        pv = self.agent.read("persistentvolumes", "", volume_name)
+        path = ((pv or {}).get("spec") or {}).get("hostPath", {}).get("path")
+        if not path:
+            raise ConfigError(f"persistentvolume {volume_name}: the node agent mounts only hostPath volumes")
+        return Path(path)
 
     def _projected(self, folder: Path, projected: dict) -> None:
         for source in projected.get("sources") or ():
@@ -598,12 +617,14 @@ class NodeAgent:
         return api, client.CoreV1Api(api), client.CoordinationV1Api(api)
 
     def read(self, resource: str, namespace: str, name: str) -> dict | None:
-        """GET one namespaced object as a dict; None when it does not exist."""
+        """GET one object (namespaced, or a PersistentVolume) as a dict; None when it does not exist."""
         from kubernetes.client.exceptions import ApiException
 
         method = {
             "secrets": self.core.read_namespaced_secret,
             "configmaps": self.core.read_namespaced_config_map,
+            "persistentvolumeclaims": self.core.read_namespaced_persistent_volume_claim,
+            "persistentvolumes": lambda name, namespace, **kw: self.core.read_persistent_volume(name, **kw),
         }[resource]
         try:
             response = method(name, namespace, _preload_content=False, _request_timeout=30)

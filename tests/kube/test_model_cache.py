@@ -1,14 +1,14 @@
 """The shared model cache on a cluster: worker mounts, the pull and list Jobs, the submit warnings.
 
 Every object is validated strictly at the oldest and newest supported Kubernetes (SUPPORTED_KUBERNETES).
-Acceptance by a real control plane (issue 7's) is to be added where that suite lives.
+The pull and list Jobs run for real (`model pull --pvc --wait`, `model list --pvc`) on the real control
+plane in tests/cluster/test_model_cache.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 
 import pytest
 import yaml
@@ -26,7 +26,6 @@ from dfk8s.model_jobs import (
     pull_job_name,
 )
 from dfk8s.profiles import ModelCache, load_profile
-from dfk8s.testing.fake_kube import FakeKube
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -354,87 +353,6 @@ def test_should_refuse_flags_of_the_other_target_when_pull_is_called():
     assert invoke("model", "pull", FLUX, "--to", "d", "--pvc", "p").exit_code == 2
     result = invoke("model", "pull", FLUX, "--to", "d", "--hf-token-secret", "hf/HF_TOKEN")
     assert result.exit_code == 2 and "--hf-token-secret is for --pvc" in result.output
-
-
-@pytest.fixture
-def fake_cluster(tmp_path, monkeypatch):
-    with FakeKube(watch_timeout=1.0) as fake:
-        monkeypatch.setenv("KUBECONFIG", fake.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS))
-        yield fake
-
-
-def _in_thread(*args):
-    box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("result", invoke(*args)), daemon=True)
-    thread.start()
-    return thread, box
-
-
-def test_should_follow_the_pull_job_and_replace_a_finished_one_when_wait_is_set(fake_cluster):
-    name = pull_job_name(FLUX, "hf-cache")
-    thread, box = _in_thread("model", "pull", FLUX, "--pvc", "hf-cache", "--wait")
-    fake_cluster.wait_for(lambda: fake_cluster.get("jobs", NS, name), what="the pull job")
-    job = fake_cluster.get("jobs", NS, name)
-    assert pod(job)["containers"][0]["command"][:4] == ["dfk8s", "model", "pull", FLUX]
-    fake_cluster.finish_pod(NS, name, 0, 1, log="cannot download now\n")  # retried: the next pod resumes
-    fake_cluster.finish_pod(NS, name, 0, 0, log="pulled it\n")
-    thread.join(60)
-    result = box["result"]
-    assert result.exit_code == 0, result.output
-    assert (
-        "pod attempt 1 failed" in result.stderr and "submit with --model-cache-pvc hf-cache" in result.stderr
-    )
-    # Pulling again once it finished: the old Job is replaced, not refused as "already exists".
-    again = invoke("model", "pull", FLUX, "--pvc", "hf-cache")
-    assert again.exit_code == 0, again.output
-    assert "created job" in again.stderr
-    assert fake_cluster.job_finished(NS, name) is None
-    # A pull that is still going is left alone (no second download).
-    third = invoke("model", "pull", FLUX, "--pvc", "hf-cache")
-    assert third.exit_code == 0 and "already pulling" in third.stderr
-
-
-def test_should_exit_42_with_the_log_line_when_the_pull_cannot_succeed(fake_cluster):
-    name = pull_job_name("some-org/private", "hf-cache")
-    thread, box = _in_thread("model", "pull", "some-org/private", "--pvc", "hf-cache", "--wait")
-    fake_cluster.wait_for(lambda: fake_cluster.get("jobs", NS, name), what="the pull job")
-    fake_cluster.finish_pod(NS, name, 0, 42, log="error: some-org/private: no such model on the Hub\n")
-    thread.join(60)
-    result = box["result"]
-    # CliRunner bypasses dfk8s.cli.main, which turns the error into one line and its exit code.
-    assert isinstance(result.exception, SpecError) and result.exception.exit_code == 42
-    assert "PodFailurePolicy" in str(result.exception) and "no such model on the Hub" in str(result.exception)
-
-
-def test_should_read_the_list_from_a_pod_and_delete_the_job_when_list_pvc_is_called(fake_cluster):
-    from dfk8s.models import CachedModel, cached_models_to_json
-
-    listed = cached_models_to_json(
-        [
-            CachedModel(
-                model=FLUX,
-                commit="a" * 40,
-                refs=["main"],
-                bytes=34 * 10**9,
-                files=29,
-                complete=True,
-                snapshot="/cache/huggingface/hub/x",
-            )
-        ]
-    )
-    thread, box = _in_thread("model", "list", "--pvc", "hf-cache")
-
-    def list_job():
-        jobs = [key for key in fake_cluster._store["jobs"] if key[1].startswith("dfk8s-model-list-")]
-        return jobs[0][1] if jobs else None
-
-    name = fake_cluster.wait_for(list_job, what="the list job")
-    fake_cluster.finish_pod(NS, name, 0, 0, log=listed + "\n")
-    thread.join(60)
-    result = box["result"]
-    assert result.exit_code == 0, result.output
-    assert FLUX in result.stdout and "34 GB" in result.stdout and "complete" in result.stdout
-    fake_cluster.wait_for(lambda: fake_cluster.get("jobs", NS, name) is None, what="the list job deleted")
 
 
 def test_should_read_the_claim_and_subpath_when_a_profile_names_them(tmp_path, monkeypatch):
