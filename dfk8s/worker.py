@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from dfk8s import layout
@@ -118,6 +118,9 @@ class ShardRunner:
         self.failed = 0
         self._published: tuple[int, int] | None = None
         self.fetcher = None  # dfk8s.fetch.ImageFetcher, made on the loop when a row has an http(s) image
+        #: Called once every row of the shard has been sent (only the answers in flight are left): a
+        #: long-lived worker then takes its next shard, whose rows fill the slots this one frees.
+        self.on_draining: Callable[[], None] | None = None
 
     # -- records -------------------------------------------------------------------------------------
 
@@ -344,7 +347,7 @@ class ShardRunner:
         if self.serving is None:
             self.serving = self.session.serving_for(self.spec)
         size = max(1, self.serving.batch_size)
-        slots = asyncio.Semaphore(max(1, self.serving.concurrency))
+        slots = self.session.slots(self.serving)  # shared by the shards this worker runs at once
         stopping = stop.event()
         tasks: set[asyncio.Task] = set()
         fatal: list[BaseException] = []
@@ -386,6 +389,8 @@ class ShardRunner:
             task = asyncio.create_task(one(todo[start:start + size]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        if self.on_draining is not None and not (fatal or over_budget or stopping.is_set()):
+            self.on_draining()
         await self._drain(tasks, stopping)
         if fatal:
             raise fatal[0]
@@ -434,6 +439,18 @@ class WorkerSession:
         self.owns_serving = serving is None
         self.stop = stop or StopToken()
         self._runner: asyncio.Runner | None = None
+        self._slots: dict[int, asyncio.Semaphore] = {}
+
+    def slots(self, serving: Serving) -> asyncio.Semaphore:
+        """The in-flight slots of ``serving`` (its ``concurrency``), shared by every shard the session runs.
+
+        A long-lived worker starts its next shard while the last answers of the current one are in flight:
+        with one limit for both, the new shard's rows take exactly the slots the old one frees.
+        """
+        slots = self._slots.get(id(serving))
+        if slots is None:
+            slots = self._slots[id(serving)] = asyncio.Semaphore(max(1, serving.concurrency))
+        return slots
 
     def serving_for(self, spec: RunSpec) -> Serving:
         """The session's serving, built from ``spec`` on first use."""
@@ -485,7 +502,26 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
         SpecError / ShardError: The shard cannot succeed.
         WorkerStopped: A stop was requested; finished rows are checkpointed (a retry resumes).
     """
-    spec = RunSpec.load(storage)
+    own_session = session is None
+    if own_session:
+        session = WorkerSession(serving)
+    try:
+        return session.run(run_shard(storage, index, session=session, serving=serving,
+                                     endpoint_url=endpoint_url))
+    finally:
+        if own_session:
+            session.close()
+
+
+async def run_shard(storage, index: int, *, session: WorkerSession, serving: Serving | None = None,
+                    endpoint_url: str | None = None,
+                    on_draining: Callable[[], None] | None = None) -> ShardStats:
+    """:func:`process_shard` on the session's running loop, so that one worker can run shards side by side.
+
+    Storage calls run in threads: another shard's requests keep flowing meanwhile. ``on_draining`` is
+    called once every row of the shard is sent (see :attr:`ShardRunner.on_draining`).
+    """
+    spec = await asyncio.to_thread(RunSpec.load, storage)
     if not 0 <= index < spec.shards:
         raise ShardError(f"shard index {index} is out of range: the run has {spec.shards} shards")
     parallelism = os.environ.get("DFK8S_PARALLELISM", "")
@@ -497,40 +533,37 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
         log.info("--rpm %g for the run: %g a minute for this worker (%d workers)", float(spec.option("rpm")),
                  ApiOptions.from_spec(spec, "").rpm, min(spec.parallelism, spec.shards))
     done_key = layout.shard_done_key(index)
-    if storage.exists(done_key):
+    if await asyncio.to_thread(storage.exists, done_key):
         log.info("shard %d is already done", index)
-        return ShardStats(**storage.read_json(done_key))
-    tripped = read_breaker(storage)
+        return ShardStats(**await asyncio.to_thread(storage.read_json, done_key))
+    tripped = await asyncio.to_thread(read_breaker, storage)
     if tripped is not None:  # another shard's breaker tripped: this one would fail the same way
         raise tripped
     started = time.monotonic()
-    shard_rows = read_shard(storage, index)
-    finished, next_part = read_parts(storage, index)
+    shard_rows = await asyncio.to_thread(read_shard, storage, index)
+    finished, next_part = await asyncio.to_thread(read_parts, storage, index)
     pending = [r for r in shard_rows if r["pos"] not in finished]
     log.info("shard %d: %d rows, %d already finished, %d to do", index, len(shard_rows), len(finished),
              len(pending))
-    own_session = session is None
-    if own_session:
-        session = WorkerSession(serving)
-    runner = ShardRunner(spec, storage, index, serving, endpoint_url=endpoint_url, session=session)
+    runner = await asyncio.to_thread(ShardRunner, spec, storage, index, serving, endpoint_url=endpoint_url,
+                                     session=session)
     runner.next_part = next_part
+    runner.on_draining = on_draining
     for record in finished.values():
         runner.budget.add(record.get("usage"))  # spent by earlier attempts: it counts against --max-cost
     runner.rows = len(shard_rows)
     runner.ok = sum(1 for r in finished.values() if r["ok"])
     runner.failed = len(finished) - runner.ok
     try:
-        session.run(runner.run(pending))
+        await runner.run(pending)
     except SystematicFailure as exc:
         # The finished rows are checkpointed (runner.run flushed them); the unsent ones stay unprocessed.
-        if not _exists(storage, layout.BREAKER_KEY):
-            storage.write_json(layout.BREAKER_KEY, {"shard": index, **exc.to_dict()})
+        if not await asyncio.to_thread(_exists, storage, layout.BREAKER_KEY):
+            await asyncio.to_thread(storage.write_json, layout.BREAKER_KEY, {"shard": index, **exc.to_dict()})
         log.error("shard %d: circuit breaker: %s", index, exc)
         raise
-    finally:
-        if own_session:
-            session.close()
-    return _assemble(storage, index, shard_rows, time.monotonic() - started, len(finished), runner.budget)
+    return await asyncio.to_thread(_assemble, storage, index, shard_rows, time.monotonic() - started,
+                                   len(finished), runner.budget)
 
 
 def read_breaker(storage) -> SystematicFailure | None:
@@ -608,60 +641,105 @@ def shard_index_from_env(index: int | None) -> int:
     return int(value)
 
 
+#: Shards a long-lived worker runs at once: the current one, and the next one while the current one's
+#: last answers are in flight (it is only sent once the current one is draining).
+SHARDS_AT_ONCE = 2
+
+
 def serve(storage, *, endpoint_url: str | None = None, commands=None, replies=None,
           stop: StopToken | None = None) -> int:
     """A long-lived worker: take shard indexes from ``commands`` (one a line) until EOF or a stop.
 
-    Each shard is processed with one session (one event loop, one serving built once), and answered
-    with one JSON line on ``replies``: ``{"index", "code", "message", "ok", "failed"}``. ``code`` has the
-    meaning of a worker's exit code: 0 done, 42 cannot succeed, else retry. After a retryable failure or
-    a stop the worker exits with that code (a fresh process takes over); after 42 it goes on, unless the
-    run's circuit breaker tripped.
+    All shards run on one session (one event loop, one serving built once, one in-flight limit), each as
+    soon as its index arrives. Each is answered with one JSON line on ``replies``:
+    ``{"index", "code", "message", "ok", "failed"}``; ``code`` has the meaning of a worker's exit code:
+    0 done, 42 cannot succeed, else retry. Before that, ``{"index", "event": "draining"}`` says that every
+    row of the shard is sent: the launcher may then send the next index, which fills the slots the
+    draining shard frees (no idle tail between shards). After a retryable failure or a stop the worker
+    takes no new shard, lets the others finish and exits with that code (a fresh process takes over);
+    after 42 it goes on, unless the run's circuit breaker tripped.
 
     Returns:
         The process exit code.
     """
-    import queue
-    import threading
-
     stop = stop or StopToken()
     commands = commands if commands is not None else sys.stdin
-    lines: queue.Queue = queue.Queue()
-
-    def read_commands():
-        for line in commands:
-            lines.put(line)
-        lines.put(None)  # EOF: the launcher closed the pipe (or is gone)
-
-    threading.Thread(target=read_commands, name="commands", daemon=True).start()
     session = WorkerSession(stop=stop)
     code = 0
     try:
-        while not stop.requested:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None or not line.strip():
-                break
-            index = int(line)
-            code, reply = _serve_one(storage, index, session, endpoint_url)
-            replies.write(_dumps(reply) + "\n")
-            replies.flush()
-            if code not in (0, EXIT_DO_NOT_RETRY) or reply.get("breaker"):
-                break
-            code = 0
+        code = session.run(_serve(storage, session, endpoint_url, commands, replies))
     finally:
         if code != WorkerStopped.exit_code:
             session.close()  # a stopped worker may have a model call still running in a thread: skip
     return code
 
 
-def _serve_one(storage, index: int, session: WorkerSession, endpoint_url: str | None) -> tuple[int, dict]:
+async def _serve(storage, session: WorkerSession, endpoint_url: str | None, commands, replies) -> int:
+    import threading
+
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    def put(line) -> None:
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, line)
+        except RuntimeError:  # the loop is closed: the worker is exiting
+            pass
+
+    def read_commands() -> None:
+        for line in commands:
+            put(line)
+        put(None)  # EOF: the launcher closed the pipe (or is gone)
+
+    def reply(message: dict) -> None:
+        replies.write(_dumps(message) + "\n")
+        replies.flush()
+
+    threading.Thread(target=read_commands, name="commands", daemon=True).start()
+    stopping = session.stop.event()
+    active: set[asyncio.Task] = set()
+    getter: asyncio.Future | None = None
+    accepting, code = True, 0
+    while True:
+        if accepting and getter is None and not stopping.is_set():
+            getter = asyncio.ensure_future(inbox.get())
+        waiting = set(active) | ({getter} if getter is not None else set())
+        if not waiting:
+            break
+        halt = asyncio.ensure_future(stopping.wait())
+        done, _ = await asyncio.wait(waiting | {halt}, return_when=asyncio.FIRST_COMPLETED)
+        halt.cancel()
+        if getter is not None and getter in done:
+            line, getter = getter.result(), None
+            if line is None or not line.strip():
+                accepting = False
+            else:
+                index = int(line)
+                active.add(asyncio.create_task(_serve_one(
+                    storage, index, session, endpoint_url,
+                    lambda index=index: reply({"index": index, "event": "draining"}))))
+        for task in done & active:
+            active.discard(task)
+            shard_code, message = task.result()
+            reply(message)
+            if shard_code not in (0, EXIT_DO_NOT_RETRY) or message.get("breaker"):
+                accepting = False  # the others finish; then a fresh process takes over
+                code = code or shard_code
+        if stopping.is_set():
+            accepting = False
+            if getter is not None:
+                getter.cancel()
+                getter = None
+    return code
+
+
+async def _serve_one(storage, index: int, session: WorkerSession, endpoint_url: str | None,
+                     on_draining: Callable[[], None] | None = None) -> tuple[int, dict]:
     """Process one shard for :func:`serve`; returns the exit code it stands for and the reply."""
     reply: dict = {"index": index, "code": 0, "message": ""}
     try:
-        stats = process_shard(storage, index, session=session, endpoint_url=endpoint_url)
+        stats = await run_shard(storage, index, session=session, endpoint_url=endpoint_url,
+                                on_draining=on_draining)
         reply.update(ok=stats.ok, failed=stats.failed, message=f"shard {index}: {stats.ok} ok, "
                      f"{stats.failed} failed")
     except Exception as exc:
@@ -672,15 +750,16 @@ def _serve_one(storage, index: int, session: WorkerSession, endpoint_url: str | 
             log.error("shard %d: %s", index, exc)
         reply.update(code=code, message=f"{type(exc).__name__}: {exc}"[:1000])
         tripped = type(exc).__name__ == "SystematicFailure"
-        if tripped and not _exists(storage, layout.BREAKER_KEY):
+        if tripped and not await asyncio.to_thread(_exists, storage, layout.BREAKER_KEY):
             try:  # the breaker contract: breaker.json names the cause for the launcher's one line
-                storage.write_json(layout.BREAKER_KEY, {
+                await asyncio.to_thread(storage.write_json, layout.BREAKER_KEY, {
                     "shard": index, "type": str(getattr(exc, "type", "") or getattr(exc, "kind", "")),
                     "message": str(getattr(exc, "message", "") or exc),
                     "hint": str(getattr(exc, "hint", ""))})
             except StorageError as write_error:
                 log.warning("could not write %s: %s", layout.BREAKER_KEY, write_error)
-        if code == EXIT_DO_NOT_RETRY and (tripped or _exists(storage, layout.BREAKER_KEY)):
+        if code == EXIT_DO_NOT_RETRY and (tripped or await asyncio.to_thread(_exists, storage,
+                                                                               layout.BREAKER_KEY)):
             reply["breaker"] = True
     return reply["code"], reply
 

@@ -214,3 +214,48 @@ def test_requests_that_outlast_the_grace_period_are_cancelled_and_stay_pending(t
     rows = [json.loads(line) for line in storage.open_lines("output/00000.jsonl")]
     assert len(rows) == 20 and all(r["answer"] for r in rows)
     assert fake_api.stats()["requests_total"] == 4 + 20  # the four cut off are sent again, nothing else
+
+
+def test_a_long_lived_worker_sends_the_next_shards_rows_while_the_last_answers_are_in_flight(tmp_path, fake_api):
+    """The drain at a shard's end costs no idle slots: once every row of shard 0 is sent, the worker says
+    so, takes shard 1, and shard 1's rows fill the slots shard 0's answers free, before shard 0 is done."""
+    fake_api.configure(latency=0.6, keep_bodies=100)
+    storage, spec, _ = prepare_run(RunRequest(
+        pipeline="vqa", serving="openai-chat", input=str(_manifest(tmp_path, 12)), output=str(tmp_path / "o"),
+        run_id="overlap", rows_per_shard=6,
+        options={"api_url": fake_api.url + "/v1", "model": "fake-model", "max_concurrency": 4}))
+    assert spec.shards == 2
+    worker = subprocess.Popen([sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--serve"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=_env())
+
+    def shard_one_requests() -> int:  # rows 6..11 are shard 1's
+        prompts = [json.loads(b["body"])["messages"][-1]["content"] for b in fake_api.bodies()]
+        return sum(1 for p in prompts if int(str(p).rsplit(" ", 1)[-1]) >= 6)
+
+    try:
+        worker.stdin.write("0\n")
+        worker.stdin.flush()
+        first = json.loads(worker.stdout.readline())
+        assert first == {"index": 0, "event": "draining"}  # all six rows sent, answers still in flight
+        assert shard_one_requests() == 0
+        worker.stdin.write("1\n")
+        worker.stdin.flush()
+        replies = []
+        while not any(r.get("index") == 0 and "code" in r for r in replies):
+            replies.append(json.loads(worker.stdout.readline()))
+        # Shard 1's rows took the slots shard 0's answers freed before shard 0 finished.
+        assert shard_one_requests() >= 1
+        while not any(r.get("index") == 1 and "code" in r for r in replies):
+            replies.append(json.loads(worker.stdout.readline()))
+        done = {r["index"]: r for r in replies if "code" in r}
+        assert {i: (r["code"], r["ok"]) for i, r in done.items()} == {0: (0, 6), 1: (0, 6)}
+        # Each shard says it is draining before it is done.
+        assert replies.index({"index": 1, "event": "draining"}) < replies.index(done[1])
+        worker.stdin.close()
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert _ok(fake_api) == 12  # every row once

@@ -28,6 +28,7 @@ from dfk8s.lifecycle import PARENT_PID_ENV, grace_seconds
 from dfk8s.progress import ProgressReader, logs_above, progress_bar
 from dfk8s.reducer import Summary, reduce_run
 from dfk8s.spec import RunSpec
+from dfk8s.worker import SHARDS_AT_ONCE
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,20 @@ class _Worker:
     process: subprocess.Popen
     log_path: Path
     gpus: str | None = None
-    shard: int | None = None
-    attempt: int = 0
+    #: The shards it runs now (index -> attempt): one, and a second once the first is draining.
+    shards: dict[int, int] = field(default_factory=dict)
+    #: Those of its shards whose rows are all sent (only answers in flight are left).
+    draining: set[int] = field(default_factory=set)
     retiring: bool = False
+
+    def can_take(self) -> bool:
+        """Whether to send it a shard: it is idle, or every shard it runs is draining.
+
+        The next shard's rows then fill the slots the draining ones free: no idle tail between shards.
+        """
+        if self.retiring or len(self.shards) >= SHARDS_AT_ONCE:
+            return False
+        return not self.shards or set(self.shards) <= self.draining
 
 
 def visible_gpus() -> list[str]:
@@ -149,7 +161,7 @@ class LocalExecutor:
 
     @staticmethod
     def _assign(worker: _Worker, index: int, attempt: int) -> bool:
-        worker.shard, worker.attempt = index, attempt
+        worker.shards[index] = attempt
         try:
             worker.process.stdin.write(f"{index}\n")
             worker.process.stdin.flush()
@@ -190,7 +202,7 @@ class LocalExecutor:
                                     failed=first.failed if first else 0, rate="-")
                 base, began, last_poll = (first.rows if first else 0), time.monotonic(), 0.0
                 try:
-                    while todo or any(w.shard is not None for w in workers):
+                    while todo or any(w.shards for w in workers):
                         self._top_up(storage, workers, todo, parallelism, gpu_sets, events, log_dir, numbers)
                         try:
                             kind, worker, value = events.get(timeout=self.poll_seconds)
@@ -226,9 +238,9 @@ class LocalExecutor:
         return summary
 
     def _top_up(self, storage, workers, todo, parallelism, gpu_sets, events, log_dir, numbers) -> None:
-        """Give every idle worker a shard, starting workers until ``parallelism`` are alive."""
-        for worker in workers:
-            if todo and worker.shard is None and not worker.retiring:
+        """Give shards to idle workers, then to draining ones; start workers until ``parallelism`` live."""
+        for worker in sorted(workers, key=lambda w: len(w.shards)):  # idle ones first: they have no work
+            if todo and worker.can_take():
                 index, attempt = todo.popleft()
                 self._assign(worker, index, attempt)
         while todo and len(workers) < parallelism:
@@ -241,11 +253,15 @@ class LocalExecutor:
             self._assign(worker, index, attempt)
 
     def _on_reply(self, storage, worker: _Worker, reply: dict, todo: deque) -> None:
-        index, code = reply.get("index"), int(reply.get("code", 1))
-        if index != worker.shard:
+        index = reply.get("index")
+        if index not in worker.shards:
             return
-        attempt = worker.attempt
-        worker.shard = None
+        if reply.get("event") == "draining":
+            worker.draining.add(index)
+            return
+        code = int(reply.get("code", 1))
+        attempt = worker.shards.pop(index)
+        worker.draining.discard(index)
         if code == 0:
             return
         if code == EXIT_DO_NOT_RETRY:
@@ -259,15 +275,14 @@ class LocalExecutor:
 
     def _on_exit(self, worker: _Worker, code: int, todo: deque, workers: list[_Worker]) -> None:
         workers.remove(worker)
-        if worker.shard is None:
-            return
-        index, attempt = worker.shard, worker.attempt
-        worker.shard = None
-        if code == EXIT_DO_NOT_RETRY:
-            self.failed_shards[index] = _tail(worker.log_path)
-            log.error("shard %d cannot succeed (exit 42): %s", index, self.failed_shards[index])
-            return
-        self._retry_or_fail(index, attempt, code, _tail(worker.log_path), todo)
+        left, worker.shards = worker.shards, {}
+        worker.draining.clear()
+        for index, attempt in left.items():
+            if code == EXIT_DO_NOT_RETRY:
+                self.failed_shards[index] = _tail(worker.log_path)
+                log.error("shard %d cannot succeed (exit 42): %s", index, self.failed_shards[index])
+                continue
+            self._retry_or_fail(index, attempt, code, _tail(worker.log_path), todo)
 
     def _retry_or_fail(self, index: int, attempt: int, code: int, why: str, todo: deque) -> None:
         if attempt >= self.shard_retries:
