@@ -118,7 +118,7 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
     from dfk8s.executors.local import Interrupted, LocalExecutor
     from dfk8s.lease import RunLease
     from dfk8s.progress import progress_bar
-    from dfk8s.runs import check_resume, existing_spec, prepare_run, record_session, run_storage
+    from dfk8s.runs import check_resume, existing_spec, prepare_run, record_session, run_storage, serving_of
     from dfk8s.spec import new_run_id
     from dfk8s.storage import check_output
 
@@ -145,28 +145,32 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
     else:
         _check_credentials(request.serving, request.pipeline)
         _local_model_warnings(request)
-    with RunLease(storage):
-        # Planning reads, checks and shards every row (~40k rows/s): a million rows deserve a counter.
-        with progress_bar(None, enabled=progress) as bar:
-            task = bar.add_task("planning", total=None, failed=0, rate="-")
-            storage, spec, resumed = prepare_run(request, on_row=lambda n: bar.update(task, completed=n))
-        _err(f"run {spec.run_id}: {'resumed' if resumed else 'planned'} {spec.rows} rows in {spec.shards} "
-             f"shards at {storage.url()}")
-        executor = LocalExecutor(workers=workers, shard_retries=shard_retries,
-                                 endpoint_url=request.endpoint_url, show_progress=progress, output=output,
-                                 started=started)
-        outcome = "finished"
-        try:
-            summary = executor.execute(storage, spec)
-        except Interrupted:
-            outcome = "interrupted"
-            raise
-        except Dfk8sError:
-            outcome = "stopped"
-            raise
-        finally:
-            record_session(storage, {"action": "resume" if resumed else "run", "outcome": outcome,
-                                     "workers": workers, "seconds": round(time.monotonic() - started, 3)})
+    executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=request.endpoint_url,
+                             show_progress=progress, output=output, started=started)
+    # The workers start up (imports, the serving's modules) while the run is planned.
+    executor.prestart(storage.url(), request.run_id, serving_of(request, frozen))
+    try:
+        with RunLease(storage):
+            # Planning reads, checks and shards every row (~40k rows/s): a million rows deserve a counter.
+            with progress_bar(None, enabled=progress) as bar:
+                task = bar.add_task("planning", total=None, failed=0, rate="-")
+                storage, spec, resumed = prepare_run(request, on_row=lambda n: bar.update(task, completed=n))
+            _err(f"run {spec.run_id}: {'resumed' if resumed else 'planned'} {spec.rows} rows in "
+                 f"{spec.shards} shards at {storage.url()}")
+            outcome = "finished"
+            try:
+                summary = executor.execute(storage, spec)
+            except Interrupted:
+                outcome = "interrupted"
+                raise
+            except Dfk8sError:
+                outcome = "stopped"
+                raise
+            finally:
+                record_session(storage, {"action": "resume" if resumed else "run", "outcome": outcome,
+                                         "workers": workers, "seconds": round(time.monotonic() - started, 3)})
+    finally:
+        executor.discard()  # workers prestarted for a plan that failed
 
     def after() -> None:
         _print_budget_stop(storage, spec, summary)
@@ -360,6 +364,8 @@ def worker(run_uri, index, serve, s3_endpoint):
     watch_parent(stop)  # only when a local launcher set DFK8S_PARENT_PID
     storage = open_storage(run_uri, endpoint_url=s3_endpoint)
     if serve:
+        if preload := os.environ.get("DFK8S_PRELOAD_SERVING"):
+            _preload(preload)
         replies = os.fdopen(os.dup(1), "w", buffering=1)
         os.dup2(2, 1)  # stray prints of libraries go to the log, never into the replies
         code = serve_shards(storage, endpoint_url=s3_endpoint, replies=replies, stop=stop)
@@ -380,6 +386,16 @@ def worker(run_uri, index, serve, s3_endpoint):
         raise
     session.close()  # the HTTP session closes on its own event loop
     _err(f"shard {stats.index}: {stats.ok} ok, {stats.failed} failed")
+
+
+def _preload(serving: str) -> None:
+    """Import a serving's modules before the first shard arrives (a worker started before the plan)."""
+    from dfk8s.servings import serving_class
+
+    try:
+        serving_class(serving)
+    except Exception as exc:  # the first shard reports it properly
+        logging.getLogger(__name__).debug("could not preload serving %s: %s", serving, exc)
 
 
 @cli.command()

@@ -146,6 +146,18 @@ def _existing_run(request: RunRequest, storage: Storage, run_id: str) -> RunSpec
     return spec
 
 
+def serving_of(request: RunRequest, frozen: RunSpec | None = None) -> str | None:
+    """The serving a run will use: the planned run's, else the flag's, else the pipeline's default."""
+    if frozen is not None:
+        return frozen.serving
+    if request.serving:
+        return request.serving
+    try:
+        return get_pipeline(request.pipeline).default_serving if request.pipeline else None
+    except SpecError:
+        return None  # the plan says what is wrong with it
+
+
 def _new_spec(request: RunRequest, run_id: str) -> RunSpec:
     """A new run's spec from the request (the checks a new run needs before it is planned)."""
     if not request.pipeline:
@@ -297,12 +309,14 @@ def run_local(request: RunRequest, *, workers: int = 4, shard_retries: int = 2, 
     started = time.monotonic()
     request.parallelism = workers
     request.run_id = request.run_id or new_run_id()
-    lease = RunLease(run_storage(request.output, request.run_id, request.endpoint_url)).acquire()
+    storage = run_storage(request.output, request.run_id, request.endpoint_url)
+    executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=request.endpoint_url,
+                             show_progress=show_progress, output=request.output, started=started)
+    frozen = existing_spec(storage)
+    executor.prestart(storage.url(), request.run_id, serving_of(request, frozen))
+    lease = RunLease(storage).acquire()
     try:
         storage, spec, resumed = prepare_run(request)
-        executor = LocalExecutor(workers=workers, shard_retries=shard_retries,
-                                 endpoint_url=request.endpoint_url, show_progress=show_progress,
-                                 output=request.output, started=started)
         outcome = "finished"
         try:
             return executor.execute(storage, spec)
@@ -314,3 +328,4 @@ def run_local(request: RunRequest, *, workers: int = 4, shard_retries: int = 2, 
                                      "workers": workers, "seconds": round(time.monotonic() - started, 3)})
     finally:
         lease.release()
+        executor.discard()

@@ -514,19 +514,20 @@ def process_shard(storage, index: int, *, serving: Serving | None = None,
 
 
 async def run_shard(storage, index: int, *, session: WorkerSession, serving: Serving | None = None,
-                    endpoint_url: str | None = None,
-                    on_draining: Callable[[], None] | None = None) -> ShardStats:
+                    endpoint_url: str | None = None, on_draining: Callable[[], None] | None = None,
+                    parallelism: int | None = None) -> ShardStats:
     """:func:`process_shard` on the session's running loop, so that one worker can run shards side by side.
 
     Storage calls run in threads: another shard's requests keep flowing meanwhile. ``on_draining`` is
-    called once every row of the shard is sent (see :attr:`ShardRunner.on_draining`).
+    called once every row of the shard is sent (see :attr:`ShardRunner.on_draining`). ``parallelism``
+    (the launcher's, sent with the shard) wins over ``$DFK8S_PARALLELISM``.
     """
     spec = await asyncio.to_thread(RunSpec.load, storage)
     if not 0 <= index < spec.shards:
         raise ShardError(f"shard index {index} is out of range: the run has {spec.shards} shards")
-    parallelism = os.environ.get("DFK8S_PARALLELISM", "")
-    if parallelism.isdigit() and int(parallelism) > 0:
-        spec.parallelism = int(parallelism)  # the launcher's real parallelism, not the first run's
+    given = str(parallelism or os.environ.get("DFK8S_PARALLELISM", ""))
+    if given.isdigit() and int(given) > 0:
+        spec.parallelism = int(given)  # the launcher's real parallelism, not the first run's
     if spec.option("rpm"):
         from dfk8s.servings.api import ApiOptions
 
@@ -714,10 +715,11 @@ async def _serve(storage, session: WorkerSession, endpoint_url: str | None, comm
             if line is None or not line.strip():
                 accepting = False
             else:
-                index = int(line)
+                index, *rest = (int(word) for word in line.split())  # "INDEX [PARALLELISM]"
                 active.add(asyncio.create_task(_serve_one(
                     storage, index, session, endpoint_url,
-                    lambda index=index: reply({"index": index, "event": "draining"}))))
+                    lambda index=index: reply({"index": index, "event": "draining"}),
+                    parallelism=rest[0] if rest else None)))
         for task in done & active:
             active.discard(task)
             shard_code, message = task.result()
@@ -734,12 +736,13 @@ async def _serve(storage, session: WorkerSession, endpoint_url: str | None, comm
 
 
 async def _serve_one(storage, index: int, session: WorkerSession, endpoint_url: str | None,
-                     on_draining: Callable[[], None] | None = None) -> tuple[int, dict]:
+                     on_draining: Callable[[], None] | None = None,
+                     parallelism: int | None = None) -> tuple[int, dict]:
     """Process one shard for :func:`serve`; returns the exit code it stands for and the reply."""
     reply: dict = {"index": index, "code": 0, "message": ""}
     try:
         stats = await run_shard(storage, index, session=session, endpoint_url=endpoint_url,
-                                on_draining=on_draining)
+                                on_draining=on_draining, parallelism=parallelism)
         reply.update(ok=stats.ok, failed=stats.failed, message=f"shard {index}: {stats.ok} ok, "
                      f"{stats.failed} failed")
     except Exception as exc:

@@ -259,3 +259,45 @@ def test_a_long_lived_worker_sends_the_next_shards_rows_while_the_last_answers_a
             worker.kill()
             worker.wait()
     assert _ok(fake_api) == 12  # every row once
+
+
+def _workers_of(run_id: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "dfk8s worker" in cmdline.replace("-m dfk8s", "dfk8s") and run_id in cmdline:
+            found.append(process)
+    return found
+
+
+def test_workers_started_before_the_plan_take_the_real_parallelism_and_the_extra_ones_exit(tmp_path):
+    """`dfk8s run` starts its workers while it plans; with fewer shards than --workers the extra ones exit,
+    and --rpm is split by the workers really running (2), not by --workers (4) they were started with."""
+    run_id = f"early-{os.getpid()}-{time.monotonic_ns()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "dfk8s", "run", "-p", "vqa", "--serving", "echo", "-i",
+         str(_manifest(tmp_path, 6)), "-o", str(tmp_path / "o"), "--run-id", run_id, "--rows-per-shard", "3",
+         "--workers", "4", "--rpm", "600", "--no-progress"],
+        capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "6 rows: 6 ok, 0 failed" in result.stderr
+    logs = {p.name: p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log")}
+    assert len(logs) == 4  # all four started before the plan said there are two shards
+    budgets = [line for text in logs.values() for line in text.splitlines() if "--rpm 600 for the run" in line]
+    assert len(budgets) == 2 and all("300 a minute for this worker (2 workers)" in b for b in budgets), budgets
+    assert _workers_of(run_id) == []
+
+
+def test_a_plan_that_fails_stops_the_workers_started_for_it(tmp_path):
+    run_id = f"badplan-{os.getpid()}-{time.monotonic_ns()}"
+    csv = tmp_path / "table.csv"
+    csv.write_text("id,prompt\n1,a cat\n2,a dog\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "dfk8s", "run", "-p", "vqa", "--serving", "echo", "-i", str(csv),
+         "-o", str(tmp_path / "o"), "--run-id", run_id, "--workers", "3", "--no-progress"],
+        capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode != 0 and "neither JSON nor JSONL" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    logs = list((Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
+    assert len(logs) == 3  # they had been started
+    assert _workers_of(run_id) == []  # and were stopped: none outlives the launcher

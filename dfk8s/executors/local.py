@@ -134,11 +134,37 @@ class LocalExecutor:
     started: float = field(default_factory=time.monotonic)
     failed_shards: dict[int, str] = field(default_factory=dict)
     breaker: dict | None = None
+    #: Workers started by :meth:`prestart` (before the plan), and their event queue.
+    _early: list[_Worker] = field(default_factory=list, repr=False)
+    _events: queue.Queue | None = field(default=None, repr=False)
+    _parallelism: int = 1
 
     # -- workers -------------------------------------------------------------------------------------
 
-    def _spawn(self, storage, number: int, parallelism: int, gpus: str | None, events: queue.Queue,
-               log_dir: Path) -> _Worker:
+    def prestart(self, run_url: str, run_id: str, serving: str) -> None:
+        """Start the workers now, before the run is planned, so that their start-up overlaps planning.
+
+        Each imports dfk8s and the serving's modules meanwhile and then waits for its first shard (the
+        spec is read then). Not for ``diffusers``: its GPUs are split by the number of shards to do.
+        :meth:`execute` takes these workers over; :meth:`discard` stops them if it never runs.
+        """
+        if serving == "diffusers" or self._early:
+            return
+        self._events = queue.Queue()
+        log_dir = _log_dir(run_id)
+        self._early = [self._spawn(run_url, k, self.workers, None, self._events, log_dir, preload=serving)
+                       for k in range(max(1, self.workers))]
+
+    def discard(self) -> None:
+        """Stop the workers :meth:`prestart` started if :meth:`execute` did not take them (a failed plan)."""
+        early, self._early = self._early, []
+        for worker in early:
+            _close_input(worker)  # at EOF an idle worker exits at once
+        if early:
+            self._wait(early, self._events, 10.0)
+
+    def _spawn(self, run_url: str, number: int, parallelism: int, gpus: str | None, events: queue.Queue,
+               log_dir: Path, preload: str | None = None) -> _Worker:
         env = dict(os.environ)
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus
@@ -147,11 +173,13 @@ class LocalExecutor:
         env.setdefault("DFK8S_LOG_LEVEL", "INFO")
         env[PARENT_PID_ENV] = str(os.getpid())
         env["DFK8S_PARALLELISM"] = str(parallelism)  # --rpm is split by the workers really running
+        if preload:
+            env["DFK8S_PRELOAD_SERVING"] = preload  # import its modules while waiting for the first shard
         log_path = log_dir / f"worker-{number:03d}.log"
         with open(log_path, "ab") as log_file:
             # A new session: Ctrl-C reaches only us, and we stop the workers in order.
             process = subprocess.Popen(
-                [sys.executable, "-m", "dfk8s", "worker", "--run", storage.url(), "--serve"],
+                [sys.executable, "-m", "dfk8s", "worker", "--run", run_url, "--serve"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env,
                 start_new_session=True, text=True, bufsize=1)
         worker = _Worker(number, process, log_path, gpus)
@@ -159,11 +187,10 @@ class LocalExecutor:
                          daemon=True).start()
         return worker
 
-    @staticmethod
-    def _assign(worker: _Worker, index: int, attempt: int) -> bool:
+    def _assign(self, worker: _Worker, index: int, attempt: int) -> bool:
         worker.shards[index] = attempt
-        try:
-            worker.process.stdin.write(f"{index}\n")
+        try:  # the parallelism goes with it: a prestarted worker was started before it was known
+            worker.process.stdin.write(f"{index} {self._parallelism}\n")
             worker.process.stdin.flush()
             return True
         except (BrokenPipeError, OSError, ValueError):
@@ -181,20 +208,23 @@ class LocalExecutor:
         done = {i for key in storage.list(layout.OUTPUT_PREFIX) if (i := layout.done_index(key)) is not None}
         todo = deque((i, 0) for i in range(spec.shards) if i not in done and (only is None or i in only))
         _clear_stale_breaker(storage)
-        log_dir = Path(tempfile.gettempdir()) / f"dfk8s-{spec.run_id}"
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = _log_dir(spec.run_id)
         gpu_sets = None
         parallelism = max(1, min(self.workers, len(todo)))
         if spec.serving == "diffusers" and (gpus := visible_gpus()):
             gpu_sets = split_gpus(gpus, parallelism)  # each worker drives its own GPUs
             parallelism = len(gpu_sets)
+        self._parallelism = parallelism
         # The bar does not wait out a storage outage (the workers do): it just stays put meanwhile.
         with_patience = getattr(storage, "with_patience", None)
         reader = ProgressReader(with_patience(2.0) if with_patience else storage)
         first = _poll(reader)
-        events: queue.Queue = queue.Queue()
-        workers: list[_Worker] = []
-        numbers = iter(range(1_000_000))
+        events: queue.Queue = self._events or queue.Queue()
+        workers, self._early = self._early, []  # those prestart() started, if any
+        for extra in workers[parallelism:]:  # fewer shards to do than workers: the rest exit at EOF
+            extra.retiring = True
+            _close_input(extra)
+        numbers = iter(range(len(workers), 1_000_000))
         previous = _trap_launcher_signals()
         try:
             with progress_bar(spec.rows, enabled=self.show_progress) as bar, logs_above(bar):
@@ -243,11 +273,11 @@ class LocalExecutor:
             if todo and worker.can_take():
                 index, attempt = todo.popleft()
                 self._assign(worker, index, attempt)
-        while todo and len(workers) < parallelism:
+        while todo and sum(not w.retiring for w in workers) < parallelism:
             gpus = None
             if gpu_sets is not None:
                 gpus = next(g for g in gpu_sets if g not in {w.gpus for w in workers})
-            worker = self._spawn(storage, next(numbers), parallelism, gpus, events, log_dir)
+            worker = self._spawn(storage.url(), next(numbers), parallelism, gpus, events, log_dir)
             workers.append(worker)
             index, attempt = todo.popleft()
             self._assign(worker, index, attempt)
@@ -337,6 +367,13 @@ class LocalExecutor:
                 events.get_nowait()
             except queue.Empty:
                 break
+
+
+def _log_dir(run_id: str) -> Path:
+    """Where the workers of run ``run_id`` write their logs (``$TMPDIR/dfk8s-<run id>``)."""
+    log_dir = Path(tempfile.gettempdir()) / f"dfk8s-{run_id}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return log_dir
 
 
 def _read_replies(worker: _Worker, events: queue.Queue) -> None:
