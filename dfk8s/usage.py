@@ -6,7 +6,7 @@ the batch-mode result files all call the same functions.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -34,21 +34,31 @@ class Usage:
 
     def add(self, other: Usage) -> Usage:
         """Add ``other`` into this one; returns self."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        # Spelled out: this runs for every answered row, and dataclasses.fields() costs more than the sums.
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.input_image_tokens += other.input_image_tokens
+        self.output_image_tokens += other.output_image_tokens
+        self.images += other.images
+        self.requests += other.requests
+        self.priced_images_usd += other.priced_images_usd
         return self
 
     def to_dict(self) -> dict:
         """JSON form (stored in part records, spend objects and done markers)."""
-        out = asdict(self)
-        out["priced_images_usd"] = round(out["priced_images_usd"], 6)
-        return out
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "input_image_tokens": self.input_image_tokens,
+                "output_image_tokens": self.output_image_tokens, "images": self.images,
+                "requests": self.requests,
+                "priced_images_usd": round(self.priced_images_usd, 6)}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Usage:
         """Parse :meth:`to_dict`'s output (unknown keys ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+        return cls(**{k: v for k, v in (data or {}).items() if k in _FIELDS})
+
+
+_FIELDS = frozenset(f.name for f in fields(Usage))
 
 
 def _get(obj: Any, *names: str, default: Any = None) -> Any:

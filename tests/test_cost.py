@@ -231,3 +231,18 @@ def test_max_cost_needs_a_price(tmp_path, api_key):
     # Without a budget an unpriced model (a local vLLM) runs as before.
     prepare_run(RunRequest(pipeline="caption", input=str(manifest), output=str(tmp_path / "runs"),
                            options={"model": "qwen-vl-local"}))
+
+
+def test_usage_sums_and_round_trips_every_field():
+    """Usage.add and to_dict are spelled out for speed: each must still cover every field."""
+    import dataclasses
+
+    from dfk8s.usage import Usage
+
+    names = [f.name for f in dataclasses.fields(Usage)]
+    one = Usage(**{name: k + 1 for k, name in enumerate(names)})
+    two = Usage(**{name: 10 * (k + 1) for k, name in enumerate(names)})
+    total = Usage().add(one).add(two)
+    assert dataclasses.asdict(total) == {name: 11 * (k + 1) for k, name in enumerate(names)}
+    assert list(total.to_dict()) == names and Usage.from_dict(total.to_dict()) == total
+    assert Usage.from_dict({"input_tokens": 3, "unknown": 1}) == Usage(input_tokens=3)

@@ -216,7 +216,8 @@ def test_requests_that_outlast_the_grace_period_are_cancelled_and_stay_pending(t
     assert fake_api.stats()["requests_total"] == 4 + 20  # the four cut off are sent again, nothing else
 
 
-def test_a_long_lived_worker_sends_the_next_shards_rows_while_the_last_answers_are_in_flight(tmp_path, fake_api):
+def test_a_long_lived_worker_sends_the_next_shards_rows_while_the_last_answers_are_in_flight(tmp_path,
+                                                                                             fake_api):
     """The drain at a shard's end costs no idle slots: once every row of shard 0 is sent, the worker says
     so, takes shard 1, and shard 1's rows fill the slots shard 0's answers free, before shard 0 is done."""
     fake_api.configure(latency=0.6, keep_bodies=100)
@@ -283,8 +284,10 @@ def test_workers_started_before_the_plan_take_the_real_parallelism_and_the_extra
     assert "6 rows: 6 ok, 0 failed" in result.stderr
     logs = {p.name: p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log")}
     assert len(logs) == 4  # all four started before the plan said there are two shards
-    budgets = [line for text in logs.values() for line in text.splitlines() if "--rpm 600 for the run" in line]
-    assert len(budgets) == 2 and all("300 a minute for this worker (2 workers)" in b for b in budgets), budgets
+    budgets = [line for text in logs.values() for line in text.splitlines()
+               if "--rpm 600 for the run" in line]
+    assert len(budgets) == 2, budgets
+    assert all("300 a minute for this worker (2 workers)" in b for b in budgets), budgets
     assert _workers_of(run_id) == []
 
 
