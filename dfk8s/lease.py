@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -63,11 +64,24 @@ class RunLease:
                           f"heartbeat {max(0.0, age):.0f}s ago); wait for it to end, or stop it first")
 
     def acquire(self) -> RunLease:
-        """Take the lease, or raise :class:`RunBusy` while another launcher's lease is fresh."""
-        self._refuse_if_live(self._current())
-        self.storage.write_json(layout.LEASE_KEY, self._body())
-        time.sleep(0.2)  # two launchers that wrote at once: the later write wins, the other backs off
-        self._refuse_if_live(self._current())
+        """Take the lease, or raise :class:`RunBusy` while another launcher's lease is fresh.
+
+        Where there is no lease yet and the storage can create a key exclusively (a local folder: a hard
+        link), it is created that way, so of two launchers that start at once exactly one gets it.
+        Otherwise (S3, or taking over a stale lease) it is written, then read back 0.2 s later: of two
+        launchers that wrote at once the later write wins and the other backs off.
+        """
+        current = self._current()
+        self._refuse_if_live(current)
+        create_exclusive = getattr(self.storage, "create_exclusive", None)
+        if current is None and create_exclusive is not None:
+            if not create_exclusive(layout.LEASE_KEY, json.dumps(self._body()).encode()):
+                self._refuse_if_live(self._current())  # another launcher created it a moment ago
+                raise RunBusy(f"run {self.storage.url()} is being launched by another `dfk8s` right now")
+        else:
+            self.storage.write_json(layout.LEASE_KEY, self._body())
+            time.sleep(0.2)
+            self._refuse_if_live(self._current())
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
         return self

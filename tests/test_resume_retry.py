@@ -193,3 +193,38 @@ def test_rpm_is_split_by_the_workers_really_running_not_by_the_first_run(tmp_pat
     logs = "".join(p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
     budgets = [line for line in logs.splitlines() if "--rpm 600 for the run" in line]
     assert budgets and all("150 a minute for this worker (4 workers)" in line for line in budgets), budgets
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_of_launchers_that_start_at_once_exactly_one_gets_the_lease(tmp_path, stale):
+    import threading
+
+    from dfk8s.errors import RunBusy
+    from dfk8s.lease import RunLease
+    from dfk8s.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "run"))
+    if stale:  # a launcher that died long ago: its lease is taken over (written, then read back)
+        storage.write_json("lease.json", {"owner": "dead", "heartbeat": time.time() - 600, "stale_after": 15})
+    start, outcomes, leases = threading.Barrier(6), [], []
+
+    def launch():
+        start.wait()
+        try:
+            leases.append(RunLease(storage).acquire())
+            outcomes.append("held")
+        except RunBusy:
+            outcomes.append("busy")
+
+    threads = [threading.Thread(target=launch) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    try:
+        assert sorted(outcomes) == ["busy"] * 5 + ["held"]
+        assert storage.read_json("lease.json")["owner"] == leases[0].owner
+    finally:
+        for lease in leases:
+            lease.release()
+    assert not storage.exists("lease.json")

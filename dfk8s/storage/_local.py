@@ -50,6 +50,25 @@ class LocalStorage(Storage):
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist, atomically; returns whether this call created it.
+
+        The bytes go to a temporary file that is then hard-linked into place: the link fails if the key
+        exists, and a reader never sees a partial object.
+        """
+        path, fd, tmp = self._atomic(key)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {_reason(exc, path)}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
     def write_file(self, key: str, local_path: str) -> None:
         path, fd, tmp = self._atomic(key)
         os.close(fd)
