@@ -417,17 +417,19 @@ def estimate(tally: Tally, serving: str, options: dict, prices: PriceTable,
 
 
 def row_texts(pipeline, row: dict, input_key: str | None, system_prompt: str | None,
-              prompt: str | None = None) -> list[str]:
+              prompt: str | None = None, turns=None) -> list[str]:
     """The texts one row's request carries (system prompt and turns); empty if the row is unusable.
 
-    ``prompt`` is ``--prompt``: the user turn of a row without a conversation.
+    ``prompt`` is ``--prompt``: the user turn of a row without a conversation. ``turns``: the row's
+    turns when the caller has read them already (the planner's check did).
     """
     from dfk8s.rows import RowProblem, strip_image_placeholders
 
-    try:
-        turns = pipeline.check_row(row, input_key, prompt)
-    except RowProblem:
-        return []
+    if turns is None:
+        try:
+            turns = pipeline.check_row(row, input_key, prompt)
+        except RowProblem:
+            return []
     system = system_prompt if system_prompt is not None else pipeline.system_prompt
     texts = [system] if system and not any(t.role == "system" for t in turns) else []
     return texts + [strip_image_placeholders(t.text) for t in turns]

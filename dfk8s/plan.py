@@ -195,6 +195,7 @@ class RowChecker:
     #: Width and height of each image of the row last checked (None: not opened), for the cost estimate,
     #: and their file sizes (0: not opened), for batch-mode shard limits.
     last_sizes: list = field(default_factory=list)
+    last_turns: list | None = None  # the conversation check() read (the cost tally reuses it)
     last_bytes: list = field(default_factory=list)
     _sizes: dict = field(default_factory=dict)
 
@@ -207,6 +208,7 @@ class RowChecker:
 
     def check(self, item: ManifestItem) -> tuple[dict, list[Problem]]:
         """Return the shard row for a manifest item and the problems found (empty if the row is good)."""
+        self.last_turns = None
         if item.row is None:
             shard_row = {"id": str(item.pos), "pos": item.pos, "row": {}, "images": [],
                          "error": {"type": "BadRow", "message": f"{item.where}: {item.error}",
@@ -224,9 +226,9 @@ class RowChecker:
                 if self._seen_ids.seen(rid):
                     problems.append(Problem(item.where, f"duplicate id {rid!r} (key {self.id_key!r})"))
         resolved: list[str] = []
-        self.last_sizes, self.last_bytes = [], []
+        self.last_sizes, self.last_bytes, self.last_turns = [], [], None
         try:
-            self.pipeline.check_row(row, self.input_key, self.prompt)
+            self.last_turns = self.pipeline.check_row(row, self.input_key, self.prompt)
             refs = self.pipeline.image_refs(row, self.image_key)
         except rows.RowProblem as exc:
             problems.append(Problem(item.where, str(exc)))
@@ -459,10 +461,10 @@ def plan(spec: RunSpec, run_storage, *, rows_per_shard: int | None = None, shard
                         buffer = open(buffer_path, "w", encoding="utf-8")
                     shard_bytes += row_bytes
                 if tally is not None:
-                    tally.add(shard_row, checker.last_sizes, row_texts(checker.pipeline, shard_row["row"],
-                                                                       spec.input_key,
-                                                                       spec.option("system_prompt"),
-                                                                       spec.option("prompt")))
+                    texts = row_texts(checker.pipeline, shard_row["row"], spec.input_key,
+                                      spec.option("system_prompt"), spec.option("prompt"),
+                                      turns=checker.last_turns) if checker.last_turns is not None else []
+                    tally.add(shard_row, checker.last_sizes, texts)
                 if not count_only:
                     buffer.write(json.dumps(shard_row, ensure_ascii=False, separators=(",", ":")) + "\n")
                 in_shard += 1
