@@ -400,7 +400,7 @@ def reduce(run_uri, s3_endpoint, wait_job, namespace):
 
     failed_shards = None
     if wait_job:
-        from dfk8s.kube.wait import format_indexes, wait_for_map_job
+        from dfk8s.executors.kubernetes.wait import format_indexes, wait_for_map_job
 
         ended = wait_for_map_job(wait_job, namespace)
         failed_shards = ended.failed_indexes

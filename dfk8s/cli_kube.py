@@ -1,6 +1,6 @@
 """The Kubernetes commands of the CLI: ``submit``, ``status``, ``logs``, ``cancel``, ``list``.
 
-Each command checks its flags, calls :mod:`dfk8s.kube.launcher` / :mod:`dfk8s.kube.client`, prints.
+Each command checks its flags, calls :mod:`dfk8s.executors.kubernetes` / :mod:`dfk8s.kube.client`, prints.
 ``dfk8s.cli`` adds them to its group with :func:`register`.
 """
 
@@ -204,7 +204,13 @@ def submit(
       dfk8s submit --pipeline caption --input data.json --output s3://bucket/runs \\
           --api-key-secret dfk8s-api-key/DF_API_KEY --s3-secret dfk8s-s3 --parallelism 8 --wait
     """
-    from dfk8s.kube import launcher
+    from dfk8s.executors import kubernetes
+    from dfk8s.kube import (
+        ClusterOptions,
+        parse_node_selector,
+        parse_secret_ref,
+        parse_toleration,
+    )
     from dfk8s.kube.client import default_namespace
 
     request = run_request_from_flags(output, flags)
@@ -214,19 +220,19 @@ def submit(
         for name in SERVING_OPTION_NAMES
         if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
     }
-    options = launcher.ClusterOptions(
+    options = ClusterOptions(
         namespace=namespace or default_namespace(context, kubeconfig),
         image=image,
         reducer_image=reducer_image,
         cluster_s3_endpoint=cluster_s3_endpoint,
         parallelism=parallelism,
         queue=queue,
-        api_key_secret=launcher.parse_secret_ref(api_key_secret, "--api-key-secret"),
+        api_key_secret=parse_secret_ref(api_key_secret, "--api-key-secret"),
         s3_secret=s3_secret,
-        hf_token_secret=launcher.parse_secret_ref(hf_token_secret, "--hf-token-secret"),
+        hf_token_secret=parse_secret_ref(hf_token_secret, "--hf-token-secret"),
         gpus=gpus,
-        node_selector=launcher.parse_node_selector(node_selector),
-        tolerations=tuple(launcher.parse_toleration(t) for t in toleration) or None,
+        node_selector=parse_node_selector(node_selector),
+        tolerations=tuple(parse_toleration(t) for t in toleration) or None,
         service_account=service_account,
         backoff_limit_per_index=backoff_limit_per_index,
         max_failed_indexes=max_failed_indexes,
@@ -234,11 +240,11 @@ def submit(
         model_cache_subpath=model_cache_subpath,
     )
     if dry_run:
-        _dry_run(launcher.dry_run(request, options, explicit=explicit))
+        _dry_run(kubernetes.dry_run(request, options, explicit=explicit))
         return
     clients, _ = _connect(context, kubeconfig, options.namespace)
     try:
-        submission = launcher.submit(request, options, clients, explicit=explicit)
+        submission = kubernetes.submit(request, options, clients, explicit=explicit)
         for warning in submission.warnings:
             _err(f"warning: {warning}")
         spec = submission.spec
@@ -258,7 +264,7 @@ def submit(
         )
         if not wait:
             return
-        status = launcher.follow_run(
+        status = kubernetes.follow_run(
             clients, submission, poll_seconds=poll_seconds, show_progress=progress, echo=_err
         )
     finally:
@@ -336,7 +342,7 @@ def _print_summary_line(summary: dict) -> None:
 
 
 def _local_status(output: str, run_id: str, as_json: bool) -> None:
-    from dfk8s.kube.wait import format_indexes
+    from dfk8s.executors.kubernetes.wait import format_indexes
     from dfk8s.progress import storage_status
     from dfk8s.runs import run_storage
 
@@ -378,8 +384,8 @@ def _local_status(output: str, run_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The same facts as one JSON object (keys: README).")
 def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json):
     """Show a run: its Jobs (completed, failed, active indexes), progress from storage, and its result."""
-    from dfk8s.kube.launcher import run_status
-    from dfk8s.kube.wait import format_indexes
+    from dfk8s.executors.kubernetes import run_status
+    from dfk8s.executors.kubernetes.wait import format_indexes
 
     if not output and os.path.isfile(os.path.join("runs", run_id, "run.json")):
         output = "runs"  # `dfk8s run`'s default --output: a local run needs no cluster
@@ -520,7 +526,7 @@ def cancel(run_id, namespace, context, kubeconfig, output):
 
     In batch mode the provider batches are cancelled too; what they completed is kept.
     """
-    from dfk8s.kube.launcher import cancel_run
+    from dfk8s.executors.kubernetes import cancel_run
 
     if output and not output.startswith("s3://"):
         from dfk8s.runs import run_storage
@@ -553,8 +559,8 @@ def list_(namespace, context, kubeconfig, as_json):
     """List the runs in a namespace (from their Jobs), newest first, with their state."""
     import dataclasses
 
-    from dfk8s.kube.launcher import list_runs
-    from dfk8s.kube.wait import format_indexes
+    from dfk8s.executors.kubernetes import list_runs
+    from dfk8s.executors.kubernetes.wait import format_indexes
 
     clients, namespace = _connect(context, kubeconfig, namespace)
     try:

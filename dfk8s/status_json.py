@@ -60,7 +60,7 @@ def status_document(**facts: Any) -> dict[str, Any]:
 
 
 def from_cluster(status) -> dict[str, Any]:
-    """The object for a :class:`dfk8s.kube.launcher.RunStatus` (``dfk8s status RUN -n NS --json``)."""
+    """The object for a :class:`dfk8s.executors.kubernetes.RunStatus` (``dfk8s status RUN -n NS --json``)."""
     progress = status.progress
     summary = status.summary
     return status_document(

@@ -7,8 +7,7 @@ import json
 from click.testing import CliRunner
 
 from dfk8s.cli import cli
-from dfk8s.kube.launcher import RunStatus
-from dfk8s.kube.wait import JobState
+from dfk8s.executors.kubernetes import JobState, RunStatus
 from dfk8s.progress import Progress
 from dfk8s.runs import RunRequest, prepare_run
 from dfk8s.status_json import STATUS_KEYS, from_cluster

@@ -1,6 +1,6 @@
 """Reading a run back from the cluster: its state, ``status``, ``list``, ``cancel`` and ``--wait``.
 
-Public names are re-exported by :mod:`dfk8s.kube.launcher`.
+Public names are re-exported by :mod:`dfk8s.executors.kubernetes`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from dfk8s import layout
 from dfk8s.errors import Dfk8sError, KubernetesError, NotFound, SpecError, StorageError
-from dfk8s.kube._submit import Submission
-from dfk8s.kube.wait import JobState, job_state
+from dfk8s.executors.kubernetes._submit import Submission
+from dfk8s.executors.kubernetes.wait import JobState, job_state
 
 
 def run_state(map_job: JobState | None, reduce_job: JobState | None) -> str:
