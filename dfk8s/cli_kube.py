@@ -341,33 +341,51 @@ def _print_summary_line(summary: dict) -> None:
     _err(line)
 
 
-def _local_status(output: str, run_id: str, as_json: bool) -> None:
+def _print_status(state) -> None:
+    """The status display of a :class:`~dfk8s.executors.status.RunStatus`, local or on a cluster."""
     from dfk8s.executors.kubernetes.wait import format_indexes
-    from dfk8s.progress import storage_status
-    from dfk8s.runs import run_storage
 
-    state = storage_status(run_storage(output, run_id))
-    if as_json:
-        from dfk8s.status_json import from_storage
-
-        click.echo(json.dumps(from_storage(state), indent=2))
-        return
-    click.echo(f"run {run_id} ({state['pipeline']}, {state['serving']}) at {state['run_uri']}")
-    click.echo(f"  progress: {state['done']:,}/{state['rows']:,} rows ({state['ok']:,} ok, "
-               f"{state['failed']:,} failed); {len(state['shards_done'])}/{state['shards']} shards done"
-               + (f" ({format_indexes(state['shards_done'])})" if state["shards_done"] else ""))
-    from dfk8s.batch import describe_batches
-    from dfk8s.budget import describe_spend
-
-    storage = run_storage(output, run_id)
-    for line in describe_batches(storage, state["shards"]) + describe_spend(storage, state["shards"]):
-        click.echo(line)
-    summary = state["summary"]
-    if summary:
-        click.echo(f"  result: {summary['result']}: {summary['rows']:,} rows, {summary['ok']:,} ok, "
-                   f"{summary['failed']:,} failed, {summary['not_processed']:,} not processed")
+    cluster = state.source == "cluster"
+    if cluster:
+        click.echo(
+            f"run {state.run_id}"
+            + (f" ({state.pipeline})" if state.pipeline else "")
+            + f" in namespace {state.namespace}: {state.state}"
+        )
+        for label, job in (("map", state.map_job), ("reduce", state.reduce_job)):
+            click.echo(
+                f"  {label} job: " + (f"{job.name}: {job.describe()}" if job else "none (deleted or expired)")
+            )
+            if job and job.finished == "Failed" and job.message:
+                click.echo(f"    {job.reason}: {job.message}")
+        for problem in state.problems:
+            click.echo(f"  problem: {problem}")
     else:
+        click.echo(f"run {state.run_id} ({state.pipeline}, {state.serving}) at {state.run_uri}")
+    if state.storage_error:
+        click.echo(f"  storage: cannot read {state.run_uri}: {state.storage_error}")
+    elif state.progress is not None:
+        done = state.progress
+        click.echo(
+            f"  progress: {done.rows:,}/{state.rows or 0:,} rows ({done.ok:,} ok, {done.failed:,} failed); "
+            f"{len(state.shards_done)}/{state.shards} shards done"
+            + (f" ({format_indexes(state.shards_done)})" if state.shards_done else "")
+        )
+    for line in state.batches + state.spend:
+        click.echo(line)
+    if state.summary:
+        summary = state.summary
+        click.echo(
+            f"  result: {summary.get('result')}: {summary.get('rows', 0):,} rows, "
+            f"{summary.get('ok', 0):,} ok, {summary.get('failed', 0):,} failed, "
+            f"{summary.get('not_processed', 0):,} not processed"
+        )
+        if summary.get("failed_shards"):
+            click.echo(f"  failed shards: {format_indexes(summary['failed_shards'])}")
+    elif not cluster:
         click.echo("  not reduced yet: resume with `dfk8s run --run-id ...` or run `dfk8s reduce`")
+    elif state.run_uri:
+        click.echo(f"  run data: {state.run_uri} (no result yet)")
 
 
 @click.command()
@@ -384,64 +402,27 @@ def _local_status(output: str, run_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The same facts as one JSON object (keys: README).")
 def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json):
     """Show a run: its Jobs (completed, failed, active indexes), progress from storage, and its result."""
-    from dfk8s.executors.kubernetes import run_status
-    from dfk8s.executors.kubernetes.wait import format_indexes
+    from dfk8s.status_json import from_status
 
     if not output and os.path.isfile(os.path.join("runs", run_id, "run.json")):
         output = "runs"  # `dfk8s run`'s default --output: a local run needs no cluster
-    if output and not output.startswith("s3://"):
-        _local_status(output, run_id, as_json)  # a `dfk8s run` on this machine: no Jobs to ask
-        return
-    clients, namespace = _connect(context, kubeconfig, namespace)
-    try:
-        state = run_status(clients, namespace, run_id, output=output, endpoint_url=s3_endpoint)
-    finally:
-        clients.close()
+    if output and not output.startswith("s3://"):  # a `dfk8s run` on this machine: no Jobs to ask
+        from dfk8s.executors.status import storage_status
+        from dfk8s.runs import run_storage
+
+        state = storage_status(run_storage(output, run_id))
+    else:
+        from dfk8s.executors.kubernetes import run_status
+
+        clients, namespace = _connect(context, kubeconfig, namespace)
+        try:
+            state = run_status(clients, namespace, run_id, output=output, endpoint_url=s3_endpoint)
+        finally:
+            clients.close()
     if as_json:
-        from dfk8s.status_json import from_cluster
-
-        click.echo(json.dumps(from_cluster(state), indent=2))
-        return
-    click.echo(
-        f"run {run_id}"
-        + (f" ({state.pipeline})" if state.pipeline else "")
-        + f" in namespace {namespace}: {state.state}"
-    )
-    for label, job in (("map", state.map_job), ("reduce", state.reduce_job)):
-        click.echo(
-            f"  {label} job: " + (f"{job.name}: {job.describe()}" if job else "none (deleted or expired)")
-        )
-        if job and job.finished == "Failed" and job.message:
-            click.echo(f"    {job.reason}: {job.message}")
-    for problem in state.problems:
-        click.echo(f"  problem: {problem}")
-    if state.storage_error:
-        click.echo(f"  storage: cannot read {state.run_uri}: {state.storage_error}")
-    elif state.progress is not None:
-        done = state.progress
-        click.echo(
-            f"  progress: {done.rows:,}/{state.rows or 0:,} rows ({done.ok:,} ok, {done.failed:,} failed); "
-            f"{len(state.shards_done)}/{state.shards} shards done"
-            + (f" ({format_indexes(state.shards_done)})" if state.shards_done else "")
-        )
-    if state.run_uri and not state.storage_error:
-        from dfk8s.batch import describe_batches
-        from dfk8s.storage import open_storage
-
-        batches = describe_batches(open_storage(state.run_uri, endpoint_url=s3_endpoint), state.shards or 0)
-        for line in batches:
-            click.echo(line)
-    if state.summary:
-        summary = state.summary
-        click.echo(
-            f"  result: {summary.get('result')}: {summary.get('rows', 0):,} rows, "
-            f"{summary.get('ok', 0):,} ok, {summary.get('failed', 0):,} failed, "
-            f"{summary.get('not_processed', 0):,} not processed"
-        )
-        if summary.get("failed_shards"):
-            click.echo(f"  failed shards: {format_indexes(summary['failed_shards'])}")
-    elif state.run_uri:
-        click.echo(f"  run data: {state.run_uri} (no result yet)")
+        click.echo(json.dumps(from_status(state), indent=2))
+    else:
+        _print_status(state)
 
 
 @click.command()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dfk8s.executors.kubernetes._run_status import (
     RunRow,
-    RunStatus,
     StoppedWaiting,
     cancel_run,
     follow_run,
@@ -49,7 +48,6 @@ __all__ = [
     "Estimate",
     "JobState",
     "RunRow",
-    "RunStatus",
     "StoppedWaiting",
     "Submission",
     "apply_profile_defaults",
