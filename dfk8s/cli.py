@@ -157,7 +157,7 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
                                  started=started)
         outcome = "finished"
         try:
-            summary = executor.execute(storage, spec)
+            summary = executor.follow(executor.start(storage, spec))
         except Interrupted:
             outcome = "interrupted"
             raise
@@ -297,7 +297,7 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
                                  show_progress=progress, output=output, started=started)
         outcome = "finished"
         try:
-            summary = executor.execute(storage, spec, only=set(reopened.shards))
+            summary = executor.follow(executor.start(storage, spec, only=set(reopened.shards)))
         except Interrupted:
             outcome = "interrupted"
             raise

@@ -264,9 +264,10 @@ def submit(
         )
         if not wait:
             return
-        status = kubernetes.follow_run(
-            clients, submission, poll_seconds=poll_seconds, show_progress=progress, echo=_err
+        executor = kubernetes.KubernetesExecutor(
+            clients, options, poll_seconds=poll_seconds, show_progress=progress, echo=_err
         )
+        status = executor.follow(submission)
     finally:
         clients.close()
     if status.summary:
@@ -407,16 +408,19 @@ def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json)
     if not output and os.path.isfile(os.path.join("runs", run_id, "run.json")):
         output = "runs"  # `dfk8s run`'s default --output: a local run needs no cluster
     if output and not output.startswith("s3://"):  # a `dfk8s run` on this machine: no Jobs to ask
-        from dfk8s.executors.status import storage_status
-        from dfk8s.runs import run_storage
+        from dfk8s.executors.local import LocalExecutor
 
-        state = storage_status(run_storage(output, run_id))
+        state = LocalExecutor(output=output).status(run_id)
     else:
-        from dfk8s.executors.kubernetes import run_status
+        from dfk8s.executors.kubernetes import KubernetesExecutor
+        from dfk8s.kube import ClusterOptions
 
         clients, namespace = _connect(context, kubeconfig, namespace)
         try:
-            state = run_status(clients, namespace, run_id, output=output, endpoint_url=s3_endpoint)
+            executor = KubernetesExecutor(
+                clients, ClusterOptions(namespace=namespace), output=output, endpoint_url=s3_endpoint
+            )
+            state = executor.status(run_id)
         finally:
             clients.close()
     if as_json:
@@ -474,26 +478,12 @@ def logs(run_id, namespace, context, kubeconfig, index, reducer, follow, tail):
         clients.close()
 
 
-def _cancel_batches(run_uri: str) -> None:
-    """Batch mode: cancel the run's provider batches too (what they completed is kept for a resume)."""
-    import asyncio
-
-    from dfk8s.batch import cancel_batches
-    from dfk8s.errors import Dfk8sError
-    from dfk8s.spec import RunSpec
-    from dfk8s.storage import open_storage
-
-    try:
-        storage = open_storage(run_uri)
-        spec = RunSpec.load(storage)
-        if spec.option("api_mode") != "batch":
-            return
-        ids = asyncio.run(cancel_batches(storage, spec))
-    except Dfk8sError as exc:
-        _err(f"warning: could not cancel the run's provider batches: {exc}")
-        return
-    if ids:
-        _err(f"cancelled provider batches {', '.join(ids)}; what they completed is kept: resuming maps it")
+def _print_batches_cancelled(cancelled) -> None:
+    if cancelled.batch_error:
+        _err(f"warning: could not cancel the run's provider batches: {cancelled.batch_error}")
+    elif cancelled.batches:
+        _err(f"cancelled provider batches {', '.join(cancelled.batches)}; what they completed is kept: "
+             "resuming maps it")
 
 
 @click.command()
@@ -507,25 +497,27 @@ def cancel(run_id, namespace, context, kubeconfig, output):
 
     In batch mode the provider batches are cancelled too; what they completed is kept.
     """
-    from dfk8s.executors.kubernetes import cancel_run
-
     if output and not output.startswith("s3://"):
-        from dfk8s.runs import run_storage
+        from dfk8s.executors.local import LocalExecutor
 
-        _cancel_batches(run_storage(output, run_id).url())
+        _print_batches_cancelled(LocalExecutor(output=output).cancel(run_id))
         return
+    from dfk8s.executors.kubernetes import KubernetesExecutor
+    from dfk8s.kube import ClusterOptions
+
     clients, namespace = _connect(context, kubeconfig, namespace)
     try:
-        jobs, pods, run_uri = cancel_run(clients, namespace, run_id)
+        cancelled = KubernetesExecutor(clients, ClusterOptions(namespace=namespace)).cancel(run_id)
     finally:
         clients.close()
+    jobs, run_uri = cancelled.jobs, cancelled.run_uri
     _err(
         f"cancelled run {run_id}: deleted "
         + (f"jobs {', '.join(jobs)}" if jobs else "no jobs")
-        + f" and {len(pods)} pods in namespace {namespace}"
+        + f" and {len(cancelled.pods)} pods in namespace {namespace}"
     )
     if run_uri:
-        _cancel_batches(run_uri)
+        _print_batches_cancelled(cancelled)
         output = run_uri.rsplit("/", 1)[0]
         _err(
             f"its data stays at {run_uri}; resume with: dfk8s submit --pipeline ... --output {output} "

@@ -305,7 +305,7 @@ def run_local(request: RunRequest, *, workers: int = 4, shard_retries: int = 2, 
                                  output=request.output, started=started)
         outcome = "finished"
         try:
-            return executor.execute(storage, spec)
+            return executor.follow(executor.start(storage, spec))
         except Interrupted:
             outcome = "interrupted"
             raise

@@ -181,7 +181,7 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
     if not shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
     config = kube_run_config(options, profile, run_id=run_id, run_uri=storage.url(), shards=shards,
-                             api_mode=request.options.get("api_mode"), endpoint_url=request.endpoint_url)
+                             api_mode=serving_options.get("api_mode"), endpoint_url=request.endpoint_url)
     warnings = _model_cache_warnings(warnings, config, serving_options)
     pods = min(options.parallelism, shards)
     estimate = estimate_api_time(
@@ -278,10 +278,38 @@ def submit(
     storage, spec, resumed = prepare_run(request, stage_images=True, on_row=on_row, executor="kubernetes")
     if not spec.shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
-    if spec.serving != profile.serving:
-        profile = load_profile(spec.pipeline, spec.serving)
+    return start_jobs(clients, options, storage, spec, warnings=warnings, endpoint_url=request.endpoint_url,
+                      resumed=resumed)
+
+
+def start_jobs(
+    clients,
+    options: ClusterOptions,
+    storage,
+    spec,
+    *,
+    warnings: list[str],
+    endpoint_url: str | None = None,
+    resumed: bool = False,
+) -> Submission:
+    """Create the Jobs of a run planned on S3 (what the executor's ``start`` does once it is checked).
+
+    The pods get run.json's settings: a resumed batch-mode run keeps its small pods without
+    ``--api-mode batch`` on the command line.
+
+    Args:
+        clients: :class:`dfk8s.kube.client.KubeClients`.
+        options: The cluster side.
+        storage: The run's storage.
+        spec: Its spec.
+        warnings: The credential and cluster warnings found before planning.
+        endpoint_url: S3 endpoint from here (the pods' unless ``--cluster-s3-endpoint``).
+        resumed: The run was planned before this submit.
+
+    """
+    profile = load_profile(spec.pipeline, spec.serving)
     config = kube_run_config(options, profile, run_id=spec.run_id, run_uri=storage.url(), shards=spec.shards,
-                             api_mode=request.options.get("api_mode"), endpoint_url=request.endpoint_url)
+                             api_mode=spec.options.get("api_mode"), endpoint_url=endpoint_url)
     warnings = _model_cache_warnings(warnings, config, spec.options)
     names = create_jobs(clients, config)
     return Submission(
