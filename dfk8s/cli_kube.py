@@ -372,6 +372,11 @@ def _print_status(state) -> None:
             f"{len(state.shards_done)}/{state.shards} shards done"
             + (f" ({format_indexes(state.shards_done)})" if state.shards_done else "")
         )
+    if state.breaker:
+        breaker = state.breaker
+        click.echo(f"  stopped by the circuit breaker (shard {breaker.get('shard', '?')}): every request "
+                   f"failed with {breaker.get('type', 'one error')}: {breaker.get('message', '')}"
+                   + (f"; {breaker['hint']}" if breaker.get("hint") else "") + "; a resume tries again")
     for line in state.batches + state.spend:
         click.echo(line)
     if state.summary:

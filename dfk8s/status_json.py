@@ -31,6 +31,7 @@ STATUS_KEYS = (
     "result",
     "summary",
     "storage_error",
+    "breaker",
 )
 
 
@@ -84,4 +85,5 @@ def from_status(status) -> dict[str, Any]:
         reduce_job=status.reduce_job,
         summary=summary,
         storage_error=status.storage_error,
+        breaker=status.breaker,
     )

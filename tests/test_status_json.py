@@ -63,6 +63,7 @@ def test_local_run_before_and_after_the_reduce(tmp_path, monkeypatch):
         "result": None,
         "summary": None,
         "storage_error": None,
+        "breaker": None,
     }
     from dfk8s.reducer import reduce_run
 

@@ -1,9 +1,9 @@
 """A run's status: what its storage says, read by one builder for both executors.
 
 Storage holds every fact that is the same wherever the run ran: the spec (pipeline, serving, rows,
-shards), the progress (done markers, checkpoint parts, live counts), the summary once reduced, the
-provider batches and the spend. :func:`storage_status` reads them; the local executor reports just that,
-the Kubernetes executor adds its Jobs (and their pods' problems) on top.
+shards), the progress (done markers, checkpoint parts, live counts), the summary once reduced, a
+tripped circuit breaker, the provider batches and the spend. :func:`storage_status` reads them; the
+local executor reports just that, the Kubernetes executor adds its Jobs (and their pods' problems).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class RunStatus:
         summary: summary.json, or None before the reduce.
         batches: One line per shard with a provider batch (``--api-mode batch``).
         spend: The ``spent: ...`` line of a priced run (empty when unpriced).
+        breaker: breaker.json: the circuit breaker stopped the run (``shard``, ``type``, ``message``,
+            ``hint``); None when it did not, or since a resume cleared it.
         storage_error: Why storage could not be read from here (a cluster run's Jobs are still shown).
         problems: Why running Jobs have no pods (the Job controller's FailedCreate events).
 
@@ -62,6 +64,7 @@ class RunStatus:
     summary: dict | None = None
     batches: list[str] = field(default_factory=list)
     spend: list[str] = field(default_factory=list)
+    breaker: dict | None = None
     storage_error: str | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -78,7 +81,7 @@ def reduced_state(summary: dict | None) -> str | None:
 
 
 def storage_status(storage, *, into: RunStatus | None = None, reader=None, details: bool = True) -> RunStatus:
-    """Read a run's status from its storage: spec, progress, summary, and (``details``) batches and spend.
+    """Read a run's status from storage: spec, progress, summary, breaker, (``details``) batches and spend.
 
     Args:
         storage: The run's storage.
@@ -112,6 +115,7 @@ def storage_status(storage, *, into: RunStatus | None = None, reader=None, detai
         status.summary = storage.read_json(layout.SUMMARY_KEY)
     except NotFound:
         status.summary = None
+    status.breaker = _read_breaker(storage)
     if details:
         from dfk8s.batch import describe_batches
         from dfk8s.budget import describe_spend
@@ -121,3 +125,11 @@ def storage_status(storage, *, into: RunStatus | None = None, reader=None, detai
     if into is None:
         status.state = reduced_state(status.summary) or "unreduced"
     return status
+
+
+def _read_breaker(storage) -> dict | None:
+    try:
+        breaker = storage.read_json(layout.BREAKER_KEY)
+    except (NotFound, ValueError):
+        return None
+    return breaker if isinstance(breaker, dict) else {"message": str(breaker)}
