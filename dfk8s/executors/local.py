@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from dfk8s import layout
 from dfk8s.errors import EXIT_DO_NOT_RETRY, Dfk8sError, NotFound, SpecError, StorageError
 from dfk8s.executors.base import Cancelled, Executor, cancel_provider_batches
-from dfk8s.executors.status import RunStatus
+from dfk8s.executors.status import RunStatus, storage_status
 from dfk8s.lifecycle import PARENT_PID_ENV, grace_seconds
 from dfk8s.progress import ProgressReader, logs_above, progress_bar
 from dfk8s.reducer import Summary, reduce_run
@@ -121,7 +121,7 @@ class LocalExecutor(Executor[LocalRun, Summary]):
         endpoint_url: S3 endpoint passed to workers as ``AWS_ENDPOINT_URL``.
         show_progress: Draw the progress bar (it switches itself off when stderr is not a terminal).
         poll_seconds: How often the progress is read from storage.
-        output: The ``--output`` the run lives under (for the resume hint).
+        output: The ``--output`` runs live under (the resume hint; where status and cancel find runs).
         started: ``time.monotonic()`` when this launcher session began (planning included).
     """
 
@@ -352,8 +352,6 @@ class LocalExecutor(Executor[LocalRun, Summary]):
 
     def status(self, run_id: str) -> RunStatus:
         """The run under ``output``, from its storage alone (no Jobs to ask: ``unreduced`` until reduced)."""
-        from dfk8s.executors.status import storage_status
-
         return storage_status(self._run_storage(run_id))
 
     def cancel(self, run_id: str) -> Cancelled:
