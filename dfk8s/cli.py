@@ -159,7 +159,7 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
                  f"{spec.shards} shards at {storage.url()}")
             outcome = "finished"
             try:
-                summary = executor.execute(storage, spec)
+                summary = executor.follow(executor.start(storage, spec))
             except Interrupted:
                 outcome = "interrupted"
                 raise
@@ -301,7 +301,7 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
                                  show_progress=progress, output=output, started=started)
         outcome = "finished"
         try:
-            summary = executor.execute(storage, spec, only=set(reopened.shards))
+            summary = executor.follow(executor.start(storage, spec, only=set(reopened.shards)))
         except Interrupted:
             outcome = "interrupted"
             raise
@@ -431,7 +431,7 @@ def reduce(run_uri, s3_endpoint, wait_job, namespace):
 
     failed_shards = None
     if wait_job:
-        from dfk8s.kube.wait import format_indexes, wait_for_map_job
+        from dfk8s.executors.kubernetes.wait import format_indexes, wait_for_map_job
 
         ended = wait_for_map_job(wait_job, namespace)
         failed_shards = ended.failed_indexes

@@ -1,6 +1,6 @@
 """The Kubernetes commands of the CLI: ``submit``, ``status``, ``logs``, ``cancel``, ``list``.
 
-Each command checks its flags, calls :mod:`dfk8s.kube.launcher` / :mod:`dfk8s.kube.client`, prints.
+Each command checks its flags, calls :mod:`dfk8s.executors.kubernetes` / :mod:`dfk8s.kube.client`, prints.
 ``dfk8s.cli`` adds them to its group with :func:`register`.
 """
 
@@ -204,7 +204,13 @@ def submit(
       dfk8s submit --pipeline caption --input data.json --output s3://bucket/runs \\
           --api-key-secret dfk8s-api-key/DF_API_KEY --s3-secret dfk8s-s3 --parallelism 8 --wait
     """
-    from dfk8s.kube import launcher
+    from dfk8s.executors import kubernetes
+    from dfk8s.kube import (
+        ClusterOptions,
+        parse_node_selector,
+        parse_secret_ref,
+        parse_toleration,
+    )
     from dfk8s.kube.client import default_namespace
 
     request = run_request_from_flags(output, flags)
@@ -214,19 +220,19 @@ def submit(
         for name in SERVING_OPTION_NAMES
         if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
     }
-    options = launcher.ClusterOptions(
+    options = ClusterOptions(
         namespace=namespace or default_namespace(context, kubeconfig),
         image=image,
         reducer_image=reducer_image,
         cluster_s3_endpoint=cluster_s3_endpoint,
         parallelism=parallelism,
         queue=queue,
-        api_key_secret=launcher.parse_secret_ref(api_key_secret, "--api-key-secret"),
+        api_key_secret=parse_secret_ref(api_key_secret, "--api-key-secret"),
         s3_secret=s3_secret,
-        hf_token_secret=launcher.parse_secret_ref(hf_token_secret, "--hf-token-secret"),
+        hf_token_secret=parse_secret_ref(hf_token_secret, "--hf-token-secret"),
         gpus=gpus,
-        node_selector=launcher.parse_node_selector(node_selector),
-        tolerations=tuple(launcher.parse_toleration(t) for t in toleration) or None,
+        node_selector=parse_node_selector(node_selector),
+        tolerations=tuple(parse_toleration(t) for t in toleration) or None,
         service_account=service_account,
         backoff_limit_per_index=backoff_limit_per_index,
         max_failed_indexes=max_failed_indexes,
@@ -234,11 +240,11 @@ def submit(
         model_cache_subpath=model_cache_subpath,
     )
     if dry_run:
-        _dry_run(launcher.dry_run(request, options, explicit=explicit))
+        _dry_run(kubernetes.dry_run(request, options, explicit=explicit))
         return
     clients, _ = _connect(context, kubeconfig, options.namespace)
     try:
-        submission = launcher.submit(request, options, clients, explicit=explicit)
+        submission = kubernetes.submit(request, options, clients, explicit=explicit)
         for warning in submission.warnings:
             _err(f"warning: {warning}")
         spec = submission.spec
@@ -258,9 +264,10 @@ def submit(
         )
         if not wait:
             return
-        status = launcher.follow_run(
-            clients, submission, poll_seconds=poll_seconds, show_progress=progress, echo=_err
+        executor = kubernetes.KubernetesExecutor(
+            clients, options, poll_seconds=poll_seconds, show_progress=progress, echo=_err
         )
+        status = executor.follow(submission)
     finally:
         clients.close()
     if status.summary:
@@ -335,33 +342,56 @@ def _print_summary_line(summary: dict) -> None:
     _err(line)
 
 
-def _local_status(output: str, run_id: str, as_json: bool) -> None:
-    from dfk8s.kube.wait import format_indexes
-    from dfk8s.progress import storage_status
-    from dfk8s.runs import run_storage
+def _print_status(state) -> None:
+    """The status display of a :class:`~dfk8s.executors.status.RunStatus`, local or on a cluster."""
+    from dfk8s.executors.kubernetes.wait import format_indexes
 
-    state = storage_status(run_storage(output, run_id))
-    if as_json:
-        from dfk8s.status_json import from_storage
-
-        click.echo(json.dumps(from_storage(state), indent=2))
-        return
-    click.echo(f"run {run_id} ({state['pipeline']}, {state['serving']}) at {state['run_uri']}")
-    click.echo(f"  progress: {state['done']:,}/{state['rows']:,} rows ({state['ok']:,} ok, "
-               f"{state['failed']:,} failed); {len(state['shards_done'])}/{state['shards']} shards done"
-               + (f" ({format_indexes(state['shards_done'])})" if state["shards_done"] else ""))
-    from dfk8s.batch import describe_batches
-    from dfk8s.budget import describe_spend
-
-    storage = run_storage(output, run_id)
-    for line in describe_batches(storage, state["shards"]) + describe_spend(storage, state["shards"]):
-        click.echo(line)
-    summary = state["summary"]
-    if summary:
-        click.echo(f"  result: {summary['result']}: {summary['rows']:,} rows, {summary['ok']:,} ok, "
-                   f"{summary['failed']:,} failed, {summary['not_processed']:,} not processed")
+    cluster = state.source == "cluster"
+    if cluster:
+        click.echo(
+            f"run {state.run_id}"
+            + (f" ({state.pipeline})" if state.pipeline else "")
+            + f" in namespace {state.namespace}: {state.state}"
+        )
+        for label, job in (("map", state.map_job), ("reduce", state.reduce_job)):
+            click.echo(
+                f"  {label} job: " + (f"{job.name}: {job.describe()}" if job else "none (deleted or expired)")
+            )
+            if job and job.finished == "Failed" and job.message:
+                click.echo(f"    {job.reason}: {job.message}")
+        for problem in state.problems:
+            click.echo(f"  problem: {problem}")
     else:
+        click.echo(f"run {state.run_id} ({state.pipeline}, {state.serving}) at {state.run_uri}")
+    if state.storage_error:
+        click.echo(f"  storage: cannot read {state.run_uri}: {state.storage_error}")
+    elif state.progress is not None:
+        done = state.progress
+        click.echo(
+            f"  progress: {done.rows:,}/{state.rows or 0:,} rows ({done.ok:,} ok, {done.failed:,} failed); "
+            f"{len(state.shards_done)}/{state.shards} shards done"
+            + (f" ({format_indexes(state.shards_done)})" if state.shards_done else "")
+        )
+    if state.breaker:
+        breaker = state.breaker
+        click.echo(f"  stopped by the circuit breaker (shard {breaker.get('shard', '?')}): every request "
+                   f"failed with {breaker.get('type', 'one error')}: {breaker.get('message', '')}"
+                   + (f"; {breaker['hint']}" if breaker.get("hint") else "") + "; a resume tries again")
+    for line in state.batches + state.spend:
+        click.echo(line)
+    if state.summary:
+        summary = state.summary
+        click.echo(
+            f"  result: {summary.get('result')}: {summary.get('rows', 0):,} rows, "
+            f"{summary.get('ok', 0):,} ok, {summary.get('failed', 0):,} failed, "
+            f"{summary.get('not_processed', 0):,} not processed"
+        )
+        if summary.get("failed_shards"):
+            click.echo(f"  failed shards: {format_indexes(summary['failed_shards'])}")
+    elif not cluster:
         click.echo("  not reduced yet: resume with `dfk8s run --run-id ...` or run `dfk8s reduce`")
+    elif state.run_uri:
+        click.echo(f"  run data: {state.run_uri} (no result yet)")
 
 
 @click.command()
@@ -378,64 +408,30 @@ def _local_status(output: str, run_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The same facts as one JSON object (keys: README).")
 def status(run_id, namespace, context, kubeconfig, output, s3_endpoint, as_json):
     """Show a run: its Jobs (completed, failed, active indexes), progress from storage, and its result."""
-    from dfk8s.kube.launcher import run_status
-    from dfk8s.kube.wait import format_indexes
+    from dfk8s.status_json import from_status
 
     if not output and os.path.isfile(os.path.join("runs", run_id, "run.json")):
         output = "runs"  # `dfk8s run`'s default --output: a local run needs no cluster
-    if output and not output.startswith("s3://"):
-        _local_status(output, run_id, as_json)  # a `dfk8s run` on this machine: no Jobs to ask
-        return
-    clients, namespace = _connect(context, kubeconfig, namespace)
-    try:
-        state = run_status(clients, namespace, run_id, output=output, endpoint_url=s3_endpoint)
-    finally:
-        clients.close()
+    if output and not output.startswith("s3://"):  # a `dfk8s run` on this machine: no Jobs to ask
+        from dfk8s.executors.local import LocalExecutor
+
+        state = LocalExecutor(output=output).status(run_id)
+    else:
+        from dfk8s.executors.kubernetes import KubernetesExecutor
+        from dfk8s.kube import ClusterOptions
+
+        clients, namespace = _connect(context, kubeconfig, namespace)
+        try:
+            executor = KubernetesExecutor(
+                clients, ClusterOptions(namespace=namespace), output=output, endpoint_url=s3_endpoint
+            )
+            state = executor.status(run_id)
+        finally:
+            clients.close()
     if as_json:
-        from dfk8s.status_json import from_cluster
-
-        click.echo(json.dumps(from_cluster(state), indent=2))
-        return
-    click.echo(
-        f"run {run_id}"
-        + (f" ({state.pipeline})" if state.pipeline else "")
-        + f" in namespace {namespace}: {state.state}"
-    )
-    for label, job in (("map", state.map_job), ("reduce", state.reduce_job)):
-        click.echo(
-            f"  {label} job: " + (f"{job.name}: {job.describe()}" if job else "none (deleted or expired)")
-        )
-        if job and job.finished == "Failed" and job.message:
-            click.echo(f"    {job.reason}: {job.message}")
-    for problem in state.problems:
-        click.echo(f"  problem: {problem}")
-    if state.storage_error:
-        click.echo(f"  storage: cannot read {state.run_uri}: {state.storage_error}")
-    elif state.progress is not None:
-        done = state.progress
-        click.echo(
-            f"  progress: {done.rows:,}/{state.rows or 0:,} rows ({done.ok:,} ok, {done.failed:,} failed); "
-            f"{len(state.shards_done)}/{state.shards} shards done"
-            + (f" ({format_indexes(state.shards_done)})" if state.shards_done else "")
-        )
-    if state.run_uri and not state.storage_error:
-        from dfk8s.batch import describe_batches
-        from dfk8s.storage import open_storage
-
-        batches = describe_batches(open_storage(state.run_uri, endpoint_url=s3_endpoint), state.shards or 0)
-        for line in batches:
-            click.echo(line)
-    if state.summary:
-        summary = state.summary
-        click.echo(
-            f"  result: {summary.get('result')}: {summary.get('rows', 0):,} rows, "
-            f"{summary.get('ok', 0):,} ok, {summary.get('failed', 0):,} failed, "
-            f"{summary.get('not_processed', 0):,} not processed"
-        )
-        if summary.get("failed_shards"):
-            click.echo(f"  failed shards: {format_indexes(summary['failed_shards'])}")
-    elif state.run_uri:
-        click.echo(f"  run data: {state.run_uri} (no result yet)")
+        click.echo(json.dumps(from_status(state), indent=2))
+    else:
+        _print_status(state)
 
 
 @click.command()
@@ -487,26 +483,12 @@ def logs(run_id, namespace, context, kubeconfig, index, reducer, follow, tail):
         clients.close()
 
 
-def _cancel_batches(run_uri: str) -> None:
-    """Batch mode: cancel the run's provider batches too (what they completed is kept for a resume)."""
-    import asyncio
-
-    from dfk8s.batch import cancel_batches
-    from dfk8s.errors import Dfk8sError
-    from dfk8s.spec import RunSpec
-    from dfk8s.storage import open_storage
-
-    try:
-        storage = open_storage(run_uri)
-        spec = RunSpec.load(storage)
-        if spec.option("api_mode") != "batch":
-            return
-        ids = asyncio.run(cancel_batches(storage, spec))
-    except Dfk8sError as exc:
-        _err(f"warning: could not cancel the run's provider batches: {exc}")
-        return
-    if ids:
-        _err(f"cancelled provider batches {', '.join(ids)}; what they completed is kept: resuming maps it")
+def _print_batches_cancelled(cancelled) -> None:
+    if cancelled.batch_error:
+        _err(f"warning: could not cancel the run's provider batches: {cancelled.batch_error}")
+    elif cancelled.batches:
+        _err(f"cancelled provider batches {', '.join(cancelled.batches)}; what they completed is kept: "
+             "resuming maps it")
 
 
 @click.command()
@@ -520,25 +502,27 @@ def cancel(run_id, namespace, context, kubeconfig, output):
 
     In batch mode the provider batches are cancelled too; what they completed is kept.
     """
-    from dfk8s.kube.launcher import cancel_run
-
     if output and not output.startswith("s3://"):
-        from dfk8s.runs import run_storage
+        from dfk8s.executors.local import LocalExecutor
 
-        _cancel_batches(run_storage(output, run_id).url())
+        _print_batches_cancelled(LocalExecutor(output=output).cancel(run_id))
         return
+    from dfk8s.executors.kubernetes import KubernetesExecutor
+    from dfk8s.kube import ClusterOptions
+
     clients, namespace = _connect(context, kubeconfig, namespace)
     try:
-        jobs, pods, run_uri = cancel_run(clients, namespace, run_id)
+        cancelled = KubernetesExecutor(clients, ClusterOptions(namespace=namespace)).cancel(run_id)
     finally:
         clients.close()
+    jobs, run_uri = cancelled.jobs, cancelled.run_uri
     _err(
         f"cancelled run {run_id}: deleted "
         + (f"jobs {', '.join(jobs)}" if jobs else "no jobs")
-        + f" and {len(pods)} pods in namespace {namespace}"
+        + f" and {len(cancelled.pods)} pods in namespace {namespace}"
     )
     if run_uri:
-        _cancel_batches(run_uri)
+        _print_batches_cancelled(cancelled)
         output = run_uri.rsplit("/", 1)[0]
         _err(
             f"its data stays at {run_uri}; resume with: dfk8s submit --pipeline ... --output {output} "
@@ -553,8 +537,8 @@ def list_(namespace, context, kubeconfig, as_json):
     """List the runs in a namespace (from their Jobs), newest first, with their state."""
     import dataclasses
 
-    from dfk8s.kube.launcher import list_runs
-    from dfk8s.kube.wait import format_indexes
+    from dfk8s.executors.kubernetes import list_runs
+    from dfk8s.executors.kubernetes.wait import format_indexes
 
     clients, namespace = _connect(context, kubeconfig, namespace)
     try:

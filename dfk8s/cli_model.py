@@ -157,8 +157,8 @@ def _pull_on_cluster(
     context,
     kubeconfig,
 ) -> None:
+    from dfk8s.kube import cpu_image, parse_secret_ref
     from dfk8s.kube.client import default_namespace
-    from dfk8s.kube.launcher import cpu_image, parse_secret_ref
     from dfk8s.kube.manifests import to_yaml
     from dfk8s.model_jobs import build_pull_job, create_model_job
 
@@ -253,8 +253,8 @@ def list_models(directory, pvc, subpath, image, as_json, namespace, context, kub
 
 
 def _list_on_cluster(pvc, subpath, image, namespace, context, kubeconfig):
+    from dfk8s.kube import cpu_image
     from dfk8s.kube.client import default_namespace
-    from dfk8s.kube.launcher import cpu_image
     from dfk8s.model_jobs import (
         LIST_CONTAINER,
         build_list_job,

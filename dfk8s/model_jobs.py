@@ -107,7 +107,7 @@ def merge_warnings(
 
     With a shared cache the pods load offline and need no token; a gated model's own line says more.
     """
-    from dfk8s.kube._cluster_options import HF_TOKEN_WARNING
+    from dfk8s.kube import HF_TOKEN_WARNING
 
     redundant = cfg.model_cache_claim is not None or any("gated model" in w for w in model_warnings)
     return [w for w in credential_warnings if not (redundant and w == HF_TOKEN_WARNING)] + model_warnings
@@ -348,9 +348,9 @@ def create_model_job(clients, job: dict[str, Any], *, replace_finished: bool) ->
 
 
 def wait_model_job(clients, namespace: str, name: str, *, on_change: Callable | None = None):
-    """Block until the Job ends; returns its :class:`dfk8s.kube.wait.JobState`."""
+    """Block until the Job ends; returns its :class:`dfk8s.executors.kubernetes.wait.JobState`."""
+    from dfk8s.executors.kubernetes.wait import wait_for_job_end
     from dfk8s.kube.client import to_dict
-    from dfk8s.kube.wait import wait_for_job_end
 
     return wait_for_job_end(
         clients.batch, namespace, name, to_dict=lambda obj: to_dict(clients.api, obj), on_change=on_change

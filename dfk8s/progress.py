@@ -127,23 +127,3 @@ def logs_above(bar):
     finally:
         root.handlers[:] = saved
 
-
-def storage_status(storage) -> dict:
-    """A run's state from its storage alone (local runs have no Jobs to ask).
-
-    Returns:
-        ``run_id``, ``pipeline``, ``rows``, ``shards``, ``done`` (rows finished), ``ok``, ``failed``,
-        ``shards_done`` (sorted indexes) and ``summary`` (summary.json, or None before the reduce).
-    """
-    from dfk8s.spec import RunSpec
-
-    spec = RunSpec.load(storage)
-    reader = ProgressReader(storage)
-    now = reader.poll()
-    try:
-        summary = storage.read_json(layout.SUMMARY_KEY)
-    except NotFound:
-        summary = None
-    return {"run_id": spec.run_id, "pipeline": spec.pipeline, "serving": spec.serving, "rows": spec.rows,
-            "shards": spec.shards, "done": now.rows, "ok": now.ok, "failed": now.failed,
-            "shards_done": sorted(reader.done_shards()), "summary": summary, "run_uri": storage.url()}

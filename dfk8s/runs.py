@@ -319,7 +319,7 @@ def run_local(request: RunRequest, *, workers: int = 4, shard_retries: int = 2, 
         storage, spec, resumed = prepare_run(request)
         outcome = "finished"
         try:
-            return executor.execute(storage, spec)
+            return executor.follow(executor.start(storage, spec))
         except Interrupted:
             outcome = "interrupted"
             raise

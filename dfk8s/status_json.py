@@ -31,6 +31,7 @@ STATUS_KEYS = (
     "result",
     "summary",
     "storage_error",
+    "breaker",
 )
 
 
@@ -59,17 +60,20 @@ def status_document(**facts: Any) -> dict[str, Any]:
     return doc
 
 
-def from_cluster(status) -> dict[str, Any]:
-    """The object for a :class:`dfk8s.kube.launcher.RunStatus` (``dfk8s status RUN -n NS --json``)."""
+def from_status(status) -> dict[str, Any]:
+    """The object for a :class:`dfk8s.executors.status.RunStatus`, of either executor.
+
+    ``serving`` is run.json's, else (storage unreadable from here) the summary's.
+    """
     progress = status.progress
     summary = status.summary
     return status_document(
         run_id=status.run_id,
         state=status.state,
-        source="cluster",
+        source=status.source,
         namespace=status.namespace,
         pipeline=status.pipeline,
-        serving=(summary or {}).get("serving"),
+        serving=status.serving or (summary or {}).get("serving"),
         run_uri=status.run_uri,
         rows=status.rows,
         shards=status.shards,
@@ -81,28 +85,5 @@ def from_cluster(status) -> dict[str, Any]:
         reduce_job=status.reduce_job,
         summary=summary,
         storage_error=status.storage_error,
-    )
-
-
-def from_storage(state: dict) -> dict[str, Any]:
-    """The object for :func:`dfk8s.progress.storage_status` (a run read from its storage alone)."""
-    summary = state.get("summary")
-    if summary:
-        run_state = "complete" if summary.get("complete") else "partial"
-    else:
-        run_state = "unreduced"  # no Jobs to ask: running, stopped or crashed look alike until reduced
-    return status_document(
-        run_id=state["run_id"],
-        state=run_state,
-        source="storage",
-        pipeline=state.get("pipeline"),
-        serving=state.get("serving"),
-        run_uri=state.get("run_uri"),
-        rows=state.get("rows"),
-        shards=state.get("shards"),
-        done=state.get("done"),
-        ok=state.get("ok"),
-        failed=state.get("failed"),
-        shards_done=state.get("shards_done"),
-        summary=summary,
+        breaker=status.breaker,
     )

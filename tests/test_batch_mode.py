@@ -252,3 +252,22 @@ def test_submit_dry_run_shows_both_prices_and_a_small_batch_pod(s3_bucket):
                  for r in (sync, batched)]
     assert resources[0]["requests"]["cpu"] == "1" and resources[1]["requests"]["cpu"] == "100m"
     assert resources[1]["limits"]["memory"] == "1Gi"
+
+
+def test_a_planned_batch_run_keeps_its_small_pod_without_the_flag(s3_bucket):
+    """run.json's api_mode sizes the pods: a resume without --api-mode batch must not get sync-sized pods."""
+    import yaml
+
+    from dfk8s.runs import RunRequest, prepare_run
+    from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
+    from tests.kube.test_submit import NS, caption_args, invoke, pod_spec
+
+    output = f"s3://{s3_bucket}/runs"
+    prepare_run(RunRequest(pipeline="caption", input=str(VQA_MANIFEST), image_root=str(DATAFLOW_ROOT),
+                           output=output, run_id="planned-batch", rows_per_shard=4,
+                           options={"api_mode": "batch", "model": "gpt-4o", "max_tokens": 50}),
+                stage_images=True, executor="kubernetes")
+    resumed = invoke(*caption_args(output, "--dry-run", "--namespace", NS, "--run-id", "planned-batch"))
+    assert resumed.exit_code == 0, resumed.output
+    resources = pod_spec(next(yaml.safe_load_all(resumed.stdout)))["containers"][0]["resources"]
+    assert resources["requests"]["cpu"] == "100m" and resources["limits"]["memory"] == "1Gi"

@@ -47,6 +47,16 @@ def _finished(storage):
     return read_parts(storage, 0)[0]
 
 
+def _status(tmp_path, run_id, *flags):
+    from click.testing import CliRunner
+
+    from dfk8s.cli import cli
+
+    result = CliRunner().invoke(cli, ["status", run_id, "--output", str(tmp_path), *flags])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout) if "--json" in flags else result.stdout
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 def test_misspelled_model_sends_a_handful_then_resumes_every_row(tmp_path, fake_api, api_key, client):
     fake_api.configure(models="gpt-4o-mini", latency=0.02)
@@ -58,6 +68,9 @@ def test_misspelled_model_sends_a_handful_then_resumes_every_row(tmp_path, fake_
     breaker = storage.read_json(layout.BREAKER_KEY)
     assert breaker["shard"] == 0 and breaker["type"] == "ModelNotFound" and "--model" in breaker["hint"]
     assert not storage.exists(layout.shard_done_key(0))
+    status = _status(tmp_path, "b")  # dfk8s status says why the run stopped
+    assert "stopped by the circuit breaker (shard 0): every request failed with ModelNotFound" in status
+    assert _status(tmp_path, "b", "--json")["breaker"] == breaker
 
     # Per run: while breaker.json is there, another shard (or worker) does not start at all.
     before = fake_api.stats()["requests_total"]
@@ -68,6 +81,7 @@ def test_misspelled_model_sends_a_handful_then_resumes_every_row(tmp_path, fake_
     request.input = None
     storage, _, resumed = prepare_run(request)
     assert resumed and not storage.exists(layout.BREAKER_KEY)
+    assert _status(tmp_path, "b", "--json")["breaker"] is None
     stats = process_shard(storage, 0)
     assert stats.ok == ROWS and stats.failed == 0
     assert fake_api.stats()["requests_total"] - before == ROWS  # each row once

@@ -211,7 +211,7 @@ def test_data_uris_are_decoded_checked_and_staged(tmp_path):
 
 
 def test_submit_plan_stages_local_and_binary_images_but_not_urls(tmp_path, s3_bucket):
-    from dfk8s.kube._submit import count_plan
+    from dfk8s.executors.kubernetes import count_plan
 
     (tmp_path / "local.png").write_bytes(png((5, 5)))
     path = tmp_path / "m.parquet"

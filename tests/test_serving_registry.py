@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dfk8s.cli import cli
-from dfk8s.kube._submit import apply_profile_defaults
+from dfk8s.executors.kubernetes import apply_profile_defaults
 from dfk8s.pipelines import PIPELINES
 from dfk8s.profiles import load_profile
 from dfk8s.runs import RunRequest, prepare_run

@@ -7,11 +7,11 @@ import json
 from click.testing import CliRunner
 
 from dfk8s.cli import cli
-from dfk8s.kube.launcher import RunStatus
-from dfk8s.kube.wait import JobState
+from dfk8s.executors.kubernetes import JobState
+from dfk8s.executors.status import RunStatus
 from dfk8s.progress import Progress
 from dfk8s.runs import RunRequest, prepare_run
-from dfk8s.status_json import STATUS_KEYS, from_cluster
+from dfk8s.status_json import STATUS_KEYS, from_status
 from dfk8s.worker import process_shard
 
 
@@ -63,6 +63,7 @@ def test_local_run_before_and_after_the_reduce(tmp_path, monkeypatch):
         "result": None,
         "summary": None,
         "storage_error": None,
+        "breaker": None,
     }
     from dfk8s.reducer import reduce_run
 
@@ -76,11 +77,13 @@ def test_local_run_before_and_after_the_reduce(tmp_path, monkeypatch):
     text = CliRunner().invoke(cli, ["status", "js", "--output", str(tmp_path)]).stdout
     assert "progress: 2/6 rows (1 ok, 1 failed); 1/3 shards done (2)" in text
     assert f"result: {after['result']}: 6 rows, 1 ok, 1 failed, 4 not processed" in text
+    assert "failed shards: 0,1" in text  # the same line a cluster run's status has
 
 
 def test_cluster_status_has_the_same_keys():
     status = RunStatus(
         run_id="r9",
+        source="cluster",
         namespace="batch",
         state="partial",
         pipeline="caption",
@@ -104,7 +107,7 @@ def test_cluster_status_has_the_same_keys():
             "complete": False,
         },
     )
-    doc = from_cluster(status)
+    doc = from_status(status)
     assert tuple(doc) == STATUS_KEYS
     assert (doc["source"], doc["namespace"], doc["serving"], doc["done"], doc["ok"], doc["failed"]) == (
         "cluster",
@@ -117,5 +120,7 @@ def test_cluster_status_has_the_same_keys():
     assert doc["map_job"]["failed_indexes"] == [0] and doc["reduce_job"]["finished"] == "Complete"
     assert doc["failed_shards"] == [0] and doc["result"] == "s3://b/runs/r9/result.jsonl"
     assert json.loads(json.dumps(doc)) == doc  # plain JSON
-    gone = from_cluster(RunStatus(run_id="r0", namespace="batch", state="gone", storage_error="Timeout"))
+    gone = from_status(
+        RunStatus(run_id="r0", source="cluster", namespace="batch", state="gone", storage_error="Timeout")
+    )
     assert tuple(gone) == STATUS_KEYS and gone["done"] is None and gone["storage_error"] == "Timeout"

@@ -21,9 +21,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from dfk8s import layout
-from dfk8s.errors import EXIT_DO_NOT_RETRY, Dfk8sError, NotFound, StorageError
+from dfk8s.errors import EXIT_DO_NOT_RETRY, Dfk8sError, NotFound, SpecError, StorageError
+from dfk8s.executors.base import Cancelled, Executor, cancel_provider_batches
+from dfk8s.executors.status import RunStatus, storage_status
 from dfk8s.lifecycle import PARENT_PID_ENV, grace_seconds
 from dfk8s.progress import ProgressReader, logs_above, progress_bar
 from dfk8s.reducer import Summary, reduce_run
@@ -112,7 +115,16 @@ def split_gpus(gpus: list[str], workers: int) -> list[str]:
 
 
 @dataclass
-class LocalExecutor:
+class LocalRun:
+    """A planned run the local executor was asked to start (its workers live while it is followed)."""
+
+    storage: Any
+    spec: RunSpec
+    only: set[int] | None = None
+
+
+@dataclass
+class LocalExecutor(Executor[LocalRun, Summary]):
     """Runs every unfinished shard of a planned run on long-lived worker processes, then reduces.
 
     Attributes:
@@ -121,9 +133,11 @@ class LocalExecutor:
         endpoint_url: S3 endpoint passed to workers as ``AWS_ENDPOINT_URL``.
         show_progress: Draw the progress bar (it switches itself off when stderr is not a terminal).
         poll_seconds: How often the progress is read from storage.
-        output: The ``--output`` the run lives under (for the resume hint).
+        output: The ``--output`` runs live under (the resume hint; where status and cancel find runs).
         started: ``time.monotonic()`` when this launcher session began (planning included).
     """
+
+    name: ClassVar[str] = "local"
 
     workers: int = 4
     shard_retries: int = 2
@@ -367,6 +381,36 @@ class LocalExecutor:
                 events.get_nowait()
             except queue.Empty:
                 break
+
+    # -- the Executor interface ----------------------------------------------------------------------
+
+    def start(self, storage, spec: RunSpec, *, only: set[int] | None = None) -> LocalRun:
+        """Take a planned run (only the shards in ``only``, if given); :meth:`follow` runs it.
+
+        Local workers are children of this process: nothing runs until it follows the run.
+        """
+        return LocalRun(storage, spec, only)
+
+    def follow(self, handle: LocalRun) -> Summary:
+        """Run the shards on the workers, drawing the progress, then reduce (:meth:`execute`)."""
+        return self.execute(handle.storage, handle.spec, only=handle.only)
+
+    def status(self, run_id: str) -> RunStatus:
+        """The run under ``output``, from its storage alone (no Jobs to ask: ``unreduced`` until reduced)."""
+        return storage_status(self._run_storage(run_id))
+
+    def cancel(self, run_id: str) -> Cancelled:
+        """Cancel the run's provider batches (batch mode); its workers stop with the process following it."""
+        storage = self._run_storage(run_id)
+        batches, error = cancel_provider_batches(storage)
+        return Cancelled(run_id=run_id, run_uri=storage.url(), batches=batches, batch_error=error)
+
+    def _run_storage(self, run_id: str):
+        from dfk8s.runs import run_storage
+
+        if not self.output:
+            raise SpecError("the local executor needs the --output its runs live under")
+        return run_storage(self.output, run_id, self.endpoint_url)
 
 
 def _log_dir(run_id: str) -> Path:

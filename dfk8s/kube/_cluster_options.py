@@ -5,7 +5,7 @@ Secrets policy: a credential reaches the pods only as a Secret reference (``--ap
 without ``--api-key-secret`` is refused (its pods would all exit 42), whether or not the key is set
 in this shell, and the message says how to create the Secret.
 
-Public names are re-exported by :mod:`dfk8s.kube.launcher`.
+Public names are re-exported by :mod:`dfk8s.kube`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 from dfk8s.errors import SpecError
 from dfk8s.kube.manifests import KubeRunConfig
 from dfk8s.profiles import Profile, load_profile
-from dfk8s.runs import RunRequest
 from dfk8s.servings import SERVINGS
 
 #: API servings, with the seconds one request is assumed to take for the time estimate (from the
@@ -139,9 +138,27 @@ def check_credentials(
 
 
 def kube_run_config(
-    request: RunRequest, options: ClusterOptions, profile: Profile, *, run_id: str, run_uri: str, shards: int
+    options: ClusterOptions,
+    profile: Profile,
+    *,
+    run_id: str,
+    run_uri: str,
+    shards: int,
+    api_mode: str | None = None,
+    endpoint_url: str | None = None,
 ) -> KubeRunConfig:
-    """Build the :class:`KubeRunConfig` of a run (validates names, secrets, GPUs, shards)."""
+    """Build the :class:`KubeRunConfig` of a run (validates names, secrets, GPUs, shards).
+
+    Args:
+        options: The cluster flags.
+        profile: The run's job profile.
+        run_id: The run.
+        run_uri: Where the pods find it.
+        shards: The map Job's completions.
+        api_mode: The run's ``api_mode`` option (batch mode gets the profile's small pod).
+        endpoint_url: The S3 endpoint of this machine (the pods' unless ``--cluster-s3-endpoint``).
+
+    """
     return KubeRunConfig(
         run_id=run_id,
         pipeline=profile.pipeline,
@@ -150,10 +167,10 @@ def kube_run_config(
         shards=shards,
         parallelism=options.parallelism,
         namespace=options.namespace,
-        profile=profile.for_api_mode(request.options.get("api_mode")),  # batch mode: a small pod
+        profile=profile.for_api_mode(api_mode),  # batch mode: a small pod
         image=options.image,
         reducer_image=options.reducer_image or (cpu_image() if profile.gpu else None),
-        s3_endpoint=options.cluster_s3_endpoint or request.endpoint_url,
+        s3_endpoint=options.cluster_s3_endpoint or endpoint_url,
         queue=options.queue,
         api_key_secret=options.api_key_secret,
         s3_secret=options.s3_secret,

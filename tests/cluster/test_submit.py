@@ -110,6 +110,9 @@ def test_submit_wait_status_logs_list_cancel(kube_env, s3_bucket, fake_api, api_
     assert "in namespace batch: complete" in status.stdout and "2/2 indexes completed (0,1)" in status.stdout
     assert "8/8 rows (4 ok, 4 failed); 2/2 shards done" in status.stdout
     assert f"result: {output}/{run_id}/result.jsonl" in status.stdout
+    # The storage facts come from the builder a local run's status uses: the spend too.
+    spent = storage.read_json(layout.SUMMARY_KEY)["cost_usd"]
+    assert f"spent: ${spent:.6f}; estimate $" in status.stdout, status.stdout
     as_json = json.loads(invoke("status", run_id, "--json").stdout)
     assert as_json["state"] == "complete" and as_json["map_job"]["completed"] == [0, 1]
 

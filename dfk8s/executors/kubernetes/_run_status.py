@@ -1,20 +1,18 @@
 """Reading a run back from the cluster: its state, ``status``, ``list``, ``cancel`` and ``--wait``.
 
-Public names are re-exported by :mod:`dfk8s.kube.launcher`.
+Public names are re-exported by :mod:`dfk8s.executors.kubernetes`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from dfk8s import layout
-from dfk8s.errors import Dfk8sError, KubernetesError, NotFound, SpecError, StorageError
-from dfk8s.kube._submit import Submission
-from dfk8s.kube.wait import JobState, job_state
+from dfk8s.errors import Dfk8sError, KubernetesError, SpecError, StorageError
+from dfk8s.executors.kubernetes._submit import Submission
+from dfk8s.executors.kubernetes.wait import JobState, job_state
+from dfk8s.executors.status import RunStatus, reduced_state, storage_status
 
 
 def run_state(map_job: JobState | None, reduce_job: JobState | None) -> str:
@@ -34,34 +32,6 @@ def run_state(map_job: JobState | None, reduce_job: JobState | None) -> str:
     if map_job is not None and map_job.finished:
         return "reducing"
     return "running" if map_job is not None else "reducing"
-
-
-@dataclass
-class RunStatus:
-    """A run as the cluster and its storage see it."""
-
-    run_id: str
-    namespace: str
-    state: str
-    map_job: JobState | None = None
-    reduce_job: JobState | None = None
-    pipeline: str | None = None
-    run_uri: str | None = None
-    rows: int | None = None
-    shards: int | None = None
-    progress: Any = None
-    shards_done: list[int] = field(default_factory=list)
-    summary: dict | None = None
-    storage_error: str | None = None
-    problems: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """Return a JSON-able form (``dfk8s status --json``)."""
-        out = dataclasses.asdict(self)
-        out["map_job"] = dataclasses.asdict(self.map_job) if self.map_job else None
-        out["reduce_job"] = dataclasses.asdict(self.reduce_job) if self.reduce_job else None
-        out["progress"] = dataclasses.asdict(self.progress) if self.progress else None
-        return out
 
 
 def _run_uri_from_job(job: dict) -> str | None:
@@ -88,8 +58,9 @@ def run_status(
     output: str | None = None,
     endpoint_url: str | None = None,
     reader=None,
+    details: bool = True,
 ) -> RunStatus:
-    """Read a run's Jobs and its progress on storage.
+    """Read a run's Jobs, then its storage (:func:`dfk8s.executors.status.storage_status`).
 
     Args:
         clients: :class:`dfk8s.kube.client.KubeClients`.
@@ -98,21 +69,22 @@ def run_status(
         output: ``s3://bucket/prefix`` the run is under; default: read from the map Job.
         endpoint_url: S3 endpoint from here; default: the one the Jobs use.
         reader: A :class:`dfk8s.progress.ProgressReader` to reuse between polls.
+        details: Also read the provider batches and the spend (not needed by every poll of ``--wait``).
 
     Raises:
         KubernetesError: "run not found" when neither Jobs nor (with ``output``) storage know it.
 
     """
     from dfk8s.kube.client import find_run_jobs, to_dict
-    from dfk8s.spec import RunSpec
     from dfk8s.storage import open_storage
 
     jobs = find_run_jobs(clients, namespace, run_id)
     map_raw, reduce_raw = jobs.get("map"), jobs.get("reduce")
     status = RunStatus(
         run_id=run_id,
-        namespace=namespace,
         state="gone",
+        source="cluster",
+        namespace=namespace,
         map_job=job_state(to_dict(clients.api, map_raw)) if map_raw else None,
         reduce_job=job_state(to_dict(clients.api, reduce_raw)) if reduce_raw else None,
     )
@@ -136,21 +108,10 @@ def run_status(
         storage = (
             reader.storage if reader is not None else open_storage(status.run_uri, endpoint_url=endpoint)
         )
-        spec = RunSpec.load(storage)
-        status.pipeline, status.rows, status.shards = spec.pipeline, spec.rows, spec.shards
-        if reader is None:
-            from dfk8s.progress import ProgressReader
-
-            reader = ProgressReader(storage)
-        status.progress = reader.poll()
-        status.shards_done = sorted(reader.done_shards())
-        try:
-            status.summary = storage.read_json(layout.SUMMARY_KEY)
-        except NotFound:
-            pass
+        storage_status(storage, into=status, reader=reader, details=details)
         # The Jobs (or the reduce Job) expired (TTL) or were deleted after the end: the summary says.
         if status.summary and (status.state == "gone" or (status.state == "reducing" and not reduce_raw)):
-            status.state = "complete" if status.summary.get("complete") else "partial"
+            status.state = reduced_state(status.summary)
     except (StorageError, SpecError) as exc:
         if not any_job:
             raise KubernetesError(f"run not found: {exc}") from None
@@ -264,7 +225,9 @@ def follow_run(
             started, first_rows = time.monotonic(), None
             while True:
                 try:
-                    status = run_status(clients, submission.namespace, submission.run_id, reader=reader)
+                    status = run_status(
+                        clients, submission.namespace, submission.run_id, reader=reader, details=False
+                    )
                 except KubernetesError as exc:
                     if getattr(exc, "status", None) in (401, 403, 404, 409, 422):
                         raise

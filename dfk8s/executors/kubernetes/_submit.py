@@ -1,6 +1,6 @@
 """Submitting a run: plan it to S3 and create its Jobs, or (``--dry-run``) show what that would do.
 
-Public names are re-exported by :mod:`dfk8s.kube.launcher`.
+Public names are re-exported by :mod:`dfk8s.executors.kubernetes`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dfk8s.errors import KubernetesError, SpecError
-from dfk8s.kube._cluster_options import API_SERVINGS, ClusterOptions, check_credentials, kube_run_config
-from dfk8s.kube.manifests import KubeRunConfig, build_run_objects
+from dfk8s.kube import (
+    API_SERVINGS,
+    ClusterOptions,
+    KubeRunConfig,
+    build_run_objects,
+    check_credentials,
+    kube_run_config,
+)
 from dfk8s.profiles import Profile, load_profile
 from dfk8s.runs import RunRequest, run_storage
 
@@ -162,7 +168,8 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
         if not request.input:
             raise SpecError("--input is needed (or --run-id of a planned run)")
         profile = load_profile(request.pipeline, serving)
-        kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=1)
+        kube_run_config(options, profile, run_id=run_id, run_uri=storage.url(), shards=1,
+                        api_mode=request.options.get("api_mode"), endpoint_url=request.endpoint_url)
         serving_options = apply_profile_defaults(request.options, profile, explicit)
         rows, good, shards, rows_per_shard, cost = _count_plan_and_cost(
             dataclasses.replace(request, options=serving_options, serving=serving,
@@ -173,7 +180,8 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
             shard_size = default_shard_size(rows, serving, serving_options, options.parallelism, "kubernetes")
     if not shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
-    config = kube_run_config(request, options, profile, run_id=run_id, run_uri=storage.url(), shards=shards)
+    config = kube_run_config(options, profile, run_id=run_id, run_uri=storage.url(), shards=shards,
+                             api_mode=serving_options.get("api_mode"), endpoint_url=request.endpoint_url)
     warnings = _model_cache_warnings(warnings, config, serving_options)
     pods = min(options.parallelism, shards)
     estimate = estimate_api_time(
@@ -264,18 +272,44 @@ def submit(
     )
     run_uri = run_storage(request.output, request.run_id, request.endpoint_url).url()
     # Everything the Jobs need is checked before a single shard is written.
-    kube_run_config(
-        request, options, profile, run_id=request.run_id, run_uri=run_uri, shards=request.shards or 1
-    )
+    kube_run_config(options, profile, run_id=request.run_id, run_uri=run_uri, shards=request.shards or 1,
+                    api_mode=request.options.get("api_mode"), endpoint_url=request.endpoint_url)
     warnings += check_cluster(clients, options)
     storage, spec, resumed = prepare_run(request, stage_images=True, on_row=on_row, executor="kubernetes")
     if not spec.shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
-    if spec.serving != profile.serving:
-        profile = load_profile(spec.pipeline, spec.serving)
-    config = kube_run_config(
-        request, options, profile, run_id=spec.run_id, run_uri=storage.url(), shards=spec.shards
-    )
+    return start_jobs(clients, options, storage, spec, warnings=warnings, endpoint_url=request.endpoint_url,
+                      resumed=resumed)
+
+
+def start_jobs(
+    clients,
+    options: ClusterOptions,
+    storage,
+    spec,
+    *,
+    warnings: list[str],
+    endpoint_url: str | None = None,
+    resumed: bool = False,
+) -> Submission:
+    """Create the Jobs of a run planned on S3 (what the executor's ``start`` does once it is checked).
+
+    The pods get run.json's settings: a resumed batch-mode run keeps its small pods without
+    ``--api-mode batch`` on the command line.
+
+    Args:
+        clients: :class:`dfk8s.kube.client.KubeClients`.
+        options: The cluster side.
+        storage: The run's storage.
+        spec: Its spec.
+        warnings: The credential and cluster warnings found before planning.
+        endpoint_url: S3 endpoint from here (the pods' unless ``--cluster-s3-endpoint``).
+        resumed: The run was planned before this submit.
+
+    """
+    profile = load_profile(spec.pipeline, spec.serving)
+    config = kube_run_config(options, profile, run_id=spec.run_id, run_uri=storage.url(), shards=spec.shards,
+                             api_mode=spec.options.get("api_mode"), endpoint_url=endpoint_url)
     warnings = _model_cache_warnings(warnings, config, spec.options)
     names = create_jobs(clients, config)
     return Submission(

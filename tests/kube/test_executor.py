@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import pytest
 from urllib3.exceptions import ProtocolError
 
+from dfk8s import kube
 from dfk8s.errors import KubernetesError, SpecError
-from dfk8s.kube import launcher
-from dfk8s.kube.client import connect, default_namespace
-from dfk8s.kube.launcher import ClusterOptions
-from dfk8s.kube.wait import (
+from dfk8s.executors import kubernetes
+from dfk8s.executors.kubernetes.wait import (
     JobDeleted,
     JobState,
     WaitNotAllowed,
@@ -21,6 +20,7 @@ from dfk8s.kube.wait import (
     parse_indexes,
     wait_for_job_end,
 )
+from dfk8s.kube.client import connect, default_namespace
 from dfk8s.profiles import load_profile
 from dfk8s.runs import RunRequest, prepare_run
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
@@ -95,62 +95,64 @@ def test_job_state_reads_conditions_and_indexes():
 def test_run_state_from_both_jobs():
     done, failed = JobState("m", finished="Complete"), JobState("m", finished="Failed")
     running, reduced = JobState("m"), JobState("r", finished="Complete")
-    assert launcher.run_state(running, JobState("r")) == "running"
-    assert launcher.run_state(JobState("m", suspended=True), JobState("r")) == "queued"
-    assert launcher.run_state(done, JobState("r")) == "reducing"
-    assert launcher.run_state(done, reduced) == "complete"
-    assert launcher.run_state(failed, reduced) == "partial"
-    assert launcher.run_state(failed, JobState("r", finished="Failed")) == "failed"
-    assert launcher.run_state(JobState("m", deleting=True), None) == "cancelling"
-    assert launcher.run_state(None, None) == "gone"
+    assert kubernetes.run_state(running, JobState("r")) == "running"
+    assert kubernetes.run_state(JobState("m", suspended=True), JobState("r")) == "queued"
+    assert kubernetes.run_state(done, JobState("r")) == "reducing"
+    assert kubernetes.run_state(done, reduced) == "complete"
+    assert kubernetes.run_state(failed, reduced) == "partial"
+    assert kubernetes.run_state(failed, JobState("r", finished="Failed")) == "failed"
+    assert kubernetes.run_state(JobState("m", deleting=True), None) == "cancelling"
+    assert kubernetes.run_state(None, None) == "gone"
 
 
 def test_flag_parsing():
-    assert launcher.parse_secret_ref("api/DF_API_KEY", "--x") == ("api", "DF_API_KEY")
-    assert launcher.parse_secret_ref("api:DF_API_KEY", "--x") == ("api", "DF_API_KEY")
+    assert kube.parse_secret_ref("api/DF_API_KEY", "--x") == ("api", "DF_API_KEY")
+    assert kube.parse_secret_ref("api:DF_API_KEY", "--x") == ("api", "DF_API_KEY")
     with pytest.raises(SpecError) as info:
-        launcher.parse_secret_ref("sk-proj-abcdef", "--api-key-secret")
+        kube.parse_secret_ref("sk-proj-abcdef", "--api-key-secret")
     assert "sk-proj-abcdef" not in str(info.value)
-    assert launcher.parse_node_selector(("a=b", "c=")) == {"a": "b", "c": ""}
-    assert launcher.parse_node_selector(()) is None
-    assert launcher.parse_toleration("nvidia.com/gpu:NoSchedule") == {
+    assert kube.parse_node_selector(("a=b", "c=")) == {"a": "b", "c": ""}
+    assert kube.parse_node_selector(()) is None
+    assert kube.parse_toleration("nvidia.com/gpu:NoSchedule") == {
         "key": "nvidia.com/gpu",
         "operator": "Exists",
         "effect": "NoSchedule",
     }
-    assert launcher.parse_toleration("pool=gpu:NoExecute")["value"] == "gpu"
+    assert kube.parse_toleration("pool=gpu:NoExecute")["value"] == "gpu"
     for bad in ("nokey", "k=v:Sometimes", ":NoSchedule"):
         with pytest.raises(SpecError):
-            launcher.parse_toleration(bad)
+            kube.parse_toleration(bad)
 
 
 def test_estimate_is_bound_by_rpm_or_concurrency():
-    by_rpm = launcher.estimate_api_time("openai-chat", 6000, pods=4, concurrency=64, rpm=600)
+    by_rpm = kubernetes.estimate_api_time("openai-chat", 6000, pods=4, concurrency=64, rpm=600)
     assert by_rpm.bound == "rpm" and by_rpm.per_minute == 600 and by_rpm.minutes == 10
     # 2 pods x 4 in flight x 60 s / 3 s per request = 160 requests/min.
-    by_concurrency = launcher.estimate_api_time("openai-chat", 320, pods=2, concurrency=4, rpm=None)
+    by_concurrency = kubernetes.estimate_api_time("openai-chat", 320, pods=2, concurrency=4, rpm=None)
     assert (
         by_concurrency.bound == "concurrency"
         and by_concurrency.per_minute == 160
         and by_concurrency.minutes == 2
     )
-    assert launcher.estimate_api_time("diffusers", 10, 1, 1, None) is None
+    assert kubernetes.estimate_api_time("diffusers", 10, 1, 1, None) is None
 
 
 def test_credentials_policy():
-    options = ClusterOptions(namespace="ns", api_key_secret=None)
+    options = kube.ClusterOptions(namespace="ns", api_key_secret=None)
     with pytest.raises(SpecError, match="create a Secret"):
-        launcher.check_credentials("openai-chat", options, environ={})
+        kube.check_credentials("openai-chat", options, environ={})
     with pytest.raises(SpecError, match=r"\$OPENAI_API_KEY stays on this machine"):
-        launcher.check_credentials("gemini-images", options, environ={"OPENAI_API_KEY": "x"})
-    warnings = launcher.check_credentials(
+        kube.check_credentials("gemini-images", options, environ={"OPENAI_API_KEY": "x"})
+    warnings = kube.check_credentials(
         "diffusers", options, environ={"AWS_ACCESS_KEY_ID": "a", "HF_TOKEN": "t"}
     )
     assert len(warnings) == 3 and any("S3 credentials" in w for w in warnings)
     assert (
-        launcher.check_credentials(
+        kube.check_credentials(
             "openai-chat",
-            ClusterOptions(namespace="ns", api_key_secret=("a", "b"), s3_secret="s", service_account="sa"),
+            kube.ClusterOptions(
+                namespace="ns", api_key_secret=("a", "b"), s3_secret="s", service_account="sa"
+            ),
             environ={},
         )
         == []
@@ -159,7 +161,7 @@ def test_credentials_policy():
 
 def test_profile_defaults_fill_what_no_flag_set():
     profile = load_profile("caption")
-    merged = launcher.apply_profile_defaults(
+    merged = kubernetes.apply_profile_defaults(
         {"max_concurrency": 64, "model": "mine"}, profile, explicit={"model"}
     )
     assert merged["model"] == "mine" and merged["max_concurrency"] == profile.defaults["max_concurrency"]
@@ -178,7 +180,7 @@ def test_dry_run_counts_what_plan_writes(tmp_path, shards, rows_per_shard):
         shards=shards,
         rows_per_shard=rows_per_shard,
     )
-    rows, good, counted_shards, counted_size = launcher.count_plan(request)
+    rows, good, counted_shards, counted_size = kubernetes.count_plan(request)
     _, spec, _ = prepare_run(request, executor="kubernetes")  # as submit plans it
     assert (rows, counted_shards, counted_size) == (spec.rows, spec.shards, spec.rows_per_shard)
     assert good == 4
@@ -232,7 +234,7 @@ current-context: one
     assert clients.namespace == "team-a" and "127.0.0.1:1" in clients.where
     clients.close()
     with pytest.raises(KubernetesError, match="cannot reach the Kubernetes API"):
-        launcher.list_runs(connect(), "team-a")
+        kubernetes.list_runs(connect(), "team-a")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     assert default_namespace() == "default"
     with pytest.raises(KubernetesError, match="cannot load the kubeconfig"):
@@ -254,7 +256,7 @@ def test_files_only_this_machine_has_are_refused(tmp_path):
         options={"mask": str(tmp_path / "mask.png")},
     )
     with pytest.raises(SpecError, match="pods cannot read it"):
-        launcher.dry_run(request, ClusterOptions(namespace="ns", api_key_secret=("a", "b")))
+        kubernetes.dry_run(request, kube.ClusterOptions(namespace="ns", api_key_secret=("a", "b")))
 
 
 def api_exception(status, headers=None):
@@ -287,10 +289,10 @@ def test_a_finished_run_expired_by_its_ttl_is_not_cancelling():
     """The TTL controller deletes finished Jobs with foreground propagation: they show deleting."""
     done = JobState("m", finished="Complete", deleting=True)
     reduced = JobState("r", finished="Complete", deleting=True)
-    assert launcher.run_state(done, reduced) == "complete"
-    assert launcher.run_state(JobState("m", finished="Failed", deleting=True), reduced) == "partial"
-    assert launcher.run_state(JobState("m", deleting=True), JobState("r")) == "cancelling"
-    assert launcher.run_state(done, JobState("r", deleting=True)) == "cancelling"
+    assert kubernetes.run_state(done, reduced) == "complete"
+    assert kubernetes.run_state(JobState("m", finished="Failed", deleting=True), reduced) == "partial"
+    assert kubernetes.run_state(JobState("m", deleting=True), JobState("r")) == "cancelling"
+    assert kubernetes.run_state(done, JobState("r", deleting=True)) == "cancelling"
 
 
 @pytest.mark.parametrize(("shards", "longest"), [(1, 50), (100, 50), (101, 49), (1001, 48), (100_000, 47)])
