@@ -198,7 +198,7 @@ def test_rows_with_url_images_end_as_expected_through_the_worker(server, tmp_pat
                                 for name, (url, _) in cases.items()))
     request = RunRequest(pipeline="caption", serving="echo", input=str(manifest), output=str(tmp_path / "o"),
                          run_id="u", image_key="url", id_key="uid",
-                         options={"prompt": "Describe the image.", "image_timeout": 1.5,
+                         options={"prompt": "Describe the image.", "image_timeout": 4.0,  # slow: 10 s
                                   "allowed_image_networks": [f"{SERVER_HOST}/32"]})
     storage, spec, _ = prepare_run(request)
     process_shard(storage, 0)
