@@ -283,7 +283,8 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
     changes = {name: flags[name] for name in SERVING_OPTION_NAMES if name in given and name in flags}
     types = {t.strip() for t in error_types.split(",") if t.strip()} if error_types else None
     with RunLease(storage, command="retry"):
-        _check_credentials(flags.get("serving") or spec.serving, spec.pipeline)
+        if not no_run:  # --no-run sends nothing: a Kubernetes run's key lives in a Secret, not here
+            _check_credentials(flags.get("serving") or spec.serving, spec.pipeline)
         spec, reopened = plan_retry(storage, types=types, all_errors=all_errors, options=changes,
                                     serving=flags.get("serving") if "serving" in given else None)
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(reopened.by_type.items())) or "none"
@@ -291,7 +292,13 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
              + (f"; changed {', '.join(f'{k} {v[0]} -> {v[1]}' for k, v in reopened.changes.items())}"
                 if reopened.changes else ""))
         if no_run:
-            _err(f"reopened; run them with: dfk8s submit --run-id {run_id} --output {output} (or dfk8s run)")
+            here = f"dfk8s run --run-id {run_id} -o {output}"
+            if output.startswith("s3://"):
+                _err(f"reopened; run them on Kubernetes with: dfk8s cancel {run_id} (if its Jobs are still "
+                     f"there), then dfk8s submit --run-id {run_id} --output {output} and the cluster flags "
+                     f"of the first submit (--api-key-secret, --s3-secret, ...); or here: {here}")
+            else:
+                _err(f"reopened; run them with: {here}")
             return
         executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=endpoint,
                                  show_progress=progress, output=output, started=started)
