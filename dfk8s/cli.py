@@ -14,7 +14,7 @@ from dfk8s.cli_report import after_run, report_option
 from dfk8s.cli_report import report as report_command
 from dfk8s.errors import Dfk8sError
 from dfk8s.log import setup_logging
-from dfk8s.options import local_run_options, retry_serving_options, run_request_from_flags
+from dfk8s.options import given_flags, local_run_options, retry_serving_options, run_request_from_flags
 
 
 def _err(message: str) -> None:
@@ -76,13 +76,6 @@ def _lifecycle_options(func):
     return func
 
 
-def _given(ctx: click.Context) -> set[str]:
-    """Names of the parameters set on the command line (not defaults, not environment variables)."""
-    from click.core import ParameterSource
-
-    return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
-
-
 def _launcher_env(storage_patience: float, grace: float) -> None:
     # Workers inherit these: the same patience and grace in every process of the run.
     os.environ["DFK8S_STORAGE_PATIENCE"] = f"{storage_patience:g}"
@@ -125,7 +118,7 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
     started = time.monotonic()
     _launcher_env(storage_patience, grace)
     request = run_request_from_flags(output, flags)
-    request.given = {"input" if name == "input_" else name for name in _given(ctx)}
+    request.given = given_flags(ctx)
     request.parallelism = workers
     if dry_run:  # before anything is checked for writing: a dry run writes nothing
         _dry_run(request)
@@ -271,7 +264,7 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
 
     started = time.monotonic()
     _launcher_env(storage_patience, grace)
-    given = _given(ctx)
+    given = given_flags(ctx)
     endpoint = flags.get("s3_endpoint")
     check_output(output, endpoint_url=endpoint)
     storage = run_storage(output, run_id, endpoint)
