@@ -14,7 +14,7 @@ from dfk8s.cli_report import after_run, report_option
 from dfk8s.cli_report import report as report_command
 from dfk8s.errors import Dfk8sError
 from dfk8s.log import setup_logging
-from dfk8s.options import local_run_options, retry_serving_options, run_request_from_flags
+from dfk8s.options import given_flags, local_run_options, retry_serving_options, run_request_from_flags
 
 
 def _err(message: str) -> None:
@@ -76,13 +76,6 @@ def _lifecycle_options(func):
     return func
 
 
-def _given(ctx: click.Context) -> set[str]:
-    """Names of the parameters set on the command line (not defaults, not environment variables)."""
-    from click.core import ParameterSource
-
-    return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
-
-
 def _launcher_env(storage_patience: float, grace: float) -> None:
     # Workers inherit these: the same patience and grace in every process of the run.
     os.environ["DFK8S_STORAGE_PATIENCE"] = f"{storage_patience:g}"
@@ -125,7 +118,7 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
     started = time.monotonic()
     _launcher_env(storage_patience, grace)
     request = run_request_from_flags(output, flags)
-    request.given = {"input" if name == "input_" else name for name in _given(ctx)}
+    request.given = given_flags(ctx)
     request.parallelism = workers
     if dry_run:  # before anything is checked for writing: a dry run writes nothing
         _dry_run(request)
@@ -275,7 +268,7 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
 
     started = time.monotonic()
     _launcher_env(storage_patience, grace)
-    given = _given(ctx)
+    given = given_flags(ctx)
     endpoint = flags.get("s3_endpoint")
     check_output(output, endpoint_url=endpoint)
     storage = run_storage(output, run_id, endpoint)
@@ -287,7 +280,8 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
     changes = {name: flags[name] for name in SERVING_OPTION_NAMES if name in given and name in flags}
     types = {t.strip() for t in error_types.split(",") if t.strip()} if error_types else None
     with RunLease(storage, command="retry"):
-        _check_credentials(flags.get("serving") or spec.serving, spec.pipeline)
+        if not no_run:  # --no-run sends nothing: a Kubernetes run's key lives in a Secret, not here
+            _check_credentials(flags.get("serving") or spec.serving, spec.pipeline)
         spec, reopened = plan_retry(storage, types=types, all_errors=all_errors, options=changes,
                                     serving=flags.get("serving") if "serving" in given else None)
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(reopened.by_type.items())) or "none"
@@ -295,7 +289,13 @@ def retry(ctx, run_id, output, workers, shard_retries, storage_patience, grace, 
              + (f"; changed {', '.join(f'{k} {v[0]} -> {v[1]}' for k, v in reopened.changes.items())}"
                 if reopened.changes else ""))
         if no_run:
-            _err(f"reopened; run them with: dfk8s submit --run-id {run_id} --output {output} (or dfk8s run)")
+            here = f"dfk8s run --run-id {run_id} -o {output}"
+            if output.startswith("s3://"):
+                _err(f"reopened; run them on Kubernetes with: dfk8s cancel {run_id} (if its Jobs are still "
+                     f"there), then dfk8s submit --run-id {run_id} --output {output} and the cluster flags "
+                     f"of the first submit (--api-key-secret, --s3-secret, ...); or here: {here}")
+            else:
+                _err(f"reopened; run them with: {here}")
             return
         executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=endpoint,
                                  show_progress=progress, output=output, started=started)

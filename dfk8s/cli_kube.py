@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from dfk8s.cli_report import after_run, report_option
-from dfk8s.options import SERVING_OPTION_NAMES, run_request_from_flags, shared_run_options
+from dfk8s.options import SERVING_OPTION_NAMES, given_flags, run_request_from_flags, shared_run_options
 
 __all__ = ["register"]
 
@@ -214,6 +214,7 @@ def submit(
     from dfk8s.kube.client import default_namespace
 
     request = run_request_from_flags(output, flags)
+    request.given = given_flags(ctx)  # a resume refuses a flag that differs from run.json, as `run` does
     _warn_loopback(request, cluster_s3_endpoint)
     explicit = {
         name
@@ -525,8 +526,8 @@ def cancel(run_id, namespace, context, kubeconfig, output):
         _print_batches_cancelled(cancelled)
         output = run_uri.rsplit("/", 1)[0]
         _err(
-            f"its data stays at {run_uri}; resume with: dfk8s submit --pipeline ... --output {output} "
-            f"--run-id {run_id}"
+            f"its data stays at {run_uri}; resume with: dfk8s submit --run-id {run_id} --output {output} "
+            "and the cluster flags (--api-key-secret, --s3-secret, ...)"
         )
 
 

@@ -17,8 +17,8 @@ def _apply(options):
 
 
 PIPELINE_OPTIONS = [
-    click.option("--pipeline", "-p", required=True, type=click.Choice(sorted(PIPELINES)),
-                 help="What to do with each row."),
+    click.option("--pipeline", "-p", type=click.Choice(sorted(PIPELINES)),
+                 help="What to do with each row (not needed to resume: run.json knows it)."),
     click.option("--input", "-i", "input_", metavar="PATH|S3URI",
                  help="Manifest: JSONL, a JSON array or Parquet, local or s3://; or a folder or glob of them "
                       "(read in sorted file order); or a folder of images, one row each (not needed to "
@@ -139,15 +139,24 @@ SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max
                         "batch_poll_seconds", "prompt", "image_timeout", "allow_private_image_hosts",
                         "allowed_image_networks", "image_fetch", "client")
 
+#: ``dfk8s run`` and ``dfk8s submit``.
 shared_run_options = _apply(PIPELINE_OPTIONS + API_OPTIONS + IMAGE_OPTIONS + COST_OPTIONS)
-#: ``dfk8s run``: the same flags, but --pipeline may be left out to resume (run.json knows it).
-local_run_options = _apply([click.option("--pipeline", "-p", type=click.Choice(sorted(PIPELINES)),
-                                         help="What to do with each row (not needed to resume).")]
-                           + PIPELINE_OPTIONS[1:] + API_OPTIONS + IMAGE_OPTIONS
-                           + COST_OPTIONS)
+local_run_options = shared_run_options
 #: ``dfk8s retry``: the serving options a retry may change (only those given count as changes).
 retry_serving_options = _apply([PIPELINE_OPTIONS[3], PIPELINE_OPTIONS[4], PIPELINE_OPTIONS[-1]] + API_OPTIONS
                                + IMAGE_OPTIONS)
+
+
+def given_flags(ctx: click.Context) -> set[str]:
+    """Names of the parameters set on the command line (not defaults, not environment variables).
+
+    ``input_`` is named ``input``, as the :class:`dfk8s.runs.RunRequest` field it fills: a resume refuses
+    the given ones that differ from run.json.
+    """
+    from click.core import ParameterSource
+
+    return {"input" if name == "input_" else name for name in ctx.params
+            if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
 
 
 def run_request_from_flags(output: str, flags: dict):

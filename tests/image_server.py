@@ -61,6 +61,11 @@ class ImageServer:
             await record(request)
             return web.Response(body=image, content_type="image/png")
 
+        async def sized(request):  # a PNG of the size its name says: rows whose images tell apart
+            await record(request)
+            size = (int(request.match_info["w"]), int(request.match_info["h"]))
+            return web.Response(body=png(size), content_type="image/png")
+
         async def slow(request):
             await record(request)
             await asyncio.sleep(float(request.query.get("s", "5")))
@@ -124,7 +129,8 @@ class ImageServer:
             await record(request)
             return web.Response(text="<html>hello</html>", content_type="text/html")
 
-        app.add_routes([web.get("/img/{name}", ok), web.get("/slow", slow),
+        app.add_routes([web.get("/img/{name}", ok), web.get(r"/sized/{w:\d+}x{h:\d+}.png", sized),
+                        web.get("/slow", slow),
                         web.get("/redirect/{n}", redirect), web.get("/redirect-to", redirect_to),
                         web.get("/missing.png", missing), web.get("/busy.png", busy),
                         web.get("/always-busy.png", always_busy), web.get("/flaky.png", flaky),

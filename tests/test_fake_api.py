@@ -334,6 +334,23 @@ def test_gemini_text_only_answer(api, gem):
     assert r.candidates[0].finish_reason == types.FinishReason.STOP
 
 
+def test_counted_triggers_fail_one_request_n_times_then_let_it_through(api, oai):
+    api.configure(retry_after=0)
+    for _ in range(3):
+        with pytest.raises(openai.InternalServerError) as err:
+            chat(oai, "row 1 [[500x3]]")
+        assert err.value.status_code == 500
+    assert chat(oai, "row 1 [[500x3]]").choices[0].message.content.startswith("fake caption")
+    assert chat(oai, "row 2").choices  # an untagged prompt is not touched
+    with pytest.raises(openai.RateLimitError):
+        chat(oai, "row 3 [[429x1]]")
+    assert chat(oai, "row 3 [[429x1]]").choices
+    assert api.stats()["faults"] == {"500": 3, "429": 1}
+    api.reset()  # forgets the attempts: the faults come back
+    with pytest.raises(openai.InternalServerError):
+        chat(oai, "row 1 [[500x3]]")
+
+
 def test_fail_first_is_exact_per_distinct_request(api, oai):
     api.configure(fail_first=2, retry_after=0)
     attempts = {}

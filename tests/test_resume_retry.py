@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dfk8s import layout
+
 
 def _manifest(tmp_path: Path, texts: list[str], name: str = "m.jsonl") -> Path:
     path = tmp_path / name
@@ -73,6 +75,21 @@ def test_retry_sends_only_the_retryable_failures_and_records_the_changed_options
     assert again.returncode == 0, again.stderr
     assert fake_api.stats()["requests_total"] == 60 + server_errors + 6
     assert len(_rows(output, "r")) == 60
+
+
+def test_retry_no_run_reopens_without_an_api_key_and_names_the_next_commands(tmp_path, fake_api):
+    """--no-run sends nothing: a Kubernetes run's key lives in a Secret, not in this shell."""
+    manifest = _manifest(tmp_path, ["p0", "p1 [[500]]"])
+    output = tmp_path / "o"
+    assert _dfk8s(tmp_path, *_api_run(fake_api, manifest, output, "n", "--max-retries", "0")).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("DF_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY")}
+    reopened = subprocess.run([sys.executable, "-m", "dfk8s", "retry", "n", "-o", str(output), "--no-run"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert reopened.returncode == 0, reopened.stderr
+    assert "retrying 1 rows in 1 shards (ServerError 1)" in reopened.stderr
+    assert f"dfk8s run --run-id n -o {output}" in reopened.stderr
+    assert fake_api.stats()["requests_total"] == 2
+    assert not (output / "n" / layout.shard_done_key(1)).exists()
 
 
 def test_retry_all_errors_takes_every_failed_row(tmp_path, fake_api):

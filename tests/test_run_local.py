@@ -211,3 +211,38 @@ def test_relative_images_of_a_manifest_on_s3_are_read_beside_it(tmp_path, s3_buc
     assert summary.ok == 1
     shard = _lines(open_storage(str(tmp_path / "s3rel")), layout.shard_input_key(0))
     assert shard[0]["images"] == [f"s3://{s3_bucket}/data/img/a.png"]
+
+
+def test_a_local_write_survives_a_concurrent_delete_that_empties_its_folder(tmp_path):
+    """Workers of one run write parts in sibling folders while others delete theirs; a delete removes the
+    folders it empties (like S3), which raced a write's mkdir: 'cannot write parts/00021/000000.jsonl: No
+    such file or directory', the shard failed and its rows were sent again (`dfk8s run`, 100 shards)."""
+    import sys
+    import threading
+
+    from dfk8s.errors import StorageError
+
+    storage = open_storage(str(tmp_path / "run"))
+    failures = []
+
+    def writer(name):
+        for i in range(1500):
+            key = f"parts/{name}{i % 7}/000000.jsonl"
+            try:
+                storage.write_bytes(key, b"{}\n")
+            except StorageError as exc:
+                failures.append(str(exc))
+            storage.delete(key)
+
+    threads = [threading.Thread(target=writer, args=(name,)) for name in "abcd"]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two steps, as processes may
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+    assert not (tmp_path / "run" / "parts").exists()  # every folder the deletes emptied is gone

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from dfk8s.errors import NotFound, StorageError
 from dfk8s.storage._base import Storage, join_key
+
+#: Tries to make a write's folder while concurrent deletes remove the folders they empty.
+_MKDIR_ATTEMPTS = 20
 
 
 class LocalStorage(Storage):
@@ -30,12 +34,20 @@ class LocalStorage(Storage):
 
     def _atomic(self, key: str):
         path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise StorageError(f"cannot write {path}: {_reason(exc, path.parent)}") from None
-        return path, fd, tmp
+        attempts = 0
+        while True:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                return path, *tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            except (FileNotFoundError, FileExistsError) as exc:
+                # Another process's delete removed a folder it emptied (parts/) while mkdir made the
+                # folders (ENOENT, or EEXIST from a folder gone again before mkdir looked) or before the
+                # temp file was in it: make them again. Once the temp file is in, no delete removes it.
+                attempts += 1
+                if _file_in_the_way(path.parent) or attempts == _MKDIR_ATTEMPTS:
+                    raise StorageError(f"cannot write {path}: {_reason(exc, path.parent)}") from None
+            except OSError as exc:
+                raise StorageError(f"cannot write {path}: {_reason(exc, path.parent)}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path, fd, tmp = self._atomic(key)
@@ -125,12 +137,27 @@ class LocalStorage(Storage):
         return str(self._path(join_key(key)))
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """A file where ``folder`` or one of its parents should be.
+
+    One stat each: a folder that a concurrent delete removes between two checks is not a file.
+    """
+    for candidate in [folder, *folder.parents]:
+        try:
+            mode = candidate.stat().st_mode
+        except OSError:
+            continue
+        if not stat.S_ISDIR(mode):
+            return candidate
+    return None
+
+
 def _reason(exc: OSError, path: Path) -> str:
     """Why a local write failed, in words (a file where a folder should be, read-only, disk full)."""
     import errno
 
     if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        blocker = _file_in_the_way(path)
         return f"{blocker or path} is a file, not a folder"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission denied (the folder is read-only)"

@@ -45,6 +45,9 @@ TRIGGERS = {
     "[[text_only]]": "text_only",
     "[[block]]": "block",
 }
+#: A counted trigger, ``[[500x3]]`` or ``[[429x2]]``: that distinct request fails its first N attempts with
+#: that status, then succeeds (a transient fault that only some rows meet, e.g. for `dfk8s retry`).
+COUNTED_TRIGGER = re.compile(r"\[\[(429|500|503)x(\d+)\]\]")
 MALFORMED_BODY = '{"id": "fake-broken", "object": "chat.completion", "choices": [{"index": 0, "mess'
 OPENAI_EDIT_MIMES = ("image/png", "image/jpeg", "image/webp")
 _DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.S)
@@ -638,10 +641,16 @@ class FakeAPI:
         return None
 
     def _decide(self, call: Call) -> str | None:
-        """The fault for this request: a content trigger, `fail_first`, a random knob, or None."""
+        """The fault for this request: a content trigger (plain or counted), `fail_first`, a random knob."""
         mode = call.trigger()
         cfg = self.config
+        counted = COUNTED_TRIGGER.search("\n".join(call.texts)) if mode is None else None
         with self._lock:
+            if counted is not None:
+                key = "counted:" + call.endpoint + call.key()
+                self._attempts[key] = self._attempts.get(key, 0) + 1
+                if self._attempts[key] <= int(counted.group(2)):
+                    mode = counted.group(1)
             if mode is None and cfg.fail_first > 0:
                 key = call.endpoint + call.key()
                 self._attempts[key] = self._attempts.get(key, 0) + 1

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from dfk8s.cli import cli
-from dfk8s.errors import SpecError
+from dfk8s.errors import RunNotFound, SpecError
 from dfk8s.kube import SUPPORTED_KUBERNETES
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 
@@ -271,3 +271,56 @@ def test_submit_needs_s3_output_and_secret_references_not_values(tmp_path):
         "--dry-run",
     )
     assert isinstance(result.exception, SpecError) and "sk-live-1234" not in str(result.exception)
+
+
+def test_a_resume_through_submit_needs_no_pipeline_and_refuses_a_changed_flag(s3_bucket, seaweed, sentinels):
+    """run.json knows the pipeline, as for `dfk8s run`; a flag that differs from it is refused in one line
+    that points at `dfk8s retry` (before, submit dropped the changed --model without a word)."""
+    from dfk8s.runs import RunRequest, prepare_run
+
+    output = f"s3://{s3_bucket}/runs"
+    request = RunRequest(
+        pipeline="caption",
+        output=output,
+        input=str(VQA_MANIFEST),
+        image_root=str(DATAFLOW_ROOT),
+        run_id="planned",
+        options={"model": "gpt-5-nano"},
+    )
+    prepare_run(request, stage_images=True, executor="kubernetes")
+    secrets = ["--api-key-secret", "api/DF_API_KEY", "--namespace", NS, "--dry-run"]
+    plain = invoke("submit", "--run-id", "planned", "--output", output, *secrets)
+    assert plain.exit_code == 0, plain.output
+    assert [d["kind"] for d in yaml.safe_load_all(plain.stdout)] == ["Job", "Job"]
+    changed = invoke("submit", "--run-id", "planned", "--output", output, "--model", "gpt-4o", *secrets)
+    assert isinstance(changed.exception, SpecError), changed.output
+    message = str(changed.exception)
+    assert "\n" not in message and "--model gpt-4o differs from run planned's gpt-5-nano" in message
+    assert "dfk8s retry planned" in message
+    same = invoke("submit", "--run-id", "planned", "--output", output, "--model", "gpt-5-nano", *secrets)
+    assert same.exit_code == 0, same.output
+    new = invoke("submit", "--run-id", "nope", "--output", output, *secrets)
+    assert isinstance(new.exception, RunNotFound) and new.exception.exit_code == 2  # bad flags: exit 2
+    assert "--pipeline is required to start a new run" in str(new.exception)
+    assert f"no run nope under {output}" in str(new.exception)
+
+
+def test_a_resume_through_submit_sizes_its_pods_from_run_json(s3_bucket, seaweed, sentinels):
+    """A batch-mode run resumed with no --api-mode still gets the profile's small batch pod."""
+    from dfk8s.runs import RunRequest, prepare_run
+
+    output = f"s3://{s3_bucket}/runs"
+    request = RunRequest(
+        pipeline="caption",
+        output=output,
+        input=str(VQA_MANIFEST),
+        image_root=str(DATAFLOW_ROOT),
+        run_id="batched",
+        options={"model": "gpt-4o", "api_mode": "batch"},
+    )
+    prepare_run(request, stage_images=True, executor="kubernetes")
+    secrets = ["--api-key-secret", "api/DF_API_KEY", "--namespace", NS]
+    resumed = invoke("submit", "--run-id", "batched", "--output", output, *secrets, "--dry-run")
+    assert resumed.exit_code == 0, resumed.output
+    worker = pod_spec(next(yaml.safe_load_all(resumed.stdout)))["containers"][0]
+    assert worker["resources"]["requests"]["cpu"] == "100m"

@@ -46,6 +46,31 @@ def _check_pod_paths(request: RunRequest) -> None:
         )
 
 
+def resolve_resume(request: RunRequest) -> RunRequest:
+    """Fill in what a resume may leave out (``--pipeline``, ``--serving``) from the planned run's run.json.
+
+    Raises:
+        RunNotFound: No ``--pipeline``, and ``run_id`` names no planned run (or none was given).
+
+    """
+    from dfk8s.errors import RunNotFound
+    from dfk8s.runs import existing_spec
+
+    spec = None
+    if request.run_id:
+        spec = existing_spec(run_storage(request.output, request.run_id, request.endpoint_url))
+    if spec is None:
+        if not request.pipeline:
+            raise RunNotFound(
+                "--pipeline is required to start a new run"
+                + (f" (there is no run {request.run_id} under {request.output})" if request.run_id else "")
+            )
+        return request
+    return dataclasses.replace(
+        request, pipeline=request.pipeline or spec.pipeline, serving=request.serving or spec.serving
+    )
+
+
 def _check_output(request: RunRequest) -> None:
     if not request.output.startswith("s3://"):
         raise SpecError(
@@ -141,10 +166,12 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
     A run named by ``--run-id`` that is already planned is read (its run.json) instead of the manifest.
     """
     from dfk8s.pipelines import check_serving, get_pipeline
+    from dfk8s.runs import check_resume
     from dfk8s.spec import RunSpec, new_run_id
 
     _check_output(request)
     _check_pod_paths(request)
+    request = resolve_resume(request)
     serving = request.serving or get_pipeline(request.pipeline).default_serving
     check_serving(get_pipeline(request.pipeline), serving)
     warnings = check_credentials(serving, options)
@@ -158,8 +185,7 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
             if not request.input:
                 raise
     if spec is not None:
-        if spec.pipeline != request.pipeline:
-            raise SpecError(f"run {run_id} is a {spec.pipeline} run, not {request.pipeline}")
+        check_resume(spec, request)  # the refusals a real submit makes
         profile = load_profile(spec.pipeline, spec.serving)
         rows = good = spec.rows
         shards, rows_per_shard, serving_options = spec.shards, spec.rows_per_shard, spec.options
@@ -250,7 +276,9 @@ def submit(
         on_row: Planning progress callback.
 
     Raises:
-        SpecError: Bad flags, missing Secret reference, a manifest with no rows.
+        SpecError: Bad flags, missing Secret reference, a manifest with no rows, a resume whose given flags
+            differ from run.json (``request.given``).
+        RunNotFound: No pipeline, and ``run_id`` names no planned run.
         KubernetesError: The cluster refused (e.g. "already exists" when the run's Jobs are still there).
 
     """
@@ -260,6 +288,7 @@ def submit(
 
     _check_output(request)
     _check_pod_paths(request)
+    request = resolve_resume(request)
     serving = request.serving or get_pipeline(request.pipeline).default_serving
     check_serving(get_pipeline(request.pipeline), serving)
     warnings = check_credentials(serving, options)
