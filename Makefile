@@ -17,8 +17,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-install: $(PY)  ## Create .venv with dfk8s and every extra (torch CPU first), and Debian's chromium.
-	hack/install-chromium.sh
+install: $(PY)  ## Create .venv with dfk8s and every extra (torch CPU first), and Debian's chromium and shellcheck.
+	hack/install-debian-packages.sh
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[api,gpu,kube,models,test]'
 
