@@ -108,10 +108,7 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
       dfk8s run --pipeline caption --input data.json --output ./runs \\
           --api-url http://host/v1 --model gpt-5-nano --workers 4 --max-concurrency 64
     """
-    from dfk8s.executors.local import Interrupted, LocalExecutor
-    from dfk8s.lease import RunLease
-    from dfk8s.progress import progress_bar
-    from dfk8s.runs import check_resume, existing_spec, prepare_run, record_session, run_storage, serving_of
+    from dfk8s.runs import check_resume, existing_spec, run_local, run_storage
     from dfk8s.spec import new_run_id
     from dfk8s.storage import check_output
 
@@ -138,32 +135,16 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
     else:
         _check_credentials(request.serving, request.pipeline)
         _local_model_warnings(request)
-    executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=request.endpoint_url,
-                             show_progress=progress, output=output, started=started)
-    # The workers start up (imports, the serving's modules) while the run is planned.
-    executor.prestart(storage.url(), request.run_id, serving_of(request, frozen))
-    try:
-        with RunLease(storage):
-            # Planning reads, checks and shards every row (~40k rows/s): a million rows deserve a counter.
-            with progress_bar(None, enabled=progress) as bar:
-                task = bar.add_task("planning", total=None, failed=0, rate="-")
-                storage, spec, resumed = prepare_run(request, on_row=lambda n: bar.update(task, completed=n))
-            _err(f"run {spec.run_id}: {'resumed' if resumed else 'planned'} {spec.rows} rows in "
-                 f"{spec.shards} shards at {storage.url()}")
-            outcome = "finished"
-            try:
-                summary = executor.follow(executor.start(storage, spec))
-            except Interrupted:
-                outcome = "interrupted"
-                raise
-            except Dfk8sError:
-                outcome = "stopped"
-                raise
-            finally:
-                record_session(storage, {"action": "resume" if resumed else "run", "outcome": outcome,
-                                         "workers": workers, "seconds": round(time.monotonic() - started, 3)})
-    finally:
-        executor.discard()  # workers prestarted for a plan that failed
+    planned: dict = {}
+
+    def on_planned(storage, spec, resumed) -> None:
+        planned.update(storage=storage, spec=spec)
+        _err(f"run {spec.run_id}: {'resumed' if resumed else 'planned'} {spec.rows} rows in "
+             f"{spec.shards} shards at {storage.url()}")
+
+    summary = run_local(request, workers=workers, shard_retries=shard_retries, show_progress=progress,
+                        started=started, on_planned=on_planned)
+    storage, spec = planned["storage"], planned["spec"]
 
     def after() -> None:
         _print_budget_stop(storage, spec, summary)

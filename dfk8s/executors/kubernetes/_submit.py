@@ -160,21 +160,32 @@ def _count_plan_and_cost(request: RunRequest):
     return spec.rows, found.good_rows, spec.shards, spec.rows_per_shard, found.estimate
 
 
-def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] = frozenset()) -> DryRun:
-    """Everything ``submit`` would do up to creating objects, writing nothing anywhere.
+def _checked(request: RunRequest, options: ClusterOptions) -> tuple[RunRequest, str, list[str]]:
+    """What dry_run and submit check first: output and pod paths, the resume, serving and credentials.
 
-    A run named by ``--run-id`` that is already planned is read (its run.json) instead of the manifest.
+    Returns:
+        The request (a resume's pipeline and serving read from run.json), its serving, and the
+        credential warnings.
     """
     from dfk8s.pipelines import check_serving, get_pipeline
-    from dfk8s.runs import check_resume
-    from dfk8s.spec import RunSpec, new_run_id
 
     _check_output(request)
     _check_pod_paths(request)
     request = resolve_resume(request)
     serving = request.serving or get_pipeline(request.pipeline).default_serving
     check_serving(get_pipeline(request.pipeline), serving)
-    warnings = check_credentials(serving, options)
+    return request, serving, check_credentials(serving, options)
+
+
+def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] = frozenset()) -> DryRun:
+    """Everything ``submit`` would do up to creating objects, writing nothing anywhere.
+
+    A run named by ``--run-id`` that is already planned is read (its run.json) instead of the manifest.
+    """
+    from dfk8s.runs import check_resume
+    from dfk8s.spec import RunSpec, new_run_id
+
+    request, serving, warnings = _checked(request, options)
     run_id = request.run_id or new_run_id()
     storage = run_storage(request.output, run_id, request.endpoint_url)
     spec, shard_size = None, None
@@ -282,16 +293,10 @@ def submit(
         KubernetesError: The cluster refused (e.g. "already exists" when the run's Jobs are still there).
 
     """
-    from dfk8s.pipelines import check_serving, get_pipeline
     from dfk8s.runs import prepare_run
     from dfk8s.spec import new_run_id
 
-    _check_output(request)
-    _check_pod_paths(request)
-    request = resolve_resume(request)
-    serving = request.serving or get_pipeline(request.pipeline).default_serving
-    check_serving(get_pipeline(request.pipeline), serving)
-    warnings = check_credentials(serving, options)
+    request, serving, warnings = _checked(request, options)
     profile = load_profile(request.pipeline, serving)
     request = dataclasses.replace(
         request,
