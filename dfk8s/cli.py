@@ -222,7 +222,7 @@ def _print_summary(summary) -> None:
 @_lifecycle_options
 @click.option("--errors", "error_types", metavar="TYPE,...",
               help="Error types to retry (default: the retryable ones: rate limits, server errors, timeouts, "
-                   "connection errors, not processed).")
+                   "connection errors, not processed, and image fetches that timed out or got 429/5xx).")
 @click.option("--all-errors", is_flag=True, help="Retry every failed row, whatever its error.")
 @click.option("--no-run", is_flag=True,
               help="Only reopen the rows (for a Kubernetes run: then `dfk8s submit --run-id RUN` runs them).")

@@ -285,8 +285,8 @@ class ImageFetcher:
                 with attempt:
                     attempts += 1
                     data = await self._get(url)
-        except _Retryable as exc:
-            exc.problem.details["fetch_attempts"] = attempts
+        except _Retryable as exc:  # still failing after the retries: a later `dfk8s retry` may pass
+            exc.problem.details.update(fetch_attempts=attempts, transient=True)
             raise exc.problem from None
         except ImageProblem as exc:
             exc.details.setdefault("fetch_attempts", attempts)
@@ -333,11 +333,12 @@ class ImageFetcher:
                     aiohttp.ClientOSError) as exc:
                 raise _Retryable(_fetch_error(url, f"network error: {type(exc).__name__}: {exc}")) from None
             except TimeoutError:
-                raise _fetch_error(url, f"timed out after {self.timeout:g}s") from None
+                raise _fetch_error(url, f"timed out after {self.timeout:g}s", transient=True) from None
             except aiohttp.InvalidURL as exc:
                 raise ImageProblem(f"image {url} is not a valid URL: {exc}") from None
             except aiohttp.ClientError as exc:
-                raise _fetch_error(url, f"network error: {type(exc).__name__}: {exc}") from None
+                raise _fetch_error(url, f"network error: {type(exc).__name__}: {exc}",
+                                   transient=True) from None
         raise _fetch_error(url, f"more than {self.max_redirects} redirects")
 
     async def _body(self, url: str, response) -> bytes:
@@ -354,8 +355,16 @@ class ImageFetcher:
         return bytes(data)
 
 
-def _fetch_error(url: str, message: str, status: int | None = None) -> ImageProblem:
+def _fetch_error(url: str, message: str, status: int | None = None, *,
+                 transient: bool = False) -> ImageProblem:
+    """An ``ImageFetchError``; ``transient`` marks one a plain ``dfk8s retry`` sends again.
+
+    Transient: a timeout, a network error, 429/5xx after the fetcher's retries. A 404, a host name that
+    does not resolve or a redirect loop stays failed.
+    """
     details = {"url": url} | ({"status": status} if status is not None else {})
+    if transient:
+        details["transient"] = True
     return ImageProblem(f"image {url}: {message}", type="ImageFetchError", details=details)
 
 

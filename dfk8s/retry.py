@@ -20,7 +20,8 @@ from dfk8s.spec import RunSpec
 log = logging.getLogger(__name__)
 
 #: Error types a plain ``dfk8s retry`` re-runs: failures that can pass (rate limits, server errors,
-#: timeouts, connection trouble, garbled answers) and rows that were never processed.
+#: timeouts, connection trouble, garbled answers) and rows that were never processed. An
+#: ``ImageFetchError`` marked ``transient`` (the image host timed out, 429/5xx) is re-run too.
 RETRYABLE_ERROR_TYPES = frozenset({
     "RateLimited", "ServerError", "Timeout", "ConnectionError", "ConnectionRefused", "DNSError",
     "MalformedResponse", "EmptyResponse", "DownloadFailed", "OutOfMemory", "NotProcessed"})
@@ -49,7 +50,11 @@ def _dumps(obj) -> str:
 
 def _chosen(error: dict | None, types: frozenset[str] | None) -> bool:
     kind = (error or {}).get("type") or "Error"
-    return types is None or kind in types
+    if types is None or kind in types:
+        return True
+    # The default choice also takes image fetches that can pass (not a 404 or a dead host).
+    return (types == RETRYABLE_ERROR_TYPES and kind == "ImageFetchError"
+            and bool((error or {}).get("transient")))
 
 
 def plan_retry(storage, *, types: set[str] | None = None, all_errors: bool = False,

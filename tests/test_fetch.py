@@ -246,3 +246,35 @@ def test_synchronous_fetch_goes_through_the_same_guard(server, loopback_only):
     data = fetch_image_bytes(f"{server.url}/img/sync.png", {"allowed_image_networks": [f"{SERVER_HOST}/32"]})
     assert data == server.image and len(server.hits["/img/sync.png"]) == 1
     assert set(loopback_only) <= {SERVER_HOST}
+
+
+def test_a_plain_retry_sends_again_the_image_fetches_that_can_pass_not_the_404s(server, tmp_path):
+    """An image host that timed out or kept answering 429/5xx is worth another try; a 404 is not."""
+    from dfk8s.retry import plan_retry
+
+    cases = {"ok": f"{server.url}/img/ok.png", "busy": f"{server.url}/always-busy.png",
+             "slow": f"{server.url}/slow?s=10", "missing": f"{server.url}/missing.png"}
+    manifest = tmp_path / "urls.jsonl"
+    manifest.write_text("".join(json.dumps({"uid": name, "url": url}) + "\n" for name, url in cases.items()))
+    request = RunRequest(pipeline="caption", serving="echo", input=str(manifest), output=str(tmp_path / "o"),
+                         run_id="r", image_key="url", id_key="uid",
+                         options={"prompt": "Describe the image.", "image_timeout": 2.0,
+                                  "allowed_image_networks": [f"{SERVER_HOST}/32"]})
+    storage, _, _ = prepare_run(request)
+    process_shard(storage, 0)
+    reduce_run(storage)
+    errors = {r["uid"]: r["error"] for r in map(json.loads, storage.open_lines(layout.RESULT_KEY))
+              if "error" in r}
+    assert {k: (e["type"], e.get("transient", False)) for k, e in errors.items()} == {
+        "busy": ("ImageFetchError", True), "slow": ("ImageFetchError", True),
+        "missing": ("ImageFetchError", False)}
+    _, plan = plan_retry(storage)  # the default choice of `dfk8s retry`
+    assert plan.rows == 2 and plan.by_type == {"ImageFetchError": 2}
+    before = {path: len(hits) for path, hits in server.hits.items()}
+    process_shard(storage, 0)
+    reduce_run(storage)
+    assert len(server.hits["/missing.png"]) == before["/missing.png"]  # not fetched again
+    assert len(server.hits["/img/ok.png"]) == before["/img/ok.png"]  # a row that succeeded is not either
+    assert len(server.hits["/always-busy.png"]) > before["/always-busy.png"]  # the transient ones are
+    _, everything = plan_retry(storage, types={"ImageFetchError"})  # asked for by name: every one
+    assert everything.rows == 3
