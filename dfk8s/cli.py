@@ -108,10 +108,6 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
       dfk8s run --pipeline caption --input data.json --output ./runs \\
           --api-url http://host/v1 --model gpt-5-nano --workers 4 --max-concurrency 64
     """
-    from dfk8s.runs import check_resume, existing_spec, run_local, run_storage
-    from dfk8s.spec import new_run_id
-    from dfk8s.storage import check_output
-
     started = time.monotonic()
     _launcher_env(storage_patience, grace)
     request = run_request_from_flags(output, flags)
@@ -120,7 +116,45 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
     if dry_run:  # before anything is checked for writing: a dry run writes nothing
         _dry_run(request)
         return
+    from dfk8s.early import start_early
+    from dfk8s.spec import new_run_id
+
     request.run_id = request.run_id or new_run_id()
+    # The workers start first: their start-up overlaps this process's imports, checks and plan.
+    early = start_early(output, request.run_id, _serving_guess(request), workers,
+                        endpoint_url=request.endpoint_url)
+    try:
+        summary, storage, spec = _run_local_checked(request, flags, output, workers, shard_retries, progress,
+                                                    started, early)
+    finally:
+        if early is not None:
+            early.discard()  # the checks or the plan failed before the executor took them
+
+    def after() -> None:
+        _print_budget_stop(storage, spec, summary)
+        after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
+
+    _finish(summary, max_failed_fraction, after)
+
+
+def _serving_guess(request) -> str | None:
+    """The serving a new run will use (the flag, else the pipeline's default): what early workers preload."""
+    from dfk8s.errors import SpecError
+    from dfk8s.pipelines import get_pipeline
+
+    if request.serving:
+        return request.serving
+    try:
+        return get_pipeline(request.pipeline).default_serving if request.pipeline else None
+    except SpecError:
+        return None
+
+
+def _run_local_checked(request, flags, output, workers, shard_retries, progress, started, early):
+    """``dfk8s run`` after its workers started: check the output and the resume, then plan and run."""
+    from dfk8s.runs import check_resume, existing_spec, run_local, run_storage
+    from dfk8s.storage import check_output
+
     check_output(output, endpoint_url=request.endpoint_url)
     storage = run_storage(output, request.run_id, request.endpoint_url)
     frozen = existing_spec(storage)
@@ -143,14 +177,8 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
              f"{spec.shards} shards at {storage.url()}")
 
     summary = run_local(request, workers=workers, shard_retries=shard_retries, show_progress=progress,
-                        started=started, on_planned=on_planned)
-    storage, spec = planned["storage"], planned["spec"]
-
-    def after() -> None:
-        _print_budget_stop(storage, spec, summary)
-        after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
-
-    _finish(summary, max_failed_fraction, after)
+                        started=started, on_planned=on_planned, early=early)
+    return summary, planned["storage"], planned["spec"]
 
 
 def _finish(summary, max_failed_fraction: float, report=None) -> None:

@@ -14,13 +14,13 @@ import signal
 import sys
 import threading
 
+from dfk8s.early import PARENT_PID_ENV  # the env a worker finds its launcher's pid in
+
 log = logging.getLogger(__name__)
 
 #: Seconds requests in flight get to finish after a stop request (``DFK8S_GRACE_SECONDS`` overrides).
 #: Kubernetes waits 30 s (terminationGracePeriodSeconds) before SIGKILL; 20 s leaves room to checkpoint.
 DEFAULT_GRACE_SECONDS = 20.0
-#: Environment variable the local executor sets to its own pid: a worker stops when that process is gone.
-PARENT_PID_ENV = "DFK8S_PARENT_PID"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 

@@ -298,13 +298,14 @@ def _prices_for(request: RunRequest, serving: str, options: dict):
 
 
 def run_local(request: RunRequest, *, workers: int = 4, shard_retries: int = 2, show_progress: bool = False,
-              started: float | None = None, on_planned=None):
+              started: float | None = None, on_planned=None, early=None):
     """Plan (or resume) and run everything on this machine; returns the reducer's summary.
 
     The workers start while the run is planned. The run's lease is held throughout (a second launcher on
     the same run is refused), and the session is recorded in run.json's history (so ``wall_seconds``
     counts time worked, not pauses). ``on_planned(storage, spec, resumed)`` is called once the plan is
-    there; ``started`` is ``time.monotonic()`` when the command began.
+    there; ``started`` is ``time.monotonic()`` when the command began; ``early`` are workers
+    :func:`dfk8s.early.start_early` started before anything else (else they are started here).
     """
     from dfk8s.errors import Dfk8sError
     from dfk8s.executors.local import Interrupted, LocalExecutor
@@ -317,9 +318,11 @@ def run_local(request: RunRequest, *, workers: int = 4, shard_retries: int = 2, 
     storage = run_storage(request.output, request.run_id, request.endpoint_url)
     executor = LocalExecutor(workers=workers, shard_retries=shard_retries, endpoint_url=request.endpoint_url,
                              show_progress=show_progress, output=request.output, started=started)
-    # The workers start up (imports, the serving's modules) while the run is planned.
-    executor.prestart(storage.url(), request.run_id, serving_of(request, existing_spec(storage)))
     try:
+        if early is not None and early.run_url == storage.url():
+            executor.adopt(early)
+        else:  # the workers start up (imports, the serving's modules) while the run is planned
+            executor.prestart(storage.url(), request.run_id, serving_of(request, existing_spec(storage)))
         with RunLease(storage):
             # Planning reads, checks and shards every row (~40k rows/s): a million rows deserve a counter.
             with progress_bar(None, enabled=show_progress) as bar:

@@ -14,8 +14,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -24,10 +22,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dfk8s import layout
+from dfk8s.early import EarlyWorkers, spawn_worker, worker_log_dir
 from dfk8s.errors import EXIT_DO_NOT_RETRY, Dfk8sError, NotFound, SpecError, StorageError
 from dfk8s.executors.base import Cancelled, Executor, cancel_provider_batches
 from dfk8s.executors.status import RunStatus, storage_status
-from dfk8s.lifecycle import PARENT_PID_ENV, grace_seconds
+from dfk8s.lifecycle import grace_seconds
 from dfk8s.progress import ProgressReader, logs_above, progress_bar
 from dfk8s.reducer import Summary, reduce_run
 from dfk8s.spec import RunSpec
@@ -155,19 +154,29 @@ class LocalExecutor(Executor[LocalRun, Summary]):
 
     # -- workers -------------------------------------------------------------------------------------
 
-    def prestart(self, run_url: str, run_id: str, serving: str) -> None:
+    def prestart(self, run_url: str, run_id: str, serving: str | None) -> None:
         """Start the workers now, before the run is planned, so that their start-up overlaps planning.
 
         Each imports dfk8s and the serving's modules meanwhile and then waits for its first shard (the
         spec is read then). Not for ``diffusers``: its GPUs are split by the number of shards to do.
         :meth:`execute` takes these workers over; :meth:`discard` stops them if it never runs.
         """
-        if serving == "diffusers" or self._early:
+        if not serving or serving == "diffusers" or self._early:
             return
-        self._events = queue.Queue()
-        log_dir = _log_dir(run_id)
-        self._early = [self._spawn(run_url, k, self.workers, None, self._events, log_dir, preload=serving)
-                       for k in range(max(1, self.workers))]
+        log_dir = worker_log_dir(run_id)
+        started = [spawn_worker(run_url, k, parallelism=self.workers, log_dir=log_dir,
+                                endpoint_url=self.endpoint_url, preload=serving)
+                   for k in range(max(1, self.workers))]
+        self.adopt(EarlyWorkers(run_url, run_id, serving, started))
+
+    def adopt(self, early: EarlyWorkers | None) -> None:
+        """Take over workers :func:`dfk8s.early.start_early` started before anything was imported."""
+        if early is None:
+            return
+        if self._events is None:
+            self._events = queue.Queue()
+        for process, log_path in early.take():
+            self._early.append(self._watch(_Worker(len(self._early), process, log_path), self._events))
 
     def discard(self) -> None:
         """Stop the workers :meth:`prestart` started if :meth:`execute` did not take them (a failed plan)."""
@@ -178,26 +187,14 @@ class LocalExecutor(Executor[LocalRun, Summary]):
             self._wait(early, self._events, 10.0)
 
     def _spawn(self, run_url: str, number: int, parallelism: int, gpus: str | None, events: queue.Queue,
-               log_dir: Path, preload: str | None = None) -> _Worker:
-        env = dict(os.environ)
-        if gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpus
-        if self.endpoint_url:
-            env["AWS_ENDPOINT_URL"] = self.endpoint_url
-        env.setdefault("DFK8S_LOG_LEVEL", "INFO")
-        env[PARENT_PID_ENV] = str(os.getpid())
-        env["DFK8S_PARALLELISM"] = str(parallelism)  # --rpm is split by the workers really running
-        if preload:
-            env["DFK8S_PRELOAD_SERVING"] = preload  # import its modules while waiting for the first shard
-        log_path = log_dir / f"worker-{number:03d}.log"
-        with open(log_path, "ab") as log_file:
-            # A new session: Ctrl-C reaches only us, and we stop the workers in order.
-            process = subprocess.Popen(
-                [sys.executable, "-m", "dfk8s", "worker", "--run", run_url, "--serve"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env,
-                start_new_session=True, text=True, bufsize=1)
-        worker = _Worker(number, process, log_path, gpus)
-        threading.Thread(target=_read_replies, args=(worker, events), name=f"worker-{number}",
+               log_dir: Path) -> _Worker:
+        process, log_path = spawn_worker(run_url, number, parallelism=parallelism, log_dir=log_dir, gpus=gpus,
+                                         endpoint_url=self.endpoint_url)
+        return self._watch(_Worker(number, process, log_path, gpus), events)
+
+    @staticmethod
+    def _watch(worker: _Worker, events: queue.Queue) -> _Worker:
+        threading.Thread(target=_read_replies, args=(worker, events), name=f"worker-{worker.number}",
                          daemon=True).start()
         return worker
 
@@ -222,7 +219,7 @@ class LocalExecutor(Executor[LocalRun, Summary]):
         done = {i for key in storage.list(layout.OUTPUT_PREFIX) if (i := layout.done_index(key)) is not None}
         todo = deque((i, 0) for i in range(spec.shards) if i not in done and (only is None or i in only))
         _clear_stale_breaker(storage)
-        log_dir = _log_dir(spec.run_id)
+        log_dir = worker_log_dir(spec.run_id)
         gpu_sets = None
         parallelism = max(1, min(self.workers, len(todo)))
         if spec.serving == "diffusers" and (gpus := visible_gpus()):
@@ -411,13 +408,6 @@ class LocalExecutor(Executor[LocalRun, Summary]):
         if not self.output:
             raise SpecError("the local executor needs the --output its runs live under")
         return run_storage(self.output, run_id, self.endpoint_url)
-
-
-def _log_dir(run_id: str) -> Path:
-    """Where the workers of run ``run_id`` write their logs (``$TMPDIR/dfk8s-<run id>``)."""
-    log_dir = Path(tempfile.gettempdir()) / f"dfk8s-{run_id}"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return log_dir
 
 
 def _read_replies(worker: _Worker, events: queue.Queue) -> None:
