@@ -116,12 +116,12 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
     if dry_run:  # before anything is checked for writing: a dry run writes nothing
         _dry_run(request)
         return
-    from dfk8s.early import start_early
+    from dfk8s.early import serving_guess, start_early
     from dfk8s.spec import new_run_id
 
     request.run_id = request.run_id or new_run_id()
     # The workers start first: their start-up overlaps this process's imports, checks and plan.
-    early = start_early(output, request.run_id, _serving_guess(request), workers,
+    early = start_early(output, request.run_id, serving_guess(request.serving, request.pipeline), workers,
                         endpoint_url=request.endpoint_url)
     try:
         summary, storage, spec = _run_local_checked(request, flags, output, workers, shard_retries, progress,
@@ -135,19 +135,6 @@ def run(ctx, output, workers, shard_retries, storage_patience, grace, max_failed
         after_run(write_report_after, storage.url(), spec.run_id, output, request.endpoint_url)
 
     _finish(summary, max_failed_fraction, after)
-
-
-def _serving_guess(request) -> str | None:
-    """The serving a new run will use (the flag, else the pipeline's default): what early workers preload."""
-    from dfk8s.errors import SpecError
-    from dfk8s.pipelines import get_pipeline
-
-    if request.serving:
-        return request.serving
-    try:
-        return get_pipeline(request.pipeline).default_serving if request.pipeline else None
-    except SpecError:
-        return None
 
 
 def _run_local_checked(request, flags, output, workers, shard_retries, progress, started, early):

@@ -82,6 +82,28 @@ class EarlyWorkers:
                 process.wait()
 
 
+def spawn_workers(run_url: str, run_id: str, serving: str, count: int, *,
+                  endpoint_url: str | None = None) -> EarlyWorkers:
+    """Start ``count`` workers of run ``run_url`` that preload ``serving`` and wait for their first shard."""
+    log_dir = worker_log_dir(run_id)
+    return EarlyWorkers(run_url, run_id, serving, [
+        spawn_worker(run_url, number, parallelism=count, log_dir=log_dir, endpoint_url=endpoint_url,
+                     preload=serving) for number in range(max(1, count))])
+
+
+def serving_guess(serving: str | None, pipeline: str | None) -> str | None:
+    """The serving a new run will use: the flag's, else the pipeline's default (None if it has none)."""
+    if serving:
+        return serving
+    from dfk8s.errors import SpecError  # light; imported here so this module stays standard-library only
+    from dfk8s.pipelines import get_pipeline
+
+    try:
+        return get_pipeline(pipeline).default_serving if pipeline else None
+    except SpecError:
+        return None  # the plan says what is wrong with it
+
+
 def local_run_url(output: str, run_id: str) -> str | None:
     """The URL a run in local folder ``output`` has (what its storage's ``url()`` says); None on S3."""
     if "://" in output:
@@ -106,9 +128,4 @@ def start_early(output: str, run_id: str, serving: str | None, workers: int, *,
         pass
     if not serving or serving == "diffusers":
         return None
-    log_dir = worker_log_dir(run_id)
-    early = EarlyWorkers(run_url, run_id, serving)
-    for number in range(max(1, workers)):
-        early.started.append(spawn_worker(run_url, number, parallelism=workers, log_dir=log_dir,
-                                          endpoint_url=endpoint_url, preload=serving))
-    return early
+    return spawn_workers(run_url, run_id, serving, workers, endpoint_url=endpoint_url)

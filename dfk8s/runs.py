@@ -148,14 +148,9 @@ def _existing_run(request: RunRequest, storage: Storage, run_id: str) -> RunSpec
 
 def serving_of(request: RunRequest, frozen: RunSpec | None = None) -> str | None:
     """The serving a run will use: the planned run's, else the flag's, else the pipeline's default."""
-    if frozen is not None:
-        return frozen.serving
-    if request.serving:
-        return request.serving
-    try:
-        return get_pipeline(request.pipeline).default_serving if request.pipeline else None
-    except SpecError:
-        return None  # the plan says what is wrong with it
+    from dfk8s.early import serving_guess
+
+    return frozen.serving if frozen is not None else serving_guess(request.serving, request.pipeline)
 
 
 def _new_spec(request: RunRequest, run_id: str) -> RunSpec:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dfk8s import layout
-from dfk8s.early import EarlyWorkers, spawn_worker, worker_log_dir
+from dfk8s.early import EarlyWorkers, spawn_worker, spawn_workers, worker_log_dir
 from dfk8s.errors import EXIT_DO_NOT_RETRY, Dfk8sError, NotFound, SpecError, StorageError
 from dfk8s.executors.base import Cancelled, Executor, cancel_provider_batches
 from dfk8s.executors.status import RunStatus, storage_status
@@ -163,11 +163,7 @@ class LocalExecutor(Executor[LocalRun, Summary]):
         """
         if not serving or serving == "diffusers" or self._early:
             return
-        log_dir = worker_log_dir(run_id)
-        started = [spawn_worker(run_url, k, parallelism=self.workers, log_dir=log_dir,
-                                endpoint_url=self.endpoint_url, preload=serving)
-                   for k in range(max(1, self.workers))]
-        self.adopt(EarlyWorkers(run_url, run_id, serving, started))
+        self.adopt(spawn_workers(run_url, run_id, serving, self.workers, endpoint_url=self.endpoint_url))
 
     def adopt(self, early: EarlyWorkers | None) -> None:
         """Take over workers :func:`dfk8s.early.start_early` started before anything was imported."""
