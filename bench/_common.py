@@ -8,6 +8,7 @@ import resource
 import subprocess
 import sys
 import time
+import urllib.request
 
 
 def write_prompts(path: str, rows: int) -> str:
@@ -42,6 +43,18 @@ class FakeApiProcess:
             self.proc.kill()
             raise RuntimeError(f"fake API did not start: {line!r}")
         self.url = line.split()[-1].replace("0.0.0.0", "127.0.0.1")
+
+    def stats(self) -> dict:
+        """The fake's counters (``/_stats``)."""
+        with urllib.request.urlopen(self.url + "/_stats", timeout=10) as answer:
+            return json.load(answer)
+
+    def answer_ms(self, before: dict, after: dict) -> float | None:
+        """Mean milliseconds from a request's arrival to its answer between two :meth:`stats` readings:
+        next to the nominal latency, what the fake itself added."""
+        count = after["requests_total"] - before["requests_total"]
+        seconds = after.get("answer_seconds_total", 0.0) - before.get("answer_seconds_total", 0.0)
+        return round(1000 * seconds / count, 1) if count else None
 
     def stop(self):
         self.proc.terminate()

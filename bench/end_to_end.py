@@ -11,6 +11,8 @@ Each case runs ``dfk8s run`` in a subprocess and prints:
 * ``client ms/row``: CPU of the command and all its worker processes per row;
 * ``fake cores``: CPU of the fake server (its own process) over the run, so one can see it is not the
   bottleneck, and its CPU per request;
+* ``fake answer ms``: the fake's mean time from a request's arrival to its answer, beside the nominal
+  latency of the case: what the fake itself added to the limit's denominator;
 * ``loads/worker``: for the FLUX case, how many times a worker process built its serving (the
   ``loaded serving`` lines in the worker logs), divided by ``--workers``.
 
@@ -111,7 +113,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_case(case: Case, dfk8s: str, url: str | None, server: psutil.Process | None, work: Path) -> dict:
+def run_case(case: Case, dfk8s: str, fake: FakeApiProcess | None, work: Path) -> dict:
     """Run one case's command; return its figures."""
     folder = work / case.name
     shutil.rmtree(folder, ignore_errors=True)
@@ -126,14 +128,17 @@ def run_case(case: Case, dfk8s: str, url: str | None, server: psutil.Process | N
 
         command += ["--serving", "diffusers", "--model", str(build_tiny_flux(folder / "tiny-flux"))]
     else:
-        command += ["--api-url", url, "--max-concurrency", str(case.concurrency), "--max-retries", "0"]
+        command += ["--api-url", fake.url, "--max-concurrency", str(case.concurrency), "--max-retries", "0"]
     env = {**os.environ, "TMPDIR": str(tmp), "DF_API_KEY": "bench-key", "DFK8S_LOG_LEVEL": "INFO"}
+    server = psutil.Process(fake.proc.pid) if fake else None
+    fake_before = fake.stats() if fake else None
     server_cpu = sum(server.cpu_times()[:2]) if server else 0.0
     cpu, wall = _children_cpu(), time.perf_counter()
     # cwd: the case folder, so `python -m dfk8s worker` imports the dfk8s of the command timed, not ./dfk8s
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
     wall, cpu = time.perf_counter() - wall, _children_cpu() - cpu
     server_cpu = sum(server.cpu_times()[:2]) - server_cpu if server else 0.0
+    answer_ms = fake.answer_ms(fake_before, fake.stats()) if fake else None
     if result.returncode != 0:
         raise SystemExit(f"{case.name}: dfk8s run failed ({result.returncode}):\n{result.stderr[-3000:]}")
     summary = json.loads((folder / "runs" / "bench" / "summary.json").read_text())
@@ -148,6 +153,7 @@ def run_case(case: Case, dfk8s: str, url: str | None, server: psutil.Process | N
             "client_ms_per_row": round(1000 * cpu / case.rows, 3), "client_cores": round(cpu / wall, 2),
             "fake_cores": round(server_cpu / wall, 2),
             "fake_ms_per_request": round(1000 * server_cpu / max(1, case.rows), 3),
+            "fake_answer_ms": answer_ms,
             "loads": len(loads), "load_pids": len(set(loads)),
             "loads_per_worker": round(len(loads) / case.workers, 2)}
 
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     header = (f"{'case':<16} {'rows':>5} {'shards':>6} {'wall s':>7} {'rows/s':>7} {'limit':>6} {'ratio':>6} "
               f"{'client ms/row':>13} {'client cores':>12} {'fake cores':>10} {'fake ms/req':>11} "
-              f"{'loads/worker':>12}")
+              f"{'fake answer ms':>14} {'loads/worker':>12}")
     if not args.json:
         print(header)
     with tempfile.TemporaryDirectory(prefix="dfk8s-e2e-") as work:
@@ -179,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                         servers[case.latency] = FakeApiProcess("--latency", str(case.latency),
                                                                "--decode-images", "0")
                     server = servers[case.latency]
-                r = run_case(case, args.dfk8s, server.url if server else None,
-                             psutil.Process(server.proc.pid) if server else None, Path(work))
+                r = run_case(case, args.dfk8s, server, Path(work))
                 if args.json:
                     print(json.dumps(r), flush=True)
                     continue
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['case']:<16} {r['rows']:>5} {r['shards']:>6} {r['wall_s']:>7} "
                       f"{r['rows_per_s']:>7} {r['limit'] or '-':>6} {r['ratio'] or '-':>6} "
                       f"{r['client_ms_per_row']:>13} {r['client_cores']:>12} {r['fake_cores']:>10} "
-                      f"{r['fake_ms_per_request']:>11} "
+                      f"{r['fake_ms_per_request']:>11} {r['fake_answer_ms'] or '-':>14} "
                       f"{loads:>12}" + ("" if r["ok"] == r["rows"] else f"  FAILED {r['rows'] - r['ok']}"),
                       flush=True)
         finally:

@@ -351,7 +351,7 @@ def worker(run_uri, index, serve, s3_endpoint):
     """
     from dfk8s.lifecycle import StopToken, install_stop_signals, watch_parent
     from dfk8s.storage import open_storage
-    from dfk8s.worker import WorkerSession, process_shard, shard_index_from_env
+    from dfk8s.worker import WorkerSession, process_shard, quiet_gc, shard_index_from_env
     from dfk8s.worker import serve as serve_shards
 
     setup_logging(os.environ.get("DFK8S_LOG_LEVEL") or "INFO")
@@ -361,7 +361,7 @@ def worker(run_uri, index, serve, s3_endpoint):
     storage = open_storage(run_uri, endpoint_url=s3_endpoint)
     if serve and (preload := os.environ.get("DFK8S_PRELOAD_SERVING")):
         _preload(preload)
-    _quiet_gc()
+    quiet_gc()
     if serve:
         replies = os.fdopen(os.dup(1), "w", buffering=1)
         os.dup2(2, 1)  # stray prints of libraries go to the log, never into the replies
@@ -383,20 +383,6 @@ def worker(run_uri, index, serve, s3_endpoint):
         raise
     session.close()  # the HTTP session closes on its own event loop
     _err(f"shard {stats.index}: {stats.ok} ok, {stats.failed} failed")
-
-
-def _quiet_gc() -> None:
-    """Fewer, cheaper garbage collections in a worker: the event loop stalls less at hundreds in flight.
-
-    What is loaded by now (modules, the serving's classes) lives as long as the process: frozen out of
-    every collection. Young objects are collected every 10,000 allocations instead of 700: a request's
-    objects are mostly freed by reference counting anyway; the collector only finds their cycles.
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
 
 
 def _preload(serving: str) -> None:

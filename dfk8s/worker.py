@@ -483,6 +483,20 @@ class WorkerSession:
                 self._runner = None
 
 
+def quiet_gc() -> None:
+    """Fewer, cheaper garbage collections in a worker: the event loop stalls less at hundreds in flight.
+
+    What is loaded by now (modules, the serving's classes) lives as long as the process: frozen out of
+    every collection. Young objects are collected every 10,000 allocations instead of 700: a request's
+    objects are mostly freed by reference counting anyway; the collector only finds their cycles.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 def process_shard(storage, index: int, *, serving: Serving | None = None,
                   endpoint_url: str | None = None, session: WorkerSession | None = None) -> ShardStats:
     """Process shard ``index`` of the run in ``storage`` to its done marker; skip what is done.

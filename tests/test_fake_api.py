@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -428,6 +429,25 @@ def test_latency_and_max_inflight_under_concurrency(api):
     assert len(results) == 50 and all(r.choices[0].message.content for r in results)
     assert 0.2 <= wall < 2.0  # 50 x 0.2 s would be 10 s if requests were served one at a time
     assert api.stats()["max_inflight"] == 50 and api.stats()["inflight"] == 0
+
+
+def test_latency_counts_from_the_requests_arrival_so_a_slow_body_is_not_added_to_it(api):
+    # A benchmark's limit is in-flight / latency: the fake's own reading and parsing must not lengthen it.
+    api.configure(latency=0.3)
+    host, port = api.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "slow body"}]}).encode()
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: fake\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        started = time.monotonic()
+        time.sleep(0.2)  # the body arrives 0.2 s after the headers
+        conn.sendall(body)
+        answer = conn.makefile("rb").readline()
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert 0.3 <= waited < 0.45  # 0.3 s from arrival, not 0.2 + 0.3
+    stats = api.stats()
+    assert 0.3 <= stats["answer_seconds_total"] / stats["requests_total"] < 0.45
 
 
 def test_sustains_256_concurrent_slow_requests(api):
