@@ -50,8 +50,10 @@ class FakeApiProcess:
             return json.load(answer)
 
     def answer_ms(self, before: dict, after: dict) -> float | None:
-        """Mean milliseconds from a request's arrival to its answer between two :meth:`stats` readings:
-        next to the nominal latency, what the fake itself added."""
+        """Mean milliseconds from a request's arrival to its answer between two :meth:`stats` readings.
+
+        Next to the nominal latency: what the fake itself added.
+        """
         count = after["requests_total"] - before["requests_total"]
         seconds = after.get("answer_seconds_total", 0.0) - before.get("answer_seconds_total", 0.0)
         return round(1000 * seconds / count, 1) if count else None

@@ -881,8 +881,11 @@ class FakeAPI:
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """The fake's event loop: uvloop's where it is installed, so that the fake, at a few thousand requests a
-    second, adds less of its own time to ``latency`` (benchmarks report its real time per answer)."""
+    """The fake's event loop: uvloop's where it is installed.
+
+    At a thousand requests a second it then adds less of its own time to ``latency`` (the benchmarks
+    report the fake's real time per answer).
+    """
     try:
         import uvloop
     except ImportError:
