@@ -94,6 +94,8 @@ def bench_one(url: str, serving: str, concurrency: int, rows: int, latency: floa
         gc.collect()  # drop this run's SDK clients now, while no event loop runs
 
     server = http(url + "/_stats")
+    answer_ms = round(1000 * server["answer_seconds_total"] / server["requests_total"], 1) \
+        if server.get("requests_total") else None
     limit = concurrency / latency if latency > 0 else float("inf")
     ratio = round(rows / wall / limit, 3) if latency > 0 else None
     return {"serving": serving, "pipeline": pipeline, "concurrency": concurrency, "rows": rows,
@@ -101,7 +103,7 @@ def bench_one(url: str, serving: str, concurrency: int, rows: int, latency: floa
             "rows_per_s": round(rows / wall, 1), "limit_rows_per_s": round(limit, 1), "ratio": ratio,
             "cpu_s": round(cpu, 2),
             "cpu_ms_per_row": round(1000 * cpu / rows, 2), "server_requests": server["requests_total"],
-            "server_max_inflight": server["max_inflight"]}
+            "server_max_inflight": server["max_inflight"], "server_answer_ms": answer_ms}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("DF_BASE_URL", None)
     for serving in args.serving:  # a pod pays the SDK imports once; keep them out of the timings
         importlib.import_module(f"dfk8s.servings.{serving.replace('-', '_')}")
+    from dfk8s.worker import quiet_gc
+
+    quiet_gc()  # what `dfk8s worker` does once its modules are loaded
     proc, url = start_fake(args.latency)
     try:
         if not args.json:
             print(f"fake server {url}, latency {args.latency:g} s, pipeline {args.pipeline}")
             print(f"{'serving':<14} {'conc':>5} {'rows':>5} {'wall s':>7} {'rows/s':>7} {'limit':>6} "
-                  f"{'ratio':>6} {'cpu s':>6} {'cpu ms/row':>10} {'max inflight':>12}")
+                  f"{'ratio':>6} {'cpu s':>6} {'cpu ms/row':>10} {'max inflight':>12} {'fake answer ms':>14}")
         for serving in args.serving:
             for concurrency in args.concurrency:
                 rows = args.rows or 8 * concurrency
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                     failed = f"  FAILED {r['failed']}" if r["failed"] else ""
                     print(f"{serving:<14} {concurrency:>5} {r['rows']:>5} {r['wall_s']:>7} "
                           f"{r['rows_per_s']:>7} {r['limit_rows_per_s']:>6} {ratio:>6} {r['cpu_s']:>6} "
-                          f"{r['cpu_ms_per_row']:>10} {r['server_max_inflight']:>12}{failed}")
+                          f"{r['cpu_ms_per_row']:>10} {r['server_max_inflight']:>12} "
+                          f"{r['server_answer_ms'] or '-':>14}{failed}")
     finally:
         proc.terminate()
         try:
