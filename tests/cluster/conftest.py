@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "charts" / "dfk8s"
 #: The namespace most tests submit to: the chart installed (release "dfk8s"), restricted pods only.
 NS = "batch"
+#: The Secret references and service account every submit in these tests uses (the chart installs them).
+CREDENTIALS = ("--api-key-secret", "api/DF_API_KEY", "--s3-secret", "s3",
+               "--service-account", "dfk8s-reducer")
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from dfk8s.cli import cli
 from dfk8s.kube import SUPPORTED_KUBERNETES, is_supported
-from tests.cluster.conftest import CHART_DIR, NS
+from tests.cluster.conftest import CHART_DIR, CREDENTIALS, NS
 from tests.cluster.node_agent import CPU_NODE, GPU_NODE
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 
@@ -94,12 +94,7 @@ def test_dry_run_yaml_is_accepted_by_the_api_server(kube_env, s3_bucket, run_id)
         VQA_MANIFEST,
         "--image-root",
         DATAFLOW_ROOT,
-        "--api-key-secret",
-        "api/DF_API_KEY",
-        "--s3-secret",
-        "s3",
-        "--service-account",
-        "dfk8s-reducer",
+        *CREDENTIALS,
         "--run-id",
         run_id,
         "--shards",

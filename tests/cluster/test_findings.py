@@ -15,7 +15,7 @@ from dfk8s.errors import SpecError
 from dfk8s.kube.manifests import KubeRunConfig, build_map_job
 from dfk8s.profiles import load_profile
 from dfk8s.storage import open_storage
-from tests.cluster.conftest import NS
+from tests.cluster.conftest import CREDENTIALS, NS
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 
 
@@ -87,12 +87,7 @@ def test_the_api_refuses_an_indexed_job_whose_pod_hostnames_pass_63_characters(k
         manifest,
         "--output",
         f"s3://{s3_bucket}/runs",
-        "--api-key-secret",
-        "api/DF_API_KEY",
-        "--s3-secret",
-        "s3",
-        "--service-account",
-        "dfk8s-reducer",
+        *CREDENTIALS,
         "--run-id",
         "r" * 50,
         "--shards",

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from dfk8s import layout
 from dfk8s.cli import cli
 from dfk8s.storage import open_storage
-from tests.cluster.conftest import NS
+from tests.cluster.conftest import CREDENTIALS, NS
 from tests.image_server import ImageServer
 
 ROWS, LIMIT = 120, 100
@@ -142,12 +142,7 @@ def test_a_parquet_of_urls_submitted_gives_what_run_gives(
         "3",
         "--parallelism",
         "3",
-        "--api-key-secret",
-        "api/DF_API_KEY",
-        "--s3-secret",
-        "s3",
-        "--service-account",
-        "dfk8s-reducer",
+        *CREDENTIALS,
         "--wait",
         "--poll-seconds",
         "0.5",

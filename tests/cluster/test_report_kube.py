@@ -10,6 +10,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from dfk8s.cli import cli
+from tests.cluster.conftest import CREDENTIALS
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 from tests.report_browser import cards, chromium, images, open_page
 
@@ -25,12 +26,7 @@ def submit_args(output, pipeline, run_id, fake_api, *extra):
         str(DATAFLOW_ROOT),
         "--output",
         output,
-        "--api-key-secret",
-        "api/DF_API_KEY",
-        "--s3-secret",
-        "s3",
-        "--service-account",
-        "dfk8s-reducer",
+        *CREDENTIALS,
         "--run-id",
         run_id,
         "--api-url",

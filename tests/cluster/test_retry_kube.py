@@ -16,7 +16,7 @@ from dfk8s import layout
 from dfk8s.cli import cli
 from dfk8s.errors import SpecError
 from dfk8s.storage import open_storage
-from tests.cluster.conftest import NS
+from tests.cluster.conftest import CREDENTIALS, NS
 from tests.conftest import DATAFLOW_ROOT
 
 #: Row texts: row 1 and 5 fail four times with 500, row 2 twice with 429, row 4 is refused (not
@@ -47,12 +47,7 @@ def _manifest(tmp_path):
 
 def _cluster_flags(*extra):
     return [
-        "--api-key-secret",
-        "api/DF_API_KEY",
-        "--s3-secret",
-        "s3",
-        "--service-account",
-        "dfk8s-reducer",
+        *CREDENTIALS,
         "--wait",
         "--poll-seconds",
         "0.5",

@@ -19,7 +19,7 @@ from dfk8s import layout
 from dfk8s.cli import cli
 from dfk8s.errors import KubernetesError
 from dfk8s.storage import open_storage
-from tests.cluster.conftest import NS
+from tests.cluster.conftest import CREDENTIALS, NS
 from tests.cluster.node_agent import CPU_NODE
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 
@@ -41,12 +41,7 @@ def caption_args(output, *extra):
         DATAFLOW_ROOT,
         "--output",
         output,
-        "--api-key-secret",
-        "api/DF_API_KEY",
-        "--s3-secret",
-        "s3",
-        "--service-account",
-        "dfk8s-reducer",
+        *CREDENTIALS,
         *extra,
     ]
 

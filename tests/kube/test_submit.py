@@ -273,21 +273,21 @@ def test_submit_needs_s3_output_and_secret_references_not_values(tmp_path):
     assert isinstance(result.exception, SpecError) and "sk-live-1234" not in str(result.exception)
 
 
+def _planned_on_s3(bucket: str, run_id: str, options: dict) -> str:
+    """Plan a caption run of the VQA fixture for Kubernetes under s3://BUCKET/runs; returns that output."""
+    from dfk8s.runs import RunRequest, prepare_run
+
+    output = f"s3://{bucket}/runs"
+    prepare_run(RunRequest(pipeline="caption", output=output, input=str(VQA_MANIFEST),
+                           image_root=str(DATAFLOW_ROOT), run_id=run_id, options=options),
+                stage_images=True, executor="kubernetes")
+    return output
+
+
 def test_a_resume_through_submit_needs_no_pipeline_and_refuses_a_changed_flag(s3_bucket, seaweed, sentinels):
     """run.json knows the pipeline, as for `dfk8s run`; a flag that differs from it is refused in one line
     that points at `dfk8s retry` (before, submit dropped the changed --model without a word)."""
-    from dfk8s.runs import RunRequest, prepare_run
-
-    output = f"s3://{s3_bucket}/runs"
-    request = RunRequest(
-        pipeline="caption",
-        output=output,
-        input=str(VQA_MANIFEST),
-        image_root=str(DATAFLOW_ROOT),
-        run_id="planned",
-        options={"model": "gpt-5-nano"},
-    )
-    prepare_run(request, stage_images=True, executor="kubernetes")
+    output = _planned_on_s3(s3_bucket, "planned", {"model": "gpt-5-nano"})
     secrets = ["--api-key-secret", "api/DF_API_KEY", "--namespace", NS, "--dry-run"]
     plain = invoke("submit", "--run-id", "planned", "--output", output, *secrets)
     assert plain.exit_code == 0, plain.output
@@ -307,18 +307,7 @@ def test_a_resume_through_submit_needs_no_pipeline_and_refuses_a_changed_flag(s3
 
 def test_a_resume_through_submit_sizes_its_pods_from_run_json(s3_bucket, seaweed, sentinels):
     """A batch-mode run resumed with no --api-mode still gets the profile's small batch pod."""
-    from dfk8s.runs import RunRequest, prepare_run
-
-    output = f"s3://{s3_bucket}/runs"
-    request = RunRequest(
-        pipeline="caption",
-        output=output,
-        input=str(VQA_MANIFEST),
-        image_root=str(DATAFLOW_ROOT),
-        run_id="batched",
-        options={"model": "gpt-4o", "api_mode": "batch"},
-    )
-    prepare_run(request, stage_images=True, executor="kubernetes")
+    output = _planned_on_s3(s3_bucket, "batched", {"model": "gpt-4o", "api_mode": "batch"})
     secrets = ["--api-key-secret", "api/DF_API_KEY", "--namespace", NS]
     resumed = invoke("submit", "--run-id", "batched", "--output", output, *secrets, "--dry-run")
     assert resumed.exit_code == 0, resumed.output
