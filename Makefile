@@ -6,9 +6,10 @@ PY := $(BIN)/python
 PYTEST_ARGS ?=
 # torch first, from the exact version whose CPU wheel is available offline; any other request pulls CUDA.
 TORCH_VERSION ?= 2.13.0
+TORCHVISION_VERSION ?= 0.28.0
 
 .PHONY: install test lint bench images test-images kind-up kind-down kind-test clean help \
-	cluster-build cluster-up cluster-down test-cluster
+	cluster-build cluster-images cluster-up cluster-down test-cluster
 
 help:  ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -17,31 +18,41 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-install: $(PY)  ## Create .venv with dfk8s and every extra (torch CPU first), and Debian's chromium and shellcheck.
+LITELLM_VERSION ?= 1.81.13
+
+install: $(PY)  ## Create .venv with dfk8s and every extra (torch CPU first), Debian's chromium and shellcheck, and LiteLLM.
 	hack/install-debian-packages.sh
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[api,gpu,kube,models,test]'
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
+	$(PY) -m pip install -q -e '.[api,gpu,vlm,kube,models,test]'
+	# The gateway the tests put before the fake API, in a venv of its own: its pins would move ours.
+	test -x .venv-litellm/bin/litellm || { $(PYTHON) -m venv .venv-litellm && \
+	  .venv-litellm/bin/python -m pip install -q 'litellm[proxy]==$(LITELLM_VERSION)'; }
 
 test:  ## Run the test suite.
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-# ---- The local control plane (hack/cluster, tests/cluster) ----------------------------------------
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and helm built from their Go
-# modules into ~/.cache/dfk8s/cluster (DFK8S_CLUSTER_CACHE), one folder per version: minutes once, then
-# seconds. KUBE_VERSION=1.33 picks the version of cluster-up (default: the newest pinned).
+# ---- The local cluster (hack/cluster, tests/cluster) -----------------------------------------------
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the kubelet, kubectl, helm, the CNI
+# plugins and the fake GPU device plugin built from their Go modules into ~/.cache/dfk8s/cluster
+# (DFK8S_CLUSTER_CACHE), one folder per version: minutes once, then seconds. containerd and runc are
+# Debian's. The node runs the images of this checkout (cluster-images). KUBE_VERSION=1.33 picks the
+# version of cluster-up (default: the newest pinned).
 KUBE_VERSIONS := $(shell cat hack/cluster/kube-*/VERSION)
 CLUSTER_DIR ?= .cluster
 
 cluster-build:  ## Build the control plane, kubectl and helm from their Go modules (cached by version).
 	hack/cluster/build.sh
 
-cluster-up: cluster-build  ## Start etcd, the control plane and a node agent on loopback, in the background (.cluster/env).
+cluster-images:  ## Build dfk8s-cpu:dev and dfk8s-gpu:dev from this checkout and save them for the node (cold ~10 min).
+	hack/cluster/images.sh
+
+cluster-up: cluster-build cluster-images  ## Start the cluster (control plane, node, S3) in its own namespaces, in the background (.cluster/env).
 	$(PY) -m tests.cluster.controlplane up --dir $(CLUSTER_DIR) $(if $(KUBE_VERSION),--version $(KUBE_VERSION))
 
-cluster-down:  ## Stop what cluster-up started.
+cluster-down:  ## Stop what cluster-up started; nothing of it is left.
 	$(PY) -m tests.cluster.controlplane down --dir $(CLUSTER_DIR)
 
-test-cluster: cluster-build  ## The cluster tests (tests/cluster), once per pinned Kubernetes version.
+test-cluster: cluster-build cluster-images  ## The cluster tests (tests/cluster), once per pinned Kubernetes version.
 	@for v in $(KUBE_VERSIONS); do \
 	  echo "--> tests/cluster against Kubernetes $$v"; \
 	  DFK8S_CLUSTER_TESTS=1 DFK8S_KUBE_VERSION=$$v $(PY) -m pytest -q -p no:xdist -p no:cacheprovider \

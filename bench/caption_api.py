@@ -5,7 +5,7 @@
 For each concurrency C the limit is C / latency rows/s. The worker runs in this process (its CPU is
 measured); the fake server runs in another process. Prints rows/s, the ratio to the limit, and the
 worker's CPU use in cores, and the fake's real time per answer beside the nominal latency. The process
-collects garbage as a worker process does (:func:`dfk8s.worker.quiet_gc`).
+collects garbage as a worker process does (:func:`dfk8s.worker.session.quiet_gc`).
 """
 
 import argparse
@@ -19,9 +19,10 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import FakeApiProcess, timed, write_prompts  # noqa: E402
 
-from dfk8s.log import setup_logging  # noqa: E402
-from dfk8s.runs import RunRequest, prepare_run  # noqa: E402
-from dfk8s.worker import process_shard, quiet_gc  # noqa: E402
+from dfk8s.cli.log import setup_logging  # noqa: E402
+from dfk8s.plan.launch import RunRequest, prepare_run  # noqa: E402
+from dfk8s.worker.session import quiet_gc  # noqa: E402
+from dfk8s.worker.shard import process_shard  # noqa: E402
 
 
 def main():

@@ -2,7 +2,7 @@
 
 The fake server runs in its own process (so the CPU seconds printed are the worker's alone) with a fixed
 latency per request; each run plans a one-shard text2image (or imageedit) run and processes it with
-``dfk8s.worker.process_shard`` in this process, exactly as a worker pod would. The ceiling is
+``dfk8s.worker.shard.process_shard`` in this process, exactly as a worker pod would. The ceiling is
 ``concurrency / latency`` rows/s; the ratio says how close the worker gets to it. The fake server and
 the worker share this machine's CPUs, so on a small machine CPU contention (not the concurrency limit)
 is what keeps the ratio under 1: compare with ``--latency 0``, which measures that CPU ceiling.
@@ -76,8 +76,8 @@ def cpu_seconds() -> float:
 
 
 def bench_one(url: str, serving: str, concurrency: int, rows: int, latency: float, pipeline: str) -> dict:
-    from dfk8s.runs import RunRequest, prepare_run
-    from dfk8s.worker import process_shard
+    from dfk8s.plan.launch import RunRequest, prepare_run
+    from dfk8s.worker.shard import process_shard
 
     http(url + "/_reset", {})
     with tempfile.TemporaryDirectory(prefix="dfk8s-bench-") as tmp:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("DF_BASE_URL", None)
     for serving in args.serving:  # a pod pays the SDK imports once; keep them out of the timings
         importlib.import_module(f"dfk8s.servings.{serving.replace('-', '_')}")
-    from dfk8s.worker import quiet_gc
+    from dfk8s.worker.session import quiet_gc
 
     quiet_gc()  # what `dfk8s worker` does once its modules are loaded
     proc, url = start_fake(args.latency)

@@ -60,7 +60,7 @@ class Bench:
         return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
 
     def worker_sigterm(self):
-        from dfk8s.runs import RunRequest, prepare_run
+        from dfk8s.plan.launch import RunRequest, prepare_run
 
         self.api.reset()
         # Planned by this checkout (run.json and shards have the same layout in every build), then the

@@ -28,8 +28,8 @@ from _common import cpu_seconds, peak_rss_mb, write_prompts  # noqa: E402
 
 
 def _phase(phase: str, workdir: str, shards: int) -> dict:
-    from dfk8s.reducer import reduce_run
-    from dfk8s.runs import RunRequest, prepare_run
+    from dfk8s.plan.launch import RunRequest, prepare_run
+    from dfk8s.reduce.reducer import reduce_run
     from dfk8s.storage import open_storage
 
     manifest = os.path.join(workdir, "m.jsonl")
@@ -95,7 +95,7 @@ def _parquet(sizes, id_key: bool):
 def _work(args):
     run_dir, index = args
     from dfk8s.storage import open_storage
-    from dfk8s.worker import process_shard
+    from dfk8s.worker.shard import process_shard
 
     process_shard(open_storage(run_dir), index)
 

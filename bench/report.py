@@ -2,7 +2,7 @@
 
     python bench/report.py [--sizes 10000 1000000] [--rows 500]
 
-Each run is written straight to disk (no API: dfk8s.testing.synthetic_run, a text2image run with a
+Each run is written straight to disk (no API: tests.helpers.synthetic_run, a text2image run with a
 failed row every 997 and one 3000-row shard that never finished). Then ``dfk8s report RUN --output DIR``
 runs as a user runs it, in a fresh process; its wall time and peak RSS come from wait4. Prints per size:
 seconds, peak RSS, the ratio of the report's time to one plain Python pass over result.jsonl's lines,
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--rows", type=int, default=500, help="--rows of dfk8s report")
     args = parser.parse_args()
-    from dfk8s.testing.synthetic_run import write_synthetic_run
+    from tests.helpers.synthetic_run import write_synthetic_run
 
     rss = {}
     with tempfile.TemporaryDirectory(prefix="dfk8s-bench-report-") as tmp:

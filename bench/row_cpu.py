@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from end_to_end import _photo  # noqa: E402
 
-from dfk8s.images import check_image, sniff_image  # noqa: E402
+from dfk8s.inputs.images import check_image, sniff_image  # noqa: E402
 from dfk8s.servings.base import ImageInput, Message, Request  # noqa: E402
 from dfk8s.servings.lean_http import dumps_with_images  # noqa: E402
 from dfk8s.servings.openai_chat import chat_messages  # noqa: E402

@@ -14,8 +14,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import timed, write_prompts  # noqa: E402
 
-from dfk8s.runs import RunRequest, prepare_run  # noqa: E402
-from dfk8s.worker import process_shard  # noqa: E402
+from dfk8s.plan.launch import RunRequest, prepare_run  # noqa: E402
+from dfk8s.worker.shard import process_shard  # noqa: E402
 
 TARGET = 5000.0
 

@@ -18,6 +18,15 @@ class SpecError(Dfk8sError):
     exit_code = EXIT_DO_NOT_RETRY
 
 
+class UsageError(SpecError):
+    """The command as given cannot start: a flag, a path or the manifest is wrong, and nothing was sent.
+
+    Exit 2, as click's own usage errors: the fix is in the command line (see the README's exit codes).
+    """
+
+    exit_code = 2
+
+
 class SystematicFailure(SpecError):
     """Every request fails the same way (unknown model, bad key, bad URL, unresolvable host): stop paying.
 
@@ -102,3 +111,27 @@ class RunBusy(Dfk8sError):
     """Another launcher holds the run's lease (lease.json is fresh): two launchers would race."""
 
     exit_code = 3
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds an error response's ``Retry-After`` header asks to wait: delay-seconds or an HTTP date.
+
+    The one parser of that header (API servings, image fetches, the Kubernetes API). Returns None when
+    there is no header or it cannot be read; a date in the past gives 0.
+    """
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    import datetime
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(str(value))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())

@@ -189,9 +189,20 @@ original = json.load(open(manifest))
 problems = []
 if len(rows) != len(original):
     problems.append(f"result.jsonl has {len(rows)} rows, the manifest {len(original)}")
+staged = f"s3://{bucket}/{prefix}/staged/"
+
+
+def same_images(got, want):
+    # result.jsonl names a local image by a path that resolves from anywhere: its staged copy in the run,
+    # or (a run whose pods read this disk) its absolute path.
+    return got == want or (len(got or []) == len(want) and all(
+        str(g).startswith(staged) or str(g).endswith(str(w).lstrip(".")) for g, w in zip(got, want)))
+
+
 for position, (got, want) in enumerate(zip(rows, original)):
-    if got.get("conversation") != want["conversation"] or got.get("image") != want["image"]:
-        problems.append(f"row {position} is not input row {position} (order or content changed)")
+    if got.get("conversation") != want["conversation"] or not same_images(got.get("image"), want["image"]):
+        problems.append(f"row {position} is not input row {position} (order or content changed): "
+                        f"{got.get('image')} for {want['image']}")
     elif "Face.jpg" in want["image"][0]:
         if "caption" in got or (got.get("error") or {}).get("type") != "BadRow":
             problems.append(f"row {position} (missing Face.jpg) should be a BadRow error: {got}")

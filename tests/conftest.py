@@ -17,10 +17,20 @@ T2I_EVAL_MANIFEST = DATAFLOW_ROOT / "dataflow/example/text2image_eval/sample_dat
 SEED_DOCS = FIXTURES / "seed-docs"
 
 
+def pytest_configure(config):
+    """An xdist worker whose controller is gone (killed, a CI timeout) dies too, and so do its servers."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import signal
+
+        from tests.helpers.processes import die_with_parent
+
+        die_with_parent(signal.SIGTERM)
+
+
 @pytest.fixture(scope="session")
 def seaweed():
     """A real SeaweedFS S3 server for the whole session (per xdist worker)."""
-    from dfk8s.testing.seaweed import start_seaweed
+    from tests.helpers.seaweed import start_seaweed
 
     server = start_seaweed()
     yield server

@@ -36,7 +36,10 @@ class ImageServer:
     """Serves test images at ``http://HOST:PORT/...``; ``hits[path]`` lists request times."""
 
     def __init__(self, host: str = "127.0.0.1", oversized: int = 51 * 1024 * 1024):
-        assert host.startswith("127."), "test servers live on loopback only"
+        from tests.cluster.sandbox import NODE_IP
+
+        # Loopback, or the node's IP in the cluster tests' own network namespace (tests/cluster/sandbox.py).
+        assert host.startswith("127.") or host == NODE_IP, "test servers live on loopback or in the sandbox"
         self.host, self.port = host, 0
         self.oversized = oversized
         self.hits: dict[str, list[float]] = defaultdict(list)

@@ -10,11 +10,13 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from dfk8s import batch, layout
 from dfk8s.cli import cli
-from dfk8s.runs import RunRequest, dry_run, prepare_run, run_local
+from dfk8s.executors.local.launch import run_local
+from dfk8s.plan.launch import RunRequest, dry_run, prepare_run
+from dfk8s.run import layout
+from dfk8s.servings import batch_mode as batch
 from dfk8s.storage import open_storage
-from dfk8s.worker import process_shard
+from dfk8s.worker.shard import process_shard
 from tests.test_spend import _captions
 
 
@@ -60,7 +62,9 @@ def test_text2image_batch(tmp_path, fake_api, api_key):
                                    options=_options(fake_api, model="gpt-image-1.5")), workers=1)
     assert summary.ok == 3
     rows = _result(tmp_path, "t")
-    assert all(os.path.exists(r["images"][0]) for r in rows)
+    # Output images are named relative to the run's folder (they resolve wherever it is copied).
+    assert all(not os.path.isabs(r["images"][0]) and (tmp_path / "runs/t" / r["images"][0]).exists()
+               for r in rows)
     assert fake_api.stats()["batches_created"] == 1
 
 
@@ -92,7 +96,7 @@ def test_worker_killed_mid_batch_resumes_without_a_second_batch(tmp_path, fake_a
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if storage.exists(batch.batch_key(0)) and storage.read_json(batch.batch_key(0)).get("batch_id"):
+            if storage.exists(layout.batch_key(0)) and storage.read_json(layout.batch_key(0)).get("batch_id"):
                 break
             time.sleep(0.05)
         else:
@@ -104,7 +108,7 @@ def test_worker_killed_mid_batch_resumes_without_a_second_batch(tmp_path, fake_a
             worker.kill()
             worker.wait()
     assert fake_api.stats()["batches_created"] == 1
-    assert not storage.read_json(batch.batch_key(0))["done"]
+    assert not storage.read_json(layout.batch_key(0))["done"]
     stats = process_shard(open_storage(storage.url()), 0)
     assert stats.ok == 4 and fake_api.stats()["batches_created"] == 1
 
@@ -127,7 +131,7 @@ def test_restart_between_create_and_record_adopts_the_batch(tmp_path, fake_api, 
     client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
                           metadata={"dfk8s_token": "tok1"})
     client.close()
-    storage.write_json(batch.batch_key(0), {"provider": "openai", "token": "tok1", "input_file": upload.id,
+    storage.write_json(layout.batch_key(0), {"provider": "openai", "token": "tok1", "input_file": upload.id,
                                             "status": "creating", "done": False, "requests": 2,
                                             "created_at": time.time()})
     stats = process_shard(storage, 0)
@@ -184,7 +188,7 @@ def test_gemini_batch_end_to_end(tmp_path, fake_api, monkeypatch, pipeline):
     assert not [r for r in fake_api.requests() if r["endpoint"] == "gemini.generateContent"]
     out_key = "edited_images" if pipeline == "imageedit" else "images"
     rows = _result(tmp_path, "g")
-    assert all(os.path.exists(r[out_key][0]) for r in rows)
+    assert all((tmp_path / "runs/g" / r[out_key][0]).exists() for r in rows)
     data = json.loads((tmp_path / "runs/g/summary.json").read_text())
     usage = data["usage"]
     assert usage["images"] == 3 and usage["output_image_tokens"] == 3 * 1290
@@ -218,8 +222,8 @@ def test_cancel_cancels_the_batch_and_keeps_what_completed(tmp_path, fake_api, a
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if storage.exists(batch.batch_key(0)) and \
-                    storage.read_json(batch.batch_key(0)).get("status") == "in_progress":
+            if storage.exists(layout.batch_key(0)) and \
+                    storage.read_json(layout.batch_key(0)).get("status") == "in_progress":
                 break
             time.sleep(0.05)
         result = CliRunner().invoke(cli, ["cancel", "c", "--output", str(tmp_path / "runs")])
@@ -258,7 +262,7 @@ def test_a_planned_batch_run_keeps_its_small_pod_without_the_flag(s3_bucket):
     """run.json's api_mode sizes the pods: a resume without --api-mode batch must not get sync-sized pods."""
     import yaml
 
-    from dfk8s.runs import RunRequest, prepare_run
+    from dfk8s.plan.launch import RunRequest, prepare_run
     from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
     from tests.kube.test_submit import NS, caption_args, invoke, pod_spec
 

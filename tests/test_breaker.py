@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from dfk8s import layout
 from dfk8s.errors import SystematicFailure
-from dfk8s.runs import RunRequest, prepare_run
-from dfk8s.worker import process_shard, read_parts
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.run import layout
+from dfk8s.worker.shard import process_shard, read_parts
 
 CLIENTS = ("fast", "sdk")
 ROWS = 300
@@ -107,18 +107,35 @@ def test_bad_endpoint_path_is_named(tmp_path, fake_api, api_key, client):
 
 @pytest.mark.parametrize("client", CLIENTS)
 def test_a_400_that_repeats_verbatim_trips_after_a_few(tmp_path, fake_api, api_key, client):
-    litellm = {"error": {"message": "Authentication Error, No connected db.", "type": "no_db_connection",
-                         "param": "None", "code": "400"}}
-    fake_api.fail_model("gpt-4o-mini", 400, litellm)
+    proxy = {"error": {"message": "Upstream refused the request shape.", "type": "invalid_request",
+                       "param": "None", "code": "400"}}
+    fake_api.fail_model("gpt-4o-mini", 400, proxy)
     storage, _ = _plan(tmp_path, fake_api.url, client)
     failure = _trip(storage)
-    assert failure.type == "BadRequest" and "No connected db" in failure.message
+    assert failure.type == "BadRequest" and "Upstream refused" in failure.message
     assert "LiteLLM" in failure.hint
     sent = fake_api.stats()["requests_total"]
     assert 5 <= sent <= 10
-    records = list(_finished(storage).values())
-    # The ones that failed before the trip keep the server's message; the rest are unprocessed.
-    assert len(records) < 10 and all("No connected db" in r["row"]["error"]["message"] for r in records)
+    # The rows that failed with the error the breaker stopped on go with the unprocessed ones: no row is
+    # final, so a resume (or one `dfk8s retry`) after the fix sends them all.
+    assert _finished(storage) == {}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(("answer", "kind", "flag"), [
+    ({"message": "Authentication Error, No connected db.", "type": "no_db_connection", "code": "400"},
+     "AuthenticationError", "API key"),
+    ({"message": "{'error': '/chat/completions: Invalid model name passed in model=gpt-4o-mni. Call "
+                 "`/v1/models` to view available models for your key.'}", "type": "None", "code": "400"},
+     "ModelNotFound", "--model")])
+def test_a_gateways_own_400_names_the_key_or_the_model_at_once(tmp_path, fake_api, api_key, client, answer,
+                                                               kind, flag):
+    # LiteLLM (no database) answers a key it does not know, and a model it does not route, with its own 400.
+    fake_api.fail_model("gpt-4o-mini", 400, {"error": {**answer, "param": "None"}})
+    storage, _ = _plan(tmp_path, fake_api.url, client)
+    failure = _trip(storage)
+    assert failure.type == kind and flag in failure.hint
+    assert fake_api.stats()["requests_total"] <= 4  # the probe's requests, not five in a row
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -168,13 +185,16 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("client", CLIENTS)
-def test_connection_refused_is_named_not_a_timeout(tmp_path, api_key, client, monkeypatch):
-    monkeypatch.setattr("dfk8s.servings.api._WaitRetryAfter.__call__", lambda self, state: 0.01)
-    storage, _ = _plan(tmp_path, f"http://127.0.0.1:{_closed_port()}/v1", client, max_retries=1)
+def test_connection_refused_trips_as_fast_as_an_unknown_host(tmp_path, api_key, client):
+    # Before anything answered, a refused connection is a wrong host or port: no retries with backoff
+    # (they took 35 s), it trips at once and names the cause.
+    storage, _ = _plan(tmp_path, f"http://127.0.0.1:{_closed_port()}/v1", client, max_retries=5)
+    started = time.monotonic()
     failure = _trip(storage)
+    assert time.monotonic() - started < 5
     assert failure.type == "ConnectionRefused" and "127.0.0.1" in failure.message
-    records = list(_finished(storage).values())
-    assert records and all(r["row"]["error"]["type"] == "ConnectionRefused" for r in records)
+    assert "port" in failure.hint
+    assert _finished(storage) == {}  # nothing was answered: every row stays unprocessed
 
 
 def test_dfk8s_run_with_a_misspelled_model_stops_the_whole_run(tmp_path, fake_api, api_key):
@@ -189,3 +209,21 @@ def test_dfk8s_run_with_a_misspelled_model_stops_the_whole_run(tmp_path, fake_ap
     assert fake_api.stats()["requests_total"] <= 2 * 5  # a probe per worker, not 300 rows
     summary = json.loads((tmp_path / "o" / "typo" / layout.SUMMARY_KEY).read_text())
     assert summary["ok"] == 0 and summary["not_processed"] == ROWS
+
+
+def test_one_retry_with_the_fix_finishes_a_run_the_breaker_stopped(tmp_path, fake_api, api_key):
+    fake_api.configure(models="gpt-4o-mini", latency=0.05)
+    manifest = _manifest(tmp_path)
+    output = str(tmp_path / "o")
+    base = [sys.executable, "-m", "dfk8s"]
+    stopped = subprocess.run([*base, "run", "-p", "vqa", "-i", str(manifest), "-o", output, "--run-id", "fix",
+                              "--api-url", fake_api.url, "--model", "gpt-4o-mni", "--workers", "2",
+                              "--rows-per-shard", "50", "--no-progress"], capture_output=True, text=True,
+                             timeout=300)
+    assert stopped.returncode == 42 and "check --model" in stopped.stderr
+    assert f"dfk8s retry fix -o {output} --model" in stopped.stderr  # the next step, in one command
+    fixed = subprocess.run([*base, "retry", "fix", "-o", output, "--model", "gpt-4o-mini", "--no-progress"],
+                           capture_output=True, text=True, timeout=300)
+    assert fixed.returncode == 0, fixed.stderr
+    summary = json.loads((tmp_path / "o" / "fix" / layout.SUMMARY_KEY).read_text())
+    assert summary["ok"] == ROWS and summary["failed"] == 0 and summary["not_processed"] == 0

@@ -12,13 +12,14 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from dfk8s import layout
 from dfk8s.cli import cli
-from dfk8s.runs import RunRequest, prepare_run, run_local
+from dfk8s.executors.local.launch import run_local
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.run import layout
+from dfk8s.run.spec import RunSpec
 from dfk8s.servings.base import Message, Request
 from dfk8s.servings.openai_chat import OpenAIChatServing
 from dfk8s.servings.openai_common import normalise_base_url
-from dfk8s.spec import RunSpec
 from dfk8s.storage import open_storage
 from tests.conftest import DATAFLOW_ROOT, T2I_EVAL_MANIFEST, VQA_MANIFEST
 

@@ -21,14 +21,21 @@ def test_help_lists_commands_and_run_flags():
                  "--s3-endpoint", "--id-key", "--image-root", "--shard-retries"):
         assert flag in out, flag
     assert "resumes" in out
+    # --model names each serving's default; the group's help names every kind of manifest.
+    model_help = " ".join(out[out.index("  --model"):].split("--input-key")[0].split()).replace("- ", "-")
+    assert "openai-chat gpt-4o-mini" in model_help and "FLUX.1-Kontext-dev for imageedit" in model_help
+    top = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+    assert "Parquet" in top and "folder of images" in top and "JSONL" in top
 
 
 def test_validate_reports_every_problem_with_its_element():
     result = CliRunner().invoke(cli, ["validate", "-p", "caption", "-i", str(VQA_MANIFEST),
                                       "--image-root", str(DATAFLOW_ROOT)])
     assert result.exit_code == 1
+    # The four rows with the same missing image are one line that names them all.
     lines = [line for line in result.output.splitlines() if "Face.jpg" in line]
-    assert [line.split(": ")[1] for line in lines] == ["element 1", "element 3", "element 5", "element 7"]
+    assert len(lines) == 1 and "4 rows: image './static/images/Face.jpg'" in lines[0]
+    assert lines[0].endswith("(element 1, element 3, element 5, element 7)")
     assert "4 of 8 rows are good" in result.output
 
 
@@ -78,8 +85,8 @@ def test_run_then_reduce_command(tmp_path):
 
 
 def test_status_of_a_local_run_reads_its_storage_without_a_cluster(tmp_path, monkeypatch):
-    from dfk8s.runs import RunRequest, prepare_run
-    from dfk8s.worker import process_shard
+    from dfk8s.plan.launch import RunRequest, prepare_run
+    from dfk8s.worker.shard import process_shard
 
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))  # no cluster anywhere
     manifest = tmp_path / "m.jsonl"
@@ -91,6 +98,6 @@ def test_status_of_a_local_run_reads_its_storage_without_a_cluster(tmp_path, mon
     result = CliRunner().invoke(cli, ["status", "st", "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "progress: 2/6 rows (2 ok, 0 failed); 1/3 shards done (1)" in result.output
-    assert "not reduced yet" in result.output
+    assert f"stopped before its end: resume with `dfk8s run --run-id st -o {tmp_path}`" in result.output
     as_json = json.loads(CliRunner().invoke(cli, ["status", "st", "-o", str(tmp_path), "--json"]).output)
     assert as_json["shards_done"] == [1] and as_json["summary"] is None

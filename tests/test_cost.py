@@ -7,10 +7,11 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from dfk8s import cost
 from dfk8s.cli import cli
+from dfk8s.cost import pricing as cost
 from dfk8s.errors import SpecError
-from dfk8s.runs import RunRequest, dry_run, prepare_run
+from dfk8s.inputs.resize import fitted
+from dfk8s.plan.launch import RunRequest, dry_run, prepare_run
 
 
 def _image(path, size, fmt="PNG"):
@@ -54,10 +55,10 @@ def test_gemini_rule():
 
 
 def test_fitted_keeps_aspect_and_only_shrinks():
-    assert cost.fitted(2048, 4096, 512) == (256, 512)
-    assert cost.fitted(300, 200, 512) == (300, 200)
-    assert cost.fitted(1000, 333, 500) == (500, 166)
-    assert cost.fitted(1000, 333, None) == (1000, 333)
+    assert fitted(2048, 4096, 512) == (256, 512)
+    assert fitted(300, 200, 512) == (300, 200)
+    assert fitted(1000, 333, 500) == (500, 166)
+    assert fitted(1000, 333, None) == (1000, 333)
 
 
 def test_price_table_is_dated_and_names_its_sources():
@@ -237,7 +238,7 @@ def test_usage_sums_and_round_trips_every_field():
     """Usage.add and to_dict are spelled out for speed: each must still cover every field."""
     import dataclasses
 
-    from dfk8s.usage import Usage
+    from dfk8s.cost.usage import Usage
 
     names = [f.name for f in dataclasses.fields(Usage)]
     one = Usage(**{name: k + 1 for k, name in enumerate(names)})

@@ -16,10 +16,10 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from dfk8s.errors import SpecError  # noqa: E402
+from dfk8s.run.spec import RunSpec  # noqa: E402
 from dfk8s.servings import build_serving  # noqa: E402
 from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError  # noqa: E402
 from dfk8s.servings.diffusers_flux import DiffusersServing  # noqa: E402
-from dfk8s.spec import RunSpec  # noqa: E402
 from dfk8s.testing.tiny_flux import build_tiny_flux  # noqa: E402
 from tests.conftest import FIXTURES  # noqa: E402
 
@@ -246,7 +246,8 @@ def test_missing_model_is_a_spec_error(tmp_path):
 def test_end_to_end_local_runs(tiny_models, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from dfk8s.runs import RunRequest, run_local
+    from dfk8s.executors.local.launch import run_local
+    from dfk8s.plan.launch import RunRequest
 
     seed_docs = FIXTURES / "seed-docs"
     cases = {"text2image": ("text2image.jsonl", tiny_models["flux"], "images", {}),

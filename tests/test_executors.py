@@ -7,8 +7,8 @@ import pytest
 from dfk8s.errors import SpecError
 from dfk8s.executors import Executor
 from dfk8s.executors.kubernetes import KubernetesExecutor
-from dfk8s.executors.local import LocalExecutor
-from dfk8s.runs import RunRequest, prepare_run
+from dfk8s.executors.local.executor import LocalExecutor
+from dfk8s.plan.launch import RunRequest, prepare_run
 
 
 def test_both_executors_implement_the_whole_interface():

@@ -25,7 +25,8 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from PIL import Image
 
-from dfk8s.testing.fake_api import FakeAPI, FakeConfig, make_png
+from dfk8s.testing.fake_api import FakeAPI, FakeConfig
+from dfk8s.testing.fake_api._wire import make_png
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-fake-secret-0123456789"

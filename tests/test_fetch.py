@@ -12,13 +12,14 @@ import socket
 import time
 
 import pytest
+from PIL import Image
 
-from dfk8s import layout
-from dfk8s.fetch import AddressGuard, ImageFetcher
-from dfk8s.images import ImageProblem
-from dfk8s.reducer import reduce_run
-from dfk8s.runs import RunRequest, prepare_run
-from dfk8s.worker import process_shard
+from dfk8s.inputs.fetch import AddressGuard, ImageFetcher
+from dfk8s.inputs.images import ImageProblem
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.reduce.reducer import reduce_run
+from dfk8s.run import layout
+from dfk8s.worker.shard import process_shard
 from tests.image_server import ImageServer
 
 SERVER_HOST = "127.0.0.2"  # the only address the guard is told to allow; 127.0.0.1 stays blocked
@@ -221,7 +222,9 @@ def test_rows_with_url_images_end_as_expected_through_the_worker(server, tmp_pat
 
 def test_without_an_allowance_the_test_server_itself_is_refused(server, tmp_path):
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"url": f"{server.url}/img/a.png"}) + "\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "here.png")
+    manifest.write_text(json.dumps({"url": f"{server.url}/img/a.png"}) + "\n"
+                        + json.dumps({"url": "here.png"}) + "\n")  # one good row: the run starts
     storage, _, _ = prepare_run(RunRequest(pipeline="caption", serving="echo", input=str(manifest),
                                            output=str(tmp_path / "o"), run_id="g", image_key="url",
                                            options={"prompt": "p"}))
@@ -235,8 +238,8 @@ def test_without_an_allowance_the_test_server_itself_is_refused(server, tmp_path
 
 
 def test_synchronous_fetch_goes_through_the_same_guard(server, loopback_only):
-    from dfk8s.fetch import fetch_image_bytes
-    from dfk8s.images import read_image
+    from dfk8s.inputs.fetch import fetch_image_bytes
+    from dfk8s.inputs.images import read_image
 
     with pytest.raises(ImageProblem, match="the workers fetch it"):
         read_image(f"{server.url}/img/sync.png")  # a reader of refs (the report) never downloads by surprise
@@ -250,7 +253,7 @@ def test_synchronous_fetch_goes_through_the_same_guard(server, loopback_only):
 
 def test_a_plain_retry_sends_again_the_image_fetches_that_can_pass_not_the_404s(server, tmp_path):
     """An image host that timed out or kept answering 429/5xx is worth another try; a 404 is not."""
-    from dfk8s.retry import plan_retry
+    from dfk8s.reduce.reopen import plan_retry
 
     cases = {"ok": f"{server.url}/img/ok.png", "busy": f"{server.url}/always-busy.png",
              "slow": f"{server.url}/slow?s=10", "missing": f"{server.url}/missing.png"}

@@ -5,18 +5,18 @@ from __future__ import annotations
 import io
 import json
 import time
-from pathlib import Path
 
 import pytest
 from google.genai import errors as genai_errors
 from PIL import Image
 
-from dfk8s.errors import SpecError
-from dfk8s.runs import RunRequest, run_local
+from dfk8s.errors import SpecError, SystematicFailure
+from dfk8s.executors.local.launch import run_local
+from dfk8s.plan.launch import RunRequest
+from dfk8s.run.spec import RunSpec
 from dfk8s.servings.api import RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError
 from dfk8s.servings.gemini_images import gemini_errors, split_base_url
-from dfk8s.spec import RunSpec
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
 from tests.conftest import SEED_DOCS as FIXTURES  # noqa: E402
 from tests.image_api_helpers import decodes, run
@@ -272,14 +272,17 @@ def test_run_local_end_to_end(api, tmp_path, pipeline, key):
     assert len(rows) == 2 and not any("error" in r for r in rows), rows
     for row_id, row in enumerate(rows):
         [path] = row[key]
-        assert path == str(run_dir / "images" / str(row_id) / "0.png")
-        assert decodes(Path(path).read_bytes()).size == (64, 48)
+        assert path == f"images/{row_id}/0.png"  # relative to the run's folder
+        assert decodes((run_dir / path).read_bytes()).size == (64, 48)
     assert api.stats()["by_endpoint"] == {"gemini.generateContent": 2}
     assert api.stats()["by_status"] == {"200": 2}
 
 
-def test_connection_refused_is_retryable_and_quick(api):
+def test_connection_refused_is_retryable_once_answered_and_quick(api):
     started = time.monotonic()
-    [result] = run(spec(api, api_url="http://127.0.0.1:9", max_retries=1), request())
+    [result] = run(spec(api, api_url="http://127.0.0.1:9", max_retries=1), request(), answered=True)
     assert isinstance(result, RowError) and result.type == "ConnectionRefused" and result.attempts == 2
     assert time.monotonic() - started < 3  # the SDK's own hidden 1-10 s reconnect retry is off
+    # Before anything answered, it is a wrong host or port: it trips the breaker at once.
+    with pytest.raises(SystematicFailure, match="ConnectionRefused"):
+        run(spec(api, api_url="http://127.0.0.1:9", max_retries=1), request())

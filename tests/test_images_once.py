@@ -5,8 +5,8 @@ import json
 
 from PIL import Image, ImageFile
 
-from dfk8s.runs import RunRequest, prepare_run
-from dfk8s.worker import process_shard
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.worker.shard import process_shard
 
 
 def _photos(tmp_path, n):
@@ -23,7 +23,8 @@ def _photos(tmp_path, n):
 
 
 def test_the_worker_does_not_check_or_decode_images_the_plan_checked(tmp_path, monkeypatch):
-    from dfk8s import images, plan
+    from dfk8s.inputs import images
+    from dfk8s.plan import checks as plan
 
     calls = {"check": 0, "load": 0}
     real_check, real_load = images.check_image, ImageFile.ImageFile.load

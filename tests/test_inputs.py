@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from dfk8s import layout
 from dfk8s.cli import cli
-from dfk8s.errors import SpecError
-from dfk8s.manifest import Manifest
-from dfk8s.runs import RunRequest, prepare_run, run_local
+from dfk8s.errors import SpecError, UsageError
+from dfk8s.executors.local.launch import run_local
+from dfk8s.inputs.manifest import Manifest
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.run import layout
 from dfk8s.storage import open_storage
 from tests.image_server import ImageServer, png
 
@@ -80,9 +81,10 @@ def test_parquet_with_url_binary_and_id_columns_runs_end_to_end(tmp_path, images
     assert "needs an input image" in rows[4]["error"]["message"]
     staged = sorted(storage.list(layout.STAGED_PREFIX))
     assert len(staged) == 2  # a and c share one content-addressed copy
-    assert rows[0]["jpg"] == rows[2]["jpg"] and rows[0]["jpg"] in {storage.url(k) for k in staged}
-    assert open(rows[0]["jpg"], "rb").read() == good
-    assert open(rows[1]["jpg"], "rb").read() == other
+    # Named relative to the run's folder: they resolve wherever the folder is copied.
+    assert rows[0]["jpg"] == rows[2]["jpg"] and rows[0]["jpg"] in set(staged)
+    assert storage.read_bytes(rows[0]["jpg"]) == good
+    assert storage.read_bytes(rows[1]["jpg"]) == other
     assert len(fake_api.requests()) == 3
 
 
@@ -118,39 +120,58 @@ def test_a_folder_or_glob_is_one_manifest_in_sorted_file_order(tmp_path):
     result = _lines(open_storage(str(tmp_path / "o/g")), layout.RESULT_KEY)
     assert [r.get("answer") for r in result[:5]] == [f"echo: p{i}" for i in range(5)]
     assert summary.rows == 6 and result[5]["error"]["message"].startswith("part-02.jsonl line 2: bad JSON")
-    from dfk8s.manifest import expand_source
+    from dfk8s.inputs.manifest import expand_source
 
     assert expand_source(str(folder / "part-0*")).root == str(folder)  # relative images start there
 
 
-def test_a_folder_of_images_with_a_prompt_needs_nothing_else(tmp_path):
+def test_a_folder_of_images_needs_nothing_else(tmp_path):
     folder = tmp_path / "photos"
     (folder / "b").mkdir(parents=True)
     (folder / "a.png").write_bytes(png())
     (folder / "b" / "c.jpg").write_bytes(png())
     (folder / "notes.txt").write_text("ignored")
-    without = CliRunner().invoke(cli, ["validate", "-p", "caption", "-i", str(folder)])
-    assert without.exit_code == 1 and "--prompt" in without.output
+    # caption has DataFlow-MM's instruction for a row with an image and no conversation.
+    checked = CliRunner().invoke(cli, ["validate", "-p", "caption", "-i", str(folder)])
+    assert checked.exit_code == 0, checked.output
+    summary = run_local(RunRequest(pipeline="caption", serving="echo", input=str(folder),
+                                   output=str(tmp_path / "o"), run_id="d"), workers=1)
+    result = _lines(open_storage(str(tmp_path / "o/d")), layout.RESULT_KEY)
+    assert summary.ok == 2
+    assert all(r["caption"] == "echo: Generate detailed captions based on image content." for r in result)
+    # --prompt is every row's instruction.
     summary = run_local(RunRequest(pipeline="caption", serving="echo", input=str(folder),
                                    output=str(tmp_path / "o"), run_id="f",
                                    options={"prompt": "What is in the picture?"}), workers=1)
     result = _lines(open_storage(str(tmp_path / "o/f")), layout.RESULT_KEY)
     assert summary.ok == 2
-    assert [r["image"] for r in result] == ["a.png", "b/c.jpg"]
+    # The image paths resolve from anywhere: the run's folder is not the manifest's.
+    assert [r["image"] for r in result] == [str(folder / "a.png"), str(folder / "b" / "c.jpg")]
     assert all(r["caption"] == "echo: What is in the picture?" for r in result)
+    # vqa has no default question: every row would fail, so the run is refused before it starts (exit 2).
+    refused = CliRunner().invoke(cli, ["run", "-p", "vqa", "--serving", "echo", "-i", str(folder),
+                                       "-o", str(tmp_path / "o"), "--no-progress"], standalone_mode=False)
+    assert isinstance(refused.exception, UsageError) and refused.exception.exit_code == 2
+    assert "every row has a problem" in str(refused.exception) and "'image'" in str(refused.exception)
 
 
-def test_prompt_only_fills_rows_without_a_conversation(tmp_path):
+def test_prompt_is_every_rows_instruction_and_text_brings_in_the_rows_own(tmp_path):
+    from dfk8s.worker.shard import process_shard
+
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"conversations": [{"role": "user", "content": "own"}]}) + "\n"
                     + json.dumps({"other": 1}) + "\n")
     storage, _, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=str(path),
                                            output=str(tmp_path), run_id="p", options={"prompt": "given"}))
-    from dfk8s.worker import process_shard
-
     process_shard(storage, 0)
-    out = _lines(storage, layout.shard_output_key(0))
-    assert [r["answer"] for r in out] == ["echo: own", "echo: given"]
+    assert [r.get("answer") for r in _lines(storage, layout.shard_output_key(0))] == ["echo: given"] * 2
+    storage, _, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=str(path),
+                                           output=str(tmp_path), run_id="t",
+                                           options={"prompt": "Answer briefly: {text}"}))
+    process_shard(storage, 0)
+    first, second = _lines(storage, layout.shard_output_key(0))
+    assert first["answer"] == "echo: Answer briefly: own"
+    assert "answer" not in second and "has none" in second["error"]["message"]
 
 
 def test_input_key_may_name_a_plain_caption_column_for_text2image(tmp_path):
@@ -185,7 +206,7 @@ def test_limit_and_sample_change_what_is_planned(tmp_path):
 
 def test_sample_is_uniform():
     counts = collections.Counter()
-    from dfk8s.manifest import ManifestItem, _reservoir
+    from dfk8s.inputs.manifest import ManifestItem, _reservoir
 
     for seed in range(3000):
         counts.update(i.pos for i in _reservoir(iter([ManifestItem(p, "", {}) for p in range(10)]), 3, seed))
@@ -247,7 +268,7 @@ def test_parquet_and_a_folder_on_s3(tmp_path, s3_bucket):
     both = list(Manifest(f"s3://{s3_bucket}/data/"))
     assert len(both) == 51 and both[-1].where == "part-1.jsonl line 1" and both[-1].pos == 50
     assert [i.pos for i in Manifest(f"s3://{s3_bucket}/data/*.parquet", limit=3)] == [0, 1, 2]
-    from dfk8s.manifest import expand_source
+    from dfk8s.inputs.manifest import expand_source
 
     assert expand_source(f"s3://{s3_bucket}/data/part-*").root == f"s3://{s3_bucket}/data"
 
@@ -308,7 +329,7 @@ def test_submit_dry_run_plans_the_same_limited_parquet_rows(tmp_path, s3_bucket,
 
 
 def test_duplicate_ids_are_found_past_the_in_memory_set(tmp_path, monkeypatch):
-    from dfk8s import plan
+    from dfk8s.plan import checks as plan
 
     monkeypatch.setattr(plan.SeenIds.__init__, "__defaults__", (50,))  # spill to SQLite after 50 ids
     path = tmp_path / "m.parquet"

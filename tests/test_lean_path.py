@@ -13,6 +13,7 @@ from openai.types.chat import ChatCompletion
 from PIL import Image
 
 from dfk8s.errors import SpecError
+from dfk8s.run.spec import RunSpec
 from dfk8s.servings.api import RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Message, Request, RowError
 from dfk8s.servings.lean_http import dumps_with_images
@@ -22,7 +23,6 @@ from dfk8s.servings.openai_chat import (
     parse_chat_completion_sdk,
     parse_completion,
 )
-from dfk8s.spec import RunSpec
 from tests.conftest import DATAFLOW_ROOT
 
 CLIENTS = ("fast", "sdk")

@@ -7,10 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from dfk8s import layout, rows
 from dfk8s.errors import ManifestError
-from dfk8s.images import ImageProblem, check_image, resolve_ref
-from dfk8s.manifest import Manifest
+from dfk8s.inputs import rows
+from dfk8s.inputs.images import ImageProblem, check_image, resolve_ref
+from dfk8s.inputs.manifest import Manifest
+from dfk8s.run import layout
 from tests.conftest import SEED_DOCS, VQA_MANIFEST
 
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from dfk8s.cli import cli
-from dfk8s.runs import RunRequest, prepare_run
+from dfk8s.plan.launch import RunRequest, prepare_run
 from tests.conftest import SEED_DOCS
 
 
@@ -123,7 +123,7 @@ def test_a_loopback_endpoint_given_to_submit_is_a_warning_not_an_error(tmp_path)
 
 
 def test_workers_publish_live_counts_between_checkpoints(tmp_path, fake_api):
-    from dfk8s.progress import ProgressReader
+    from dfk8s.run.progress import ProgressReader
 
     fake_api.configure(latency=0.2)
     storage, _, _ = prepare_run(RunRequest(
@@ -152,7 +152,7 @@ def test_workers_publish_live_counts_between_checkpoints(tmp_path, fake_api):
 def test_log_lines_go_above_the_bar_through_its_console():
     from rich.console import Console
 
-    from dfk8s.progress import logs_above, progress_bar
+    from dfk8s.run.progress import logs_above, progress_bar
 
     out = io.StringIO()
     bar = progress_bar(10, enabled=True)

@@ -1,7 +1,7 @@
 """`dfk8s model pull --to DIR` / `model list --dir` against a local stand-in of the Hub, then offline loading.
 
 The Hugging Face Hub cannot be reached from this machine (tests may only talk to loopback), so the repo
-is served by dfk8s.testing.fake_hub, which speaks the Hub's file API, to the real huggingface_hub client.
+is served by tests.helpers.fake_hub, which speaks the Hub's file API, to the real huggingface_hub client.
 The repo is a real tiny FLUX pipeline (dfk8s.testing.tiny_flux) plus decoys the pipeline never loads.
 Pulls run as `python -m dfk8s` subprocesses, as a user (or the pull Job) runs them.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from dfk8s.errors import SpecError
-from dfk8s.models import is_gated, list_cache, local_run_warnings, select_pipeline_files
-from dfk8s.testing.fake_hub import FakeHub
+from dfk8s.models.hub import is_gated, list_cache, select_pipeline_files
 from tests.conftest import REPO
+from tests.helpers.fake_hub import FakeHub
 
 REPO_ID = "tiny-org/tiny-flux"
 GATED_ID = "black-forest-labs/tiny-gated"
@@ -207,25 +207,36 @@ def test_should_know_the_gated_organisation_when_a_model_is_named():
     assert is_gated("black-forest-labs/FLUX.1-dev") and not is_gated("tiny-org/tiny-flux")
 
 
+def _run_warnings(model: str, **env: str) -> list[str]:
+    # A fresh interpreter with exactly this Hugging Face environment: huggingface_hub reads it at import,
+    # as the launcher (and the workers that inherit its environment) do.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    script = ("import json, sys; from dfk8s.models.hub import local_run_warnings; "
+              "print(json.dumps(local_run_warnings(sys.argv[1])))")
+    out = subprocess.run([sys.executable, "-c", script, model], env={**clean, **env}, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def test_should_warn_a_local_run_when_the_model_cannot_be_loaded_or_downloaded(tmp_path):
     home = tmp_path / "hf"
-    offline = local_run_warnings(REPO_ID, {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    offline = _run_warnings(REPO_ID, HF_HOME=str(home), HF_HUB_OFFLINE="1")
     assert len(offline) == 1 and "HF_HUB_OFFLINE is set" in offline[0] and "dfk8s model pull" in offline[0]
-    assert local_run_warnings(REPO_ID, {"HF_HOME": str(home)}) == []  # online, not gated: it downloads
-    (gated,) = local_run_warnings("black-forest-labs/FLUX.1-dev", {"HF_HOME": str(home)})
+    assert _run_warnings(REPO_ID, HF_HOME=str(home)) == []  # online, not gated: it downloads
+    (gated,) = _run_warnings("black-forest-labs/FLUX.1-dev", HF_HOME=str(home))
     assert "gated model" in gated and "HF_TOKEN" in gated
-    assert local_run_warnings("black-forest-labs/FLUX.1-dev", {"HF_HOME": str(home), "HF_TOKEN": "x"}) == []
+    assert _run_warnings("black-forest-labs/FLUX.1-dev", HF_HOME=str(home), HF_TOKEN="x") == []
     home.mkdir()
     (home / "token").write_text("hf_stored\n")  # `hf auth login`
-    assert local_run_warnings("black-forest-labs/FLUX.1-dev", {"HF_HOME": str(home)}) == []
+    assert _run_warnings("black-forest-labs/FLUX.1-dev", HF_HOME=str(home)) == []
     # Once pulled, offline is fine; a local folder is never checked.
     repo = home / "hub" / "models--tiny-org--tiny-flux"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("c0ffee")
     (repo / "snapshots" / "c0ffee").mkdir(parents=True)
     (repo / "snapshots" / "c0ffee" / "model_index.json").write_text("{}")
-    assert local_run_warnings(REPO_ID, {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}) == []
-    assert local_run_warnings(str(tmp_path), {"HF_HUB_OFFLINE": "1"}) == []
+    assert _run_warnings(REPO_ID, HF_HOME=str(home), HF_HUB_OFFLINE="1") == []
+    assert _run_warnings(str(tmp_path), HF_HUB_OFFLINE="1") == []
 
 
 # --- pulling ------------------------------------------------------------------------------------
@@ -260,23 +271,20 @@ def test_should_fetch_only_the_pipeline_files_when_pulled_to_a_folder(hub, tiny_
 
 
 def test_should_resume_the_file_with_a_range_request_when_the_connection_drops(hub, tmp_path):
-    from huggingface_hub import constants
-
-    # huggingface_hub writes what it received in 10 MiB chunks, so resuming needs a file past one chunk.
-    chunk = constants.DOWNLOAD_CHUNK_SIZE
+    # A pull writes what it received in 1 MiB chunks: a cut mid-chunk resumes from the last whole one.
+    chunk = 1 << 20
     size = (hub.repos[BIG_ID].files[BIG_FILE]).stat().st_size
-    hub.cut_once[BIG_FILE] = chunk + chunk // 2
+    cut = 10 * chunk + chunk // 2
+    hub.cut_once[BIG_FILE] = cut
     result = pull(hub, tmp_path / "hf", BIG_ID)
     assert result.returncode == 0, result.stderr
-    # The first GET stopped past the first chunk; the retry asked only for the rest (Range: bytes=chunk-).
-    assert file_gets(hub, BIG_FILE) == [(0, chunk + chunk // 2), (chunk, size - chunk)]
+    # The first GET stopped mid-file; the retry asked only for the rest (Range: bytes=10 MiB-).
+    assert file_gets(hub, BIG_FILE) == [(0, cut), (10 * chunk, size - 10 * chunk)]
     snapshot = Path(result.stdout.strip())
     assert (snapshot / BIG_FILE).read_bytes() == hub.repos[BIG_ID].files[BIG_FILE].read_bytes()
 
 
 def test_should_resume_from_the_bytes_on_disk_when_a_pull_is_killed_mid_file(hub, tmp_path):
-    from huggingface_hub import constants
-
     cache = tmp_path / "hf"
     size = hub.repos[BIG_ID].files[BIG_FILE].stat().st_size
     # 8 KiB every 4 ms: ~12 s for 24 MiB, so the window between the first 10 MiB on disk and the end of
@@ -295,9 +303,9 @@ def test_should_resume_from_the_bytes_on_disk_when_a_pull_is_killed_mid_file(hub
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             partial = list(blobs.glob("*.dfk8s-partial")) if blobs.is_dir() else []
-            # huggingface_hub writes in 10 MiB chunks: wait for the first one on disk.
+            # A pull writes in 1 MiB chunks: wait for 10 MiB on disk.
             try:
-                if partial and partial[0].stat().st_size >= constants.DOWNLOAD_CHUNK_SIZE:
+                if partial and partial[0].stat().st_size >= 10 << 20:
                     break
             except FileNotFoundError:  # renamed to its blob: the pull finished; the assert below says so
                 time.sleep(0.5)
@@ -384,7 +392,7 @@ def test_should_say_the_pull_did_not_finish_when_a_listed_file_is_gone(hub, tmp_
 
 
 def _planned_run(tmp_path: Path, model: str, rows: int = 2):
-    from dfk8s.runs import RunRequest, prepare_run
+    from dfk8s.plan.launch import RunRequest, prepare_run
 
     manifest = tmp_path / "prompts.jsonl"
     manifest.write_text(
@@ -485,11 +493,14 @@ def test_should_fail_the_shard_at_once_when_the_cache_lacks_the_model(hub, tmp_p
         env=env,
         timeout=300,
     )
-    assert run.returncode == 1, run.stderr
+    # No GPU here and the model is not in the cache: refused before anything is planned (exit 2).
+    assert run.returncode == 2, run.stderr
     warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
     assert (
         len(warnings) == 1
         and "HF_HUB_OFFLINE is set and tiny-org/not-pulled is not in the cache" in warnings[0]
     )
-    assert "shard 0 cannot succeed" in run.stderr and "dfk8s model pull" in run.stderr
+    (error,) = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert "tiny-org/not-pulled on a GPU, and this machine has none" in error
+    assert not (tmp_path / "runs2").exists() or not list((tmp_path / "runs2").rglob("run.json"))
     assert len(hub.requests) == requests_before

@@ -8,17 +8,17 @@ import hashlib
 import io
 import json
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from dfk8s.errors import SpecError
-from dfk8s.runs import RunRequest, run_local
+from dfk8s.executors.local.launch import run_local
+from dfk8s.plan.launch import RunRequest
+from dfk8s.run.spec import RunSpec
 from dfk8s.servings.api import RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError
 from dfk8s.servings.openai_images import download_image
-from dfk8s.spec import RunSpec
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
 from tests.conftest import SEED_DOCS as FIXTURES  # noqa: E402
 from tests.image_api_helpers import decodes, run
@@ -306,15 +306,15 @@ def test_run_local_end_to_end(api, tmp_path, pipeline, key, model):
     assert len(rows) == 2 and not any("error" in r for r in rows), rows
     for row_id, row in enumerate(rows):
         [path] = row[key]
-        assert path == str(run_dir / "images" / str(row_id) / "0.png")
-        assert decodes(Path(path).read_bytes()).format == "PNG"
+        assert path == f"images/{row_id}/0.png"  # relative to the run's folder
+        assert decodes((run_dir / path).read_bytes()).format == "PNG"
     endpoint = "images.generations" if pipeline == "text2image" else "images.edits"
     assert api.stats()["by_endpoint"] == {endpoint: 2}
     assert summary is not None
 
 
-def test_connection_refused_is_retryable(api):
-    [result] = run(spec(api, api_url="http://127.0.0.1:9", max_retries=1), request())
+def test_connection_refused_is_retryable_once_answered(api):
+    [result] = run(spec(api, api_url="http://127.0.0.1:9", max_retries=1), request(), answered=True)
     # The SDK's aiohttp transport reports a refused connection as a connect timeout; the record names it.
     assert isinstance(result, RowError) and result.type == "ConnectionRefused"
     assert "127.0.0.1" in result.message

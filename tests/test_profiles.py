@@ -1,4 +1,4 @@
-"""dfk8s.profiles: loading and validating the job profiles under jobs/."""
+"""dfk8s.kube.profiles: loading and validating the job profiles under jobs/."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dfk8s.errors import SpecError
-from dfk8s.profiles import ModelCache, Profile, load_profile, profile_search_path
+from dfk8s.kube.profiles import ModelCache, Profile, load_profile, profile_search_path
 from dfk8s.servings import serving_defaults
 
 REPO_JOBS = Path(__file__).resolve().parents[1] / "jobs"

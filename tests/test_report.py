@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dfk8s import layout
 from dfk8s.cli import cli
+from dfk8s.executors.local.launch import run_local
+from dfk8s.plan.launch import RunRequest
 from dfk8s.report import write_report
-from dfk8s.runs import RunRequest, run_local
+from dfk8s.run import layout
 from dfk8s.storage import open_storage
 from tests.conftest import DATAFLOW_ROOT, REPO, SEED_DOCS
 from tests.report_browser import cards as page_cards

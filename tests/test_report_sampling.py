@@ -10,7 +10,7 @@ import pytest
 from dfk8s.report import Counts, sample_rows, shares, write_report
 from dfk8s.report._sample import even_ranks, type_quotas
 from dfk8s.storage import open_storage
-from dfk8s.testing.synthetic_run import write_synthetic_run
+from tests.helpers.synthetic_run import write_synthetic_run
 
 
 @pytest.mark.parametrize(
@@ -134,16 +134,18 @@ def test_cost_and_usage_are_shown_when_the_run_recorded_them(tmp_path):
 
     run = write_synthetic_run(tmp_path, 100, fail_every=0, distinct_images=1, image_px=16)
     summary = json.loads((run.root / "summary.json").read_text())
-    summary["usage"] = {"requests": 100, "prompt_tokens": 12_345, "completion_tokens": 678}
-    summary["cost"] = {"usd": 0.0123, "priced_by": "gpt-image-1.5 list price"}
+    summary["usage"] = {"requests": 100, "input_tokens": 12_345, "output_tokens": 678, "images": 100}
+    summary["cost_usd"] = 0.0123
     (run.root / "summary.json").write_text(json.dumps(summary))
     write_report(open_storage(str(run.root)))
     html = (run.root / "report.html").read_text()
     panel = html[html.index('id="cost"') : html.index('id="errors"')]
-    assert "<dt>cost usd</dt><dd>0.0123</dd>" in panel and "<dd>gpt-image-1.5 list price</dd>" in panel
-    assert "<dt>usage prompt_tokens</dt><dd>12,345</dd>" in panel and "not recorded" not in panel
+    # Money in dollars, usage with names a reader knows (not the raw keys).
+    assert "<dt>spent</dt><dd>$0.0123</dd>" in panel
+    assert "<dt>input tokens</dt><dd>12,345</dd>" in panel and "<dt>images</dt><dd>100</dd>" in panel
+    assert "not recorded" not in panel and "input_tokens" not in panel
     (run.root / "summary.json").write_text(
-        json.dumps({k: v for k, v in summary.items() if k not in ("usage", "cost")})
+        json.dumps({k: v for k, v in summary.items() if k not in ("usage", "cost_usd")})
     )
     write_report(open_storage(str(run.root)))
     assert "not recorded by this run" in (run.root / "report.html").read_text()

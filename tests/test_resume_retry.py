@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dfk8s import layout
+from dfk8s.run import layout
 
 
 def _manifest(tmp_path: Path, texts: list[str], name: str = "m.jsonl") -> Path:
@@ -86,7 +86,7 @@ def test_retry_no_run_reopens_without_an_api_key_and_names_the_next_commands(tmp
     reopened = subprocess.run([sys.executable, "-m", "dfk8s", "retry", "n", "-o", str(output), "--no-run"],
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert reopened.returncode == 0, reopened.stderr
-    assert "retrying 1 rows in 1 shards (ServerError 1)" in reopened.stderr
+    assert "retrying 1 row in 1 shard (ServerError 1)" in reopened.stderr  # no "1 rows" or "1 shards"
     assert f"dfk8s run --run-id n -o {output}" in reopened.stderr
     assert fake_api.stats()["requests_total"] == 2
     assert not (output / "n" / layout.shard_done_key(1)).exists()
@@ -113,7 +113,7 @@ def test_resume_needs_no_flags_and_refuses_a_changed_one_in_one_line(tmp_path, f
     assert plain.returncode == 0, plain.stderr
     assert "resumed 5 rows" in plain.stderr
     changed = _dfk8s(tmp_path, "run", "--run-id", "h", "-o", str(output), "--model", "other-model")
-    assert changed.returncode == 42
+    assert changed.returncode == 2  # the command line is what to change (the README's exit codes)
     lines = changed.stderr.strip().splitlines()
     assert len(lines) == 1 and "--model other-model differs" in lines[0] and "dfk8s retry h" in lines[0]
     assert "Traceback" not in changed.stderr
@@ -167,8 +167,8 @@ def test_max_failed_fraction_trips_on_a_partial_failure(tmp_path, fake_api):
 
 def test_a_tripped_breaker_stops_the_run_with_its_one_line(tmp_path, monkeypatch):
     """The executor's side of the breaker contract: a worker exits 42 after writing breaker.json."""
-    from dfk8s.executors.local import BreakerTripped, LocalExecutor
-    from dfk8s.runs import RunRequest, prepare_run
+    from dfk8s.executors.local.executor import BreakerTripped, LocalExecutor
+    from dfk8s.plan.launch import RunRequest, prepare_run
 
     manifest = _manifest(tmp_path, [f"p{i}" for i in range(6)])
     storage, spec, _ = prepare_run(RunRequest(pipeline="vqa", serving="echo", input=str(manifest),
@@ -196,8 +196,8 @@ def test_a_tripped_breaker_stops_the_run_with_its_one_line(tmp_path, monkeypatch
 def test_rpm_is_split_by_the_workers_really_running_not_by_the_first_run(tmp_path):
     import tempfile
 
-    from dfk8s.executors.local import LocalExecutor
-    from dfk8s.runs import RunRequest, prepare_run
+    from dfk8s.executors.local.executor import LocalExecutor
+    from dfk8s.plan.launch import RunRequest, prepare_run
 
     manifest = _manifest(tmp_path, [f"p{i}" for i in range(8)])
     run_id = f"rpm-{os.getpid()}-{time.monotonic_ns()}"
@@ -217,7 +217,7 @@ def test_of_launchers_that_start_at_once_exactly_one_gets_the_lease(tmp_path, st
     import threading
 
     from dfk8s.errors import RunBusy
-    from dfk8s.lease import RunLease
+    from dfk8s.run.lease import RunLease
     from dfk8s.storage import open_storage
 
     storage = open_storage(str(tmp_path / "run"))

@@ -8,11 +8,11 @@ from PIL import Image
 
 from dfk8s.cli import cli
 from dfk8s.executors.kubernetes import apply_profile_defaults
+from dfk8s.kube.profiles import load_profile
 from dfk8s.pipelines import PIPELINES
-from dfk8s.profiles import load_profile
-from dfk8s.runs import RunRequest, prepare_run
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.run.spec import RunSpec
 from dfk8s.servings import SERVINGS, serving_class, serving_defaults
-from dfk8s.spec import RunSpec
 
 PAIRS = [(p, s) for p, pipe in PIPELINES.items() for s in pipe.servings if s != "echo"]
 

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from dfk8s.cli import cli
-from dfk8s.manifest import count_rows
-from dfk8s.plan import MAX_ROWS_PER_SHARD, default_shard_size, estimate_rows
-from dfk8s.runs import RunRequest, prepare_run
+from dfk8s.inputs.manifest import count_rows
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.plan.sizing import MAX_ROWS_PER_SHARD, default_shard_size, estimate_rows
 
 
 def _manifest(tmp_path, n, *, trailing_newline=True, name="m.jsonl"):

@@ -7,12 +7,12 @@ import json
 from click.testing import CliRunner
 
 from dfk8s.cli import cli
+from dfk8s.cli.status_json import STATUS_KEYS, from_status
 from dfk8s.executors.kubernetes import JobState
-from dfk8s.executors.status import RunStatus
-from dfk8s.progress import Progress
-from dfk8s.runs import RunRequest, prepare_run
-from dfk8s.status_json import STATUS_KEYS, from_status
-from dfk8s.worker import process_shard
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.run.progress import Progress
+from dfk8s.run.status import RunStatus
+from dfk8s.worker.shard import process_shard
 
 
 def _status_json(tmp_path, run_id):
@@ -65,7 +65,7 @@ def test_local_run_before_and_after_the_reduce(tmp_path, monkeypatch):
         "storage_error": None,
         "breaker": None,
     }
-    from dfk8s.reducer import reduce_run
+    from dfk8s.reduce.reducer import reduce_run
 
     reduce_run(storage)
     after = _status_json(tmp_path, "js")

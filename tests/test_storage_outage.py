@@ -11,7 +11,7 @@ import pytest
 
 from dfk8s.errors import StorageError
 from dfk8s.storage import open_storage
-from dfk8s.testing.seaweed import start_seaweed
+from tests.helpers.seaweed import start_seaweed
 
 pytestmark = pytest.mark.slow
 

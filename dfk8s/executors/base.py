@@ -1,6 +1,6 @@
 """The one interface of both executors: start a planned run, follow it, read its status, cancel it.
 
-A run is planned the same way for both (:func:`dfk8s.runs.prepare_run`: shards and run.json on its
+A run is planned the same way for both (:func:`dfk8s.plan.launch.prepare_run`: shards and run.json on its
 storage); an executor then runs its shards and reduces. The local executor's run lives in this process,
 so its ``start`` only records the run and ``follow`` runs it to the end; the Kubernetes executor's
 ``start`` creates the Jobs and the run goes on without this process, ``follow`` watches it.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 from dfk8s.errors import Dfk8sError
 
 if TYPE_CHECKING:
-    from dfk8s.executors.status import RunStatus
+    from dfk8s.run.status import RunStatus
 
 __all__ = ["Cancelled", "Executor", "cancel_provider_batches"]
 
@@ -50,7 +50,7 @@ class Cancelled:
 class Executor(ABC, Generic[Handle, Outcome]):
     """Runs the shards of a planned run and reduces them, somewhere."""
 
-    #: What :func:`dfk8s.plan.plan` sizes the shards for (``prepare_run(executor=...)``).
+    #: What :func:`dfk8s.plan.planner.plan` sizes the shards for (``prepare_run(executor=...)``).
     name: ClassVar[str]
 
     @abstractmethod
@@ -58,8 +58,8 @@ class Executor(ABC, Generic[Handle, Outcome]):
         """Start the shards of a planned run that have no done marker; return what :meth:`follow` takes.
 
         Args:
-            storage: The run's storage (:func:`dfk8s.runs.prepare_run` planned it there).
-            spec: Its :class:`dfk8s.spec.RunSpec`.
+            storage: The run's storage (:func:`dfk8s.plan.launch.prepare_run` planned it there).
+            spec: Its :class:`dfk8s.run.spec.RunSpec`.
 
         """
 
@@ -69,7 +69,7 @@ class Executor(ABC, Generic[Handle, Outcome]):
 
     @abstractmethod
     def status(self, run_id: str) -> RunStatus:
-        """Read run ``run_id``: its storage (:func:`dfk8s.executors.status.storage_status`), and what runs it.
+        """Read run ``run_id``: its storage (:func:`dfk8s.run.status.storage_status`), and what runs it.
 
         Raises:
             Dfk8sError: The run cannot be found.
@@ -90,8 +90,8 @@ def cancel_provider_batches(storage) -> tuple[list[str], str | None]:
     """
     import asyncio
 
-    from dfk8s.batch import cancel_batches
-    from dfk8s.spec import RunSpec
+    from dfk8s.run.spec import RunSpec
+    from dfk8s.servings.batch_mode import cancel_batches
 
     try:
         spec = RunSpec.load(storage)

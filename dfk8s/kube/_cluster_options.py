@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from dfk8s.errors import SpecError
-from dfk8s.kube.manifests import KubeRunConfig
-from dfk8s.profiles import Profile, load_profile
 from dfk8s.servings import SERVINGS
 
 #: API servings, with the seconds one request is assumed to take for the time estimate (from the
@@ -27,11 +25,12 @@ _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 HF_TOKEN_WARNING = "pods get no Hugging Face token (no --hf-token-secret): gated models will not load"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterOptions:
-    """The Kubernetes side of a submit (the flags beyond ``dfk8s run``'s).
+    """The Kubernetes side of a submit: the flags beyond ``dfk8s run``'s, one field per flag.
 
-    Attributes mirror :class:`dfk8s.kube.manifests.KubeRunConfig`; ``namespace`` is resolved already.
+    :class:`dfk8s.kube.manifests.KubeRunConfig` extends it with the run; the field descriptions are there.
+    ``namespace`` is resolved already.
     """
 
     namespace: str
@@ -51,6 +50,23 @@ class ClusterOptions:
     max_failed_indexes: int | None = None
     model_cache_pvc: str | None = None
     model_cache_subpath: str | None = None
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any], *, namespace: str) -> ClusterOptions:
+        """Build from the submit command's flags (one per field, named alike), parsing what needs it.
+
+        ``flags`` may hold other flags too; those named like a field are read (and removed from it).
+
+        Raises:
+            SpecError: A Secret reference, node selector or toleration of the wrong shape.
+        """
+        given = {f.name: flags.pop(f.name) for f in fields(cls) if f.name in flags}
+        given["api_key_secret"] = parse_secret_ref(given.get("api_key_secret"), "--api-key-secret")
+        given["hf_token_secret"] = parse_secret_ref(given.get("hf_token_secret"), "--hf-token-secret")
+        given["node_selector"] = parse_node_selector(tuple(given.get("node_selector") or ()))
+        given["tolerations"] = tuple(parse_toleration(t) for t in given.get("tolerations") or ()) or None
+        given["namespace"] = namespace
+        return cls(**given)
 
 
 # ----- flag parsing -----------------------------------------------------------------------------
@@ -112,9 +128,7 @@ def check_credentials(
 
     """
     if serving in API_SERVINGS and options.api_key_secret is None:
-        local = next(
-            (name for name in ("DF_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY") if environ.get(name)), None
-        )
+        local = next((name for name in SERVINGS[serving].credentials if environ.get(name)), None)
         where = f"${local} stays on this machine: " if local else ""
         raise SpecError(
             f"serving {serving} needs an API key in the pods; {where}create a Secret "
@@ -127,7 +141,7 @@ def check_credentials(
             "pods get no S3 credentials (no --s3-secret): they need a workload identity "
             "(IRSA, GKE/Azure workload identity) that can read and write the output"
         )
-    if options.hf_token_secret is None and serving == "diffusers" and environ.get("HF_TOKEN"):
+    if options.hf_token_secret is None and SERVINGS[serving].gpu and environ.get("HF_TOKEN"):
         warnings.append(HF_TOKEN_WARNING)
     if options.service_account is None:
         warnings.append(
@@ -135,57 +149,3 @@ def check_credentials(
             "to get/list/watch jobs (the Helm chart's reducer account: --service-account)"
         )
     return warnings
-
-
-def kube_run_config(
-    options: ClusterOptions,
-    profile: Profile,
-    *,
-    run_id: str,
-    run_uri: str,
-    shards: int,
-    api_mode: str | None = None,
-    endpoint_url: str | None = None,
-) -> KubeRunConfig:
-    """Build the :class:`KubeRunConfig` of a run (validates names, secrets, GPUs, shards).
-
-    Args:
-        options: The cluster flags.
-        profile: The run's job profile.
-        run_id: The run.
-        run_uri: Where the pods find it.
-        shards: The map Job's completions.
-        api_mode: The run's ``api_mode`` option (batch mode gets the profile's small pod).
-        endpoint_url: The S3 endpoint of this machine (the pods' unless ``--cluster-s3-endpoint``).
-
-    """
-    return KubeRunConfig(
-        run_id=run_id,
-        pipeline=profile.pipeline,
-        serving=profile.serving,
-        run_uri=run_uri,
-        shards=shards,
-        parallelism=options.parallelism,
-        namespace=options.namespace,
-        profile=profile.for_api_mode(api_mode),  # batch mode: a small pod
-        image=options.image,
-        reducer_image=options.reducer_image or (cpu_image() if profile.gpu else None),
-        s3_endpoint=options.cluster_s3_endpoint or endpoint_url,
-        queue=options.queue,
-        api_key_secret=options.api_key_secret,
-        s3_secret=options.s3_secret,
-        hf_token_secret=options.hf_token_secret,
-        gpus=options.gpus,
-        node_selector=options.node_selector,
-        tolerations=options.tolerations,
-        service_account=options.service_account,
-        backoff_limit_per_index=options.backoff_limit_per_index,
-        max_failed_indexes=options.max_failed_indexes,
-        model_cache_pvc=options.model_cache_pvc,
-        model_cache_subpath=options.model_cache_subpath,
-    )
-
-
-def cpu_image() -> str:
-    """The CPU image of this version (from the caption profile): what reducers run, even for FLUX runs."""
-    return load_profile("caption").image

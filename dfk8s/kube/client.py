@@ -80,6 +80,19 @@ def _kubeconfig_wanted(kubeconfig: str | None, context: str | None) -> bool:
     return not os.environ.get("KUBERNETES_SERVICE_HOST")
 
 
+def cluster_configured(kubeconfig: str | None = None, context: str | None = None) -> bool:
+    """Whether a cluster is configured: a kubeconfig (flag, ``$KUBECONFIG``, ``~/.kube/config``) or a pod's.
+
+    Without one, a run is looked for only on storage.
+    """
+    if kubeconfig or context:
+        return True
+    listed = os.environ.get("KUBECONFIG")
+    if listed and any(Path(p).expanduser().is_file() for p in listed.split(os.pathsep) if p):
+        return True
+    return Path("~/.kube/config").expanduser().is_file() or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
 def connect(context: str | None = None, kubeconfig: str | None = None) -> KubeClients:
     """Connect with the kubeconfig outside a cluster, or the pod's ServiceAccount inside one.
 

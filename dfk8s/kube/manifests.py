@@ -6,6 +6,7 @@ validated against the API schemas in tests, or applied by the Kubernetes executo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ from typing import Any
 import yaml
 
 from dfk8s.errors import EXIT_DO_NOT_RETRY, SpecError
-from dfk8s.profiles import GPU_RESOURCE, Profile
+from dfk8s.kube._cluster_options import ClusterOptions
+from dfk8s.kube.profiles import GPU_RESOURCE, Profile, load_profile
+from dfk8s.servings.self_hosted import ENGINE_GPUS_ENV, ENGINE_URL_ENV, SIDECAR_PORT
 
 __all__ = [
     "KubeRunConfig",
@@ -29,6 +32,8 @@ __all__ = [
 ]
 
 WORKER_CONTAINER = "worker"
+#: The engine sidecar of a self-hosted serving (vllm, transformers).
+ENGINE_CONTAINER = "engine"
 REDUCER_CONTAINER = "reducer"
 RUN_AS_USER = 10001
 TMP_PATH = "/tmp"
@@ -57,9 +62,9 @@ _SECRET_NAME_HINTS = (
 )
 
 
-@dataclass(frozen=True)
-class KubeRunConfig:
-    """Everything the map and reduce Jobs of one run are built from.
+@dataclass(frozen=True, kw_only=True)
+class KubeRunConfig(ClusterOptions):
+    """Everything the map and reduce Jobs of one run are built from: the cluster flags, and the run.
 
     Attributes:
         run_id: the run's id; lowercase letters, digits and '-', at most 50 characters.
@@ -73,6 +78,7 @@ class KubeRunConfig:
         image: worker image; None for ``profile.image``.
         reducer_image: reducer image; None for the worker image. The reducer needs no GPU build, so
             a CPU image here spares a multi-GB pull.
+        cluster_s3_endpoint: the S3 endpoint the pods use when it differs from this machine's.
         s3_endpoint: S3 endpoint URL for non-AWS stores (set as ``AWS_ENDPOINT_URL``).
         queue: Kueue LocalQueue name; the map Job is then created suspended for Kueue to admit.
         api_key_secret: ``(secret name, key)`` holding the serving's API key.
@@ -91,6 +97,8 @@ class KubeRunConfig:
         model_cache_pvc: an existing PersistentVolumeClaim holding the model cache (replaces the
             profile's cache volume); workers mount it read-only and load with ``HF_HUB_OFFLINE=1``.
         model_cache_subpath: folder inside that claim to mount (``subPath``).
+        engine_options: the run's serving options, for a profile with an engine sidecar (its model,
+            ``max_model_len``, ``engine_args``, ...); None before the run is planned.
 
     """
 
@@ -99,27 +107,12 @@ class KubeRunConfig:
     serving: str
     run_uri: str
     shards: int
-    parallelism: int
-    namespace: str
     profile: Profile
-    image: str | None = None
-    reducer_image: str | None = None
     s3_endpoint: str | None = None
-    queue: str | None = None
-    api_key_secret: tuple[str, str] | None = None
     api_key_env: str = "DF_API_KEY"
-    s3_secret: str | None = None
-    hf_token_secret: tuple[str, str] | None = None
-    gpus: int | None = None
-    node_selector: Mapping[str, str] | None = None
-    tolerations: tuple[Mapping[str, Any], ...] | None = None
-    service_account: str | None = None
-    backoff_limit_per_index: int = 2
-    max_failed_indexes: int | None = None
     ttl_seconds_after_finished: int = 86400
     extra_env: Mapping[str, str] = field(default_factory=dict)
-    model_cache_pvc: str | None = None
-    model_cache_subpath: str | None = None
+    engine_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -143,6 +136,49 @@ class KubeRunConfig:
     def gpu_count(self) -> int:
         """GPUs per worker pod after the ``gpus`` override."""
         return self.profile.gpu_count if self.gpus is None else self.gpus
+
+
+def kube_run_config(
+    options: ClusterOptions,
+    profile: Profile,
+    *,
+    run_id: str,
+    run_uri: str,
+    shards: int,
+    api_mode: str | None = None,
+    endpoint_url: str | None = None,
+    serving_options: Mapping[str, Any] | None = None,
+) -> KubeRunConfig:
+    """Build the :class:`KubeRunConfig` of a run (validates names, secrets, GPUs, shards).
+
+    Args:
+        options: The cluster flags.
+        profile: The run's job profile.
+        run_id: The run.
+        run_uri: Where the pods find it.
+        shards: The map Job's completions.
+        api_mode: The run's ``api_mode`` option (batch mode gets the profile's small pod).
+        endpoint_url: The S3 endpoint of this machine (the pods' unless ``--cluster-s3-endpoint``).
+        serving_options: The run's serving options (an engine sidecar is built from them).
+
+    """
+    cluster = {f.name: getattr(options, f.name) for f in dataclasses.fields(ClusterOptions)}
+    return KubeRunConfig(
+        **{**cluster, "reducer_image": options.reducer_image or (cpu_image() if profile.gpu else None)},
+        run_id=run_id,
+        pipeline=profile.pipeline,
+        serving=profile.serving,
+        run_uri=run_uri,
+        shards=shards,
+        profile=profile.for_api_mode(api_mode),  # batch mode: a small pod
+        s3_endpoint=options.cluster_s3_endpoint or endpoint_url,
+        engine_options=dict(serving_options) if serving_options is not None else None,
+    )
+
+
+def cpu_image() -> str:
+    """The CPU image of this version (from the caption profile): what reducers run, even for FLUX runs."""
+    return load_profile("caption").image
 
 
 def map_job_name(run_id: str) -> str:
@@ -204,6 +240,11 @@ def build_map_job(cfg: KubeRunConfig) -> dict[str, Any]:
         "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
+    engine = _engine_sidecar(cfg, mounts)
+    if engine is not None:
+        container["env"] = [*container["env"],
+                            {"name": ENGINE_URL_ENV, "value": f"http://127.0.0.1:{SIDECAR_PORT}/v1"},
+                            {"name": ENGINE_GPUS_ENV, "value": str(cfg.gpu_count)}]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # Workers only talk to storage and the serving; a token would be a credential for nothing.
@@ -213,6 +254,8 @@ def build_map_job(cfg: KubeRunConfig) -> dict[str, Any]:
         "containers": [container],
         "volumes": volumes,
     }
+    if engine is not None:
+        pod_spec["initContainers"] = [engine]
     node_selector, tolerations = _scheduling(cfg)
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
@@ -518,6 +561,71 @@ def _worker_env(cfg: KubeRunConfig) -> list[dict[str, Any]]:
     return env
 
 
+def _engine_sidecar(cfg: KubeRunConfig, mounts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The engine of a self-hosted serving as a native sidecar, or None.
+
+    An init container with ``restartPolicy: Always`` (Kubernetes 1.29+): it starts before the worker,
+    which starts only once the startup probe passes; it holds the GPUs; when the worker exits, the
+    kubelet stops it and the pod (and the Job's index) completes. The command follows vLLM's documented
+    CLI (``vllm serve``; vLLM cannot run where dfk8s is built) or ``transformers serve``.
+    """
+    profile = cfg.profile
+    if profile.engine is None:
+        return None
+    from dfk8s.servings.self_hosted import IMAGES_PER_PROMPT, EngineConfig
+
+    options = dict(profile.defaults)
+    options.update({k: v for k, v in (cfg.engine_options or {}).items() if v is not None})
+    model = options.get("model")
+    if not model:
+        raise SpecError(f"serving {cfg.serving} needs --model (a Hub id in the model cache)")
+    config = EngineConfig(engine=cfg.serving, model=str(model), gpus=cfg.gpu_count or None,
+                          max_model_len=options.get("max_model_len"),
+                          gpu_memory_utilization=options.get("gpu_memory_utilization"),
+                          images_per_prompt=IMAGES_PER_PROMPT.get(cfg.pipeline, 1),
+                          engine_args=tuple(options.get("engine_args") or ()))
+    command = config.command(host="127.0.0.1", port=SIDECAR_PORT)
+    if cfg.serving == "transformers":
+        command[0] = "transformers"  # the image's console script, not this machine's path
+    resources = {section: dict(amounts) for section, amounts in profile.engine.resources.items()}
+    resources.setdefault("limits", {}).pop(GPU_RESOURCE, None)
+    resources.get("requests", {}).pop(GPU_RESOURCE, None)
+    if cfg.gpu_count:
+        resources["limits"][GPU_RESOURCE] = str(cfg.gpu_count)
+    timeout = float(options.get("engine_timeout") or 900)
+    env = [{"name": name, "value": value} for name, value in _common_env_pairs(cfg)
+           if name != "DFK8S_LOG_FORMAT"]
+    if cfg.model_cache_claim is not None or profile.model_cache is not None:
+        env.append({"name": "HF_HOME", "value": HF_HOME})
+    if cfg.model_cache_claim is not None:
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the weights come from the cache, read-only
+    if cfg.hf_token_secret:
+        env.append(_secret_env("HF_TOKEN", *cfg.hf_token_secret))
+    return {
+        "name": ENGINE_CONTAINER,
+        "image": profile.engine.image,
+        "imagePullPolicy": "IfNotPresent",
+        "restartPolicy": "Always",
+        "command": command,
+        "env": env,
+        "ports": [{"name": "engine", "containerPort": SIDECAR_PORT}],
+        # The worker starts once this passes: weights loaded, warmed up (--engine-timeout in all). The
+        # engine listens on the pod's loopback only (it has no authentication), where an httpGet probe,
+        # sent to the pod IP, cannot reach: the probe runs in the container, with its own Python.
+        "startupProbe": {"exec": {"command": health_probe_command(SIDECAR_PORT)}, "periodSeconds": 5,
+                         "timeoutSeconds": 4, "failureThreshold": max(1, int(timeout // 5))},
+        "resources": {section: amounts for section, amounts in resources.items() if amounts},
+        "securityContext": _container_security(),
+        "volumeMounts": [dict(m) for m in mounts],
+    }
+
+
+def health_probe_command(port: int) -> list[str]:
+    """A probe command that succeeds when the engine on the pod's loopback answers ``/health`` with 200."""
+    return ["python3", "-c", "import urllib.request as u; "
+            f"u.urlopen('http://127.0.0.1:{port}/health', timeout=3).read()"]
+
+
 def _secret_env(env_name: str, secret_name: str, key: str) -> dict[str, Any]:
     return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}}
 
@@ -530,7 +638,7 @@ def _worker_resources(cfg: KubeRunConfig) -> dict[str, dict[str, str]]:
     # count lives in the limit only (Kubernetes copies it to the request).
     requests.pop(GPU_RESOURCE, None)
     limits.pop(GPU_RESOURCE, None)
-    if cfg.gpu_count:
+    if cfg.gpu_count and cfg.profile.engine is None:  # with an engine sidecar, it holds the GPUs
         limits[GPU_RESOURCE] = str(cfg.gpu_count)
     return {section: amounts for section, amounts in resources.items() if amounts}
 

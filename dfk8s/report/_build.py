@@ -15,18 +15,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dfk8s import layout, rows
 from dfk8s.errors import Dfk8sError, NotFound, RunNotFound
+from dfk8s.inputs import rows
 from dfk8s.pipelines import get_pipeline
 from dfk8s.report._inputs import input_refs
 from dfk8s.report._links import DEFAULT_EXPIRES, THUMBS_PREFIX, Presigner, local_href, put, write_thumbs
 from dfk8s.report._sample import Counts, count_error_types, count_rows, sample_rows
 from dfk8s.report._thumbs import make_thumbs
-from dfk8s.spec import RunSpec
+from dfk8s.run import layout
+from dfk8s.run.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
-REPORT_KEY = "report.html"
+REPORT_KEY = layout.REPORT_KEY
 DEFAULT_ROWS = 500
 _TEXT_LIMIT = 4000
 
@@ -140,7 +141,9 @@ def write_report(
         # The ref is under the image already: keep the reason ("not found", "does not decode: ...").
         cell.problem = thumb.problem.replace(f"image {cell.ref} ", "") if thumb.problem else None
         cell.thumb = thumb.name if thumb.data else None
-    page = _page_facts(spec, summary, sample, counts, cards, rows_wanted)
+    from dfk8s.cost.budget import read_cost_record
+
+    page = _page_facts(spec, summary, sample, counts, cards, rows_wanted, read_cost_record(storage))
     result = ReportResult(
         path=None,
         rows=sample.seen.rows,
@@ -167,36 +170,10 @@ def write_report(
             from dfk8s.storage import LocalStorage
 
             local = LocalStorage(local_dir or f"report-{spec.run_id}")
-            write_thumbs(local, thumbs, s3=False)
-            html_dir = local.root
-            local.write_bytes(
-                REPORT_KEY,
-                render(
-                    page,
-                    _linked(
-                        cards,
-                        thumb_src=lambda n: f"{THUMBS_PREFIX}/{n}",
-                        href=lambda ref: local_href(ref, html_dir, storage, presigner),
-                    ),
-                ),
-            )
-            result.path = local.url(REPORT_KEY)
+            result.path = _write_local_page(local, Path(local.root), page, cards, thumbs, storage, presigner)
     else:
-        write_thumbs(storage, thumbs, s3=False)
-        html_dir = Path(storage.url())
         presigner = Presigner(None, endpoint, expires)  # its client is made only if an input is on S3
-        storage.write_bytes(
-            REPORT_KEY,
-            render(
-                page,
-                _linked(
-                    cards,
-                    thumb_src=lambda n: f"{THUMBS_PREFIX}/{n}",
-                    href=lambda ref: local_href(ref, html_dir, storage, presigner),
-                ),
-            ),
-        )
-        result.path = storage.url(REPORT_KEY)
+        result.path = _write_local_page(storage, Path(storage.url()), page, cards, thumbs, storage, presigner)
     result.seconds = round(time.monotonic() - started, 3)
     log.info(
         "report of run %s: %d of %d rows in %.1fs", spec.run_id, result.shown, result.rows, result.seconds
@@ -213,7 +190,8 @@ def _clip(text: str) -> str:
 
 def _turns(row: dict, spec: RunSpec) -> list[tuple[str, str]]:
     try:
-        turns = rows.conversation(row, spec.input_key)
+        turns = get_pipeline(spec.pipeline).check_row(row, spec.input_key, spec.option("prompt"),
+                                                      own_text=spec.own_text)
     except rows.RowProblem:
         error = row.get("error")
         raw = error.get("raw") if isinstance(error, dict) else None
@@ -245,7 +223,9 @@ def _card(pos: int, row: dict, spec: RunSpec, pipeline, refs_by_pos: dict[int, l
     output_key = spec.output_key or pipeline.output_key
     value = row.get(output_key)
     if card.ok and pipeline.output_kind == "images":
-        card.outputs = [ImageCell(v) for v in (value or ()) if isinstance(v, str) and v]
+        # A local run names its outputs relative to its folder (result.jsonl resolves wherever it is copied).
+        card.outputs = [ImageCell(v if "://" in v or os.path.isabs(v) else layout.RUN_REF_SCHEME + v)
+                        for v in (value or ()) if isinstance(v, str) and v]
     elif card.ok and value is not None:
         card.text = _clip(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
     if not card.ok:
@@ -267,7 +247,8 @@ def _linked(cards: list[Card], *, thumb_src, href) -> list[Card]:
 # ----- header facts -----------------------------------------------------------------------------------
 
 
-def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: list[Card], wanted: int) -> dict:
+def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: list[Card], wanted: int,
+                cost_record: dict | None = None) -> dict:
     not_processed = summary.get("not_processed", sample.error_types.get("NotProcessed", 0))
     failed = summary.get("failed", sample.seen.failed - not_processed)
     total = summary.get("rows", sample.seen.rows)
@@ -315,7 +296,7 @@ def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: lis
             "not_processed": not_processed,
         },
         "timings": timings,
-        "cost": _cost_facts(summary),
+        "cost": _cost_facts(summary, cost_record),
         "failed_shards": summary.get("failed_shards") or [],
         "missing_shards": summary.get("missing_shards") or [],
         "complete": summary.get("complete"),
@@ -329,26 +310,38 @@ def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: lis
     }
 
 
-def _cost_facts(summary: dict) -> list[tuple[str, str]]:
-    """Cost and usage, where the run recorded them (any shape: numbers, or nested objects)."""
+def _cost_facts(summary: dict, record: dict | None = None) -> list[tuple[str, str]]:
+    """The money in dollars (spent, estimate, budget, whether the budget stopped the run), then usage.
+
+    Usage (tokens, images, requests) is kept even where no price is known.
+    """
+    from dfk8s.cost.pricing import usd
+
     facts: list[tuple[str, str]] = []
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix} {key}".strip(), inner)
-        elif isinstance(value, bool) or value is None:
-            return
-        elif isinstance(value, float):
-            facts.append((prefix, f"{value:,.4f}".rstrip("0").rstrip(".")))
-        elif isinstance(value, int):
-            facts.append((prefix, f"{value:,}"))
-        elif isinstance(value, str):
-            facts.append((prefix, value))
-
-    for key in ("cost", "usage"):
-        if key in summary:
-            walk(key, summary[key])
+    record = record or {}
+    usage = summary.get("usage") or {}
+    cost = summary.get("cost_usd")
+    if cost is not None:
+        facts.append(("spent", usd(cost)))
+    elif usage:
+        facts.append(("spent", f"not priced (no price known for {record.get('model') or 'its model'})"))
+    estimate = record.get("estimate") or {}
+    if estimate.get("api_mode"):
+        mode = estimate["api_mode"]
+        price = estimate["batch_usd" if mode == "batch" else "sync_usd"]
+        facts.append(("estimate", f"{usd(price)} ({mode})"))
+    budget = summary.get("budget") or {}
+    if budget.get("max_cost") is not None:
+        facts.append(("budget", f"--max-cost {usd(budget['max_cost'])}"))
+        stopped = budget.get("stopped_shards") or []
+        facts.append(("stopped by the budget", f"yes: shards {', '.join(map(str, stopped))} stopped at "
+                      "their share; resume with a higher --max-cost" if stopped else "no"))
+    if usage.get("estimated"):
+        facts.append(("priced from the request", f"{usage['estimated']:,} answers came without usage"))
+    for key, label in (("input_tokens", "input tokens"), ("output_tokens", "output tokens"),
+                       ("images", "images"), ("requests", "requests")):
+        if usage.get(key):
+            facts.append((label, f"{usage[key]:,}"))
     return facts
 
 
@@ -358,3 +351,18 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _write_local_page(target, html_dir: Path, page, cards, thumbs, storage, presigner) -> str:
+    """Write the page and its thumbnails into the local folder ``target``; returns the page's path.
+
+    Thumbnails are linked relative to the page, the run's images relative to ``html_dir`` (S3 inputs
+    presigned).
+    """
+    from dfk8s.report._render import render
+
+    write_thumbs(target, thumbs, s3=False)
+    target.write_bytes(REPORT_KEY, render(page, _linked(
+        cards, thumb_src=lambda n: f"{THUMBS_PREFIX}/{n}",
+        href=lambda ref: local_href(ref, html_dir, storage, presigner))))
+    return target.url(REPORT_KEY)

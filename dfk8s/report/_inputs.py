@@ -13,8 +13,8 @@ import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-from dfk8s import layout
 from dfk8s.errors import NotFound, StorageError
+from dfk8s.run import layout
 
 log = logging.getLogger(__name__)
 

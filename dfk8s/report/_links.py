@@ -9,12 +9,12 @@ import posixpath
 from pathlib import Path
 from urllib.parse import quote
 
-from dfk8s import layout
 from dfk8s.errors import Dfk8sError
+from dfk8s.run import layout
 
 log = logging.getLogger(__name__)
 
-THUMBS_PREFIX = "report/thumbs"
+THUMBS_PREFIX = layout.THUMBS_PREFIX
 #: Presigned URLs live at most 7 days with SigV4.
 DEFAULT_EXPIRES = 7 * 24 * 3600
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from dfk8s.errors import Dfk8sError
-from dfk8s.images import ImageProblem, read_ref_bytes
+from dfk8s.inputs.images import ImageProblem, read_ref_bytes
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,12 @@ from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
-from dfk8s.errors import SpecError
-from dfk8s.servings import OPENAI_KEY_ENV, serving_info
+from dfk8s.errors import ServingUnavailable, SpecError
 from dfk8s.servings.base import Request, Response, RowError, Serving
 from dfk8s.servings.breaker import Breaker
 
 log = logging.getLogger(__name__)
 
-#: Environment variables an API key is read from, in order (DataFlow-MM uses DF_API_KEY).
-API_KEY_ENV = OPENAI_KEY_ENV
 #: Longest Retry-After we honour; a server asking for more is capped so a shard cannot stall for hours.
 MAX_RETRY_AFTER = 120.0
 
@@ -55,40 +52,33 @@ class RowFailure(Exception):
 
 @dataclass(frozen=True)
 class ApiOptions:
-    """Options every API serving shares (the core's ``--api-url`` ... ``--max-retries``)."""
+    """Options every API serving shares (the core's ``--api-url`` ... ``--max-retries``).
+
+    Built by :meth:`from_spec`: an option no flag set comes from the serving's registered defaults
+    (:class:`dfk8s.servings.ServingInfo`), through :meth:`dfk8s.run.spec.RunSpec.option`.
+    """
 
     api_url: str | None
     model: str
-    max_concurrency: int = 64
+    max_concurrency: int
+    timeout: float
+    max_retries: int
     rpm: float | None = None
-    timeout: float = 120.0
-    max_retries: int = 5
 
     @classmethod
-    def from_spec(cls, spec, default_model: str) -> ApiOptions:
+    def from_spec(cls, spec) -> ApiOptions:
         """Read the shared options; the ``--rpm`` budget is split across the run's parallel workers."""
-        rpm = spec.option("rpm")
-        if rpm:
-            rpm = float(rpm) / max(1, min(spec.parallelism, spec.shards or 1))
-        registered = serving_info(spec.serving).defaults
+        rpm = worker_rpm(spec)
         return cls(api_url=spec.option("api_url") or os.environ.get("DF_BASE_URL") or None,
-                   model=spec.option("model") or default_model,
-                   max_concurrency=int(spec.option("max_concurrency", registered.get("max_concurrency", 64))),
-                   rpm=rpm, timeout=float(spec.option("timeout", 120.0)),
-                   max_retries=int(spec.option("max_retries", 5)))
+                   model=spec.option("model"), max_concurrency=int(spec.option("max_concurrency")),
+                   rpm=rpm, timeout=float(spec.option("timeout")),
+                   max_retries=int(spec.option("max_retries")))
 
 
-def api_key_from_env(names: tuple[str, ...] = API_KEY_ENV) -> str:
-    """Return the API key from the first set variable of ``names``.
-
-    Raises:
-        SpecError: None is set (the message names the variables, never a value).
-    """
-    for name in names:
-        value = os.environ.get(name)
-        if value:
-            return value
-    raise SpecError(f"missing API key: set {' or '.join(names)}")
+def worker_rpm(spec) -> float | None:
+    """This worker's share of the run's ``--rpm``: split across the workers that really run at once."""
+    rpm = spec.option("rpm")
+    return float(rpm) / max(1, min(spec.parallelism, spec.shards or 1)) if rpm else None
 
 
 class PerLoop:
@@ -215,6 +205,10 @@ class ApiServing(Serving):
             try:
                 return await self._attempt(request, 1), "", False
             except RetryableError as exc:
+                if exc.kind == "ConnectionRefused" and self.breaker.armed:
+                    # Nothing has answered yet: a wrong host or port, not a blip. Trip as an unknown
+                    # host does, instead of retrying for half a minute first.
+                    raise RowFailure(exc.kind, str(exc), exc.details, systematic=True) from None
                 if self.options.max_retries < 1:
                     raise
                 await asyncio.sleep(self.wait(_Attempt(1, exc)))
@@ -229,12 +223,12 @@ class ApiServing(Serving):
                     attempts = attempt.retry_state.attempt_number + 1
                     return await self._attempt(request, attempts), "", False
         except RetryableError as exc:
-            message = f"gave up after {attempts} attempts: {exc}"
+            message = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''}: {exc}"
             return RowError(exc.kind, message, attempts, dict(exc.details)), str(exc), False
         except RowFailure as exc:
             return RowError(exc.kind, str(exc), attempts, dict(exc.details)), str(exc), exc.systematic
-        except SpecError:
-            raise  # SystematicFailure included: the breaker is open
+        except (SpecError, ServingUnavailable):
+            raise  # SystematicFailure included: the breaker is open; a serving down stops the shard
         except Exception as exc:  # an SDK or decoding surprise fails this row only
             log.debug("row %s failed", request.row_id, exc_info=True)
             message = _one_line(exc)

@@ -93,7 +93,7 @@ class Serving(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_spec(cls, spec) -> Serving:
-        """Build the serving from a :class:`dfk8s.spec.RunSpec`; raise SpecError on bad options."""
+        """Build the serving from a :class:`dfk8s.run.spec.RunSpec`; raise SpecError on bad options."""
 
     @abc.abstractmethod
     async def run(self, batch: list[Request]) -> list[Response | RowError]:

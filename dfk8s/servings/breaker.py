@@ -27,9 +27,10 @@ TRIP_AFTER = 5
 ROW_TYPES = frozenset({"Refusal", "BadInput", "BadImage", "NoImage", "EmptyResponse", "BadRow"})
 
 _HINTS = {
-    "ModelNotFound": "check --model (the name the endpoint serves)",
+    "ModelNotFound": "check --model (the name the endpoint serves; behind a gateway, the name it routes)",
     "NotFound": "check --api-url: the endpoint path does not exist there",
-    "AuthenticationError": "check the API key ($DF_API_KEY / $OPENAI_API_KEY / $GEMINI_API_KEY)",
+    "AuthenticationError": "check the API key ($DF_API_KEY / $OPENAI_API_KEY / $GEMINI_API_KEY; behind a "
+                           "gateway such as LiteLLM, the gateway's key)",
     "PermissionDenied": "check the API key and what it may use",
     "DNSError": "check the host name in --api-url (it does not resolve)",
     "ConnectionRefused": "nothing listens at --api-url; check its host and port, or start the server",
@@ -37,6 +38,19 @@ _HINTS = {
     "RateLimited": "the API keeps refusing with 429 (a quota?); check the account, or lower --rpm",
     "ServerError": "the server at --api-url fails every request; check it",
 }
+
+
+#: The flag a retry changes to fix each cause (the key is an environment variable, not a flag).
+_FIX_FLAGS = {"ModelNotFound": "--model NAME", "NotFound": "--api-url URL", "DNSError": "--api-url URL",
+              "ConnectionRefused": "--api-url URL", "Timeout": "--api-url URL (or --timeout SECONDS)",
+              "ServerError": "--api-url URL", "RateLimited": "--rpm N"}
+
+
+def fix_flag(kind: str) -> str:
+    """The flag ``dfk8s retry`` takes to fix a systematic failure of type ``kind`` ('' for the key)."""
+    if kind in ("AuthenticationError", "PermissionDenied"):
+        return ""
+    return _FIX_FLAGS.get(kind, "--model NAME / --api-url URL")
 
 
 def hint_for(kind: str) -> str:

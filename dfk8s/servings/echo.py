@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from dfk8s.servings import SERVINGS
 from dfk8s.servings.base import Request, Response, RowError, Serving
 
 
@@ -16,10 +17,10 @@ class EchoServing(Serving):
 
     name = "echo"
 
-    def __init__(self, images: int = 0, fail_marker: str | None = None, concurrency: int = 64):
+    def __init__(self, images: int = 0, fail_marker: str | None = None, concurrency: int | None = None):
         self.images = images
         self.fail_marker = fail_marker
-        self.concurrency = concurrency
+        self.concurrency = concurrency or SERVINGS[self.name].defaults["max_concurrency"]
         self._png = _tiny_png() if images else b""
 
     @classmethod
@@ -29,7 +30,7 @@ class EchoServing(Serving):
 
         produces_images = PIPELINES[spec.pipeline].output_kind == "images"
         return cls(images=spec.option("images_per_prompt", 1) if produces_images else 0,
-                   fail_marker=spec.option("fail_marker"), concurrency=spec.option("max_concurrency", 64))
+                   fail_marker=spec.option("fail_marker"), concurrency=spec.option("max_concurrency"))
 
     async def run(self, batch: list[Request]) -> list[Response | RowError]:
         """Answer each request at once: an error if its prompt has the fail marker, else text or PNGs."""

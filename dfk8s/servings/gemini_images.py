@@ -24,14 +24,14 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from dfk8s.errors import SpecError
-from dfk8s.servings import GEMINI_KEY_ENV, SERVINGS
-from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure, api_key_from_env
+from dfk8s.cost.usage import usage_from_gemini
+from dfk8s.errors import SpecError, retry_after_seconds
+from dfk8s.servings import GEMINI_KEY_ENV, SERVINGS, api_key_from_env
+from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.http_errors import error_object, status_error, transport_error
 from dfk8s.servings.image_models import GeminiImageParams, as_png, check_gemini, returned_image
 from dfk8s.servings.lean_http import LeanClient, client_choice, dumps_with_images
-from dfk8s.usage import usage_from_gemini
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,9 @@ def split_base_url(url: str | None) -> tuple[str | None, str | None]:
 def _retry_after(exc: genai_errors.APIError) -> float | None:
     """Seconds to wait from a 429: the Retry-After header, else the body's google.rpc.RetryInfo."""
     headers = getattr(exc.response, "headers", None)
-    value = headers.get("retry-after") if headers is not None else None
-    try:
-        if value is not None:
-            return float(value)
-    except ValueError:
-        pass
+    seconds = retry_after_seconds(headers.get("retry-after")) if headers is not None else None
+    if seconds is not None:
+        return seconds
     details = exc.details.get("error", {}).get("details") if isinstance(exc.details, dict) else None
     for item in details or []:
         delay = item.get("retryDelay") if isinstance(item, dict) else None
@@ -105,17 +102,25 @@ def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
 _TIMEOUTS, _CONNECTION_ERRORS = _transport_errors()
 
 
-def _api_error(code: int, body, retry_after: float | None) -> Exception:
-    """A Gemini error answer as a retry decision (shared by the SDK and the lean path)."""
+def _api_error(code: int, body, retry_after: float | None, path: str | None = None) -> Exception:
+    """A Gemini error answer as a retry decision (shared by the SDK and the lean path).
+
+    ``path``: the API path asked (its version named in a 405's message).
+    """
     if code == 400 and "API_KEY_INVALID" in json.dumps(body, default=str):
         message, _ = error_object(body)
         return RowFailure("AuthenticationError", f"HTTP 400: {message}",
                           {"status": 400, "code": "API_KEY_INVALID"}, systematic=True)
+    if code == 405:
+        version = (path or "/v1/").strip("/").split("/")[0] or "v1"
+        return RowFailure("NotFound", f"HTTP 405 Method Not Allowed on /{version}/models/...: this server "
+                          "does not serve Gemini's API there; gateways (LiteLLM) serve it at /v1beta: pass "
+                          "--api-url with /v1beta at its end", {"status": 405}, systematic=True)
     return status_error(code, body, retry_after)
 
 
 @contextmanager
-def gemini_errors(model: str, host: str | None = None):
+def gemini_errors(model: str, host: str | None = None, path: str | None = None):
     """Translate google-genai's exceptions as the lean path does (:mod:`dfk8s.servings.http_errors`).
 
     429/5xx/timeouts/garbage retry; a bad key (401/403, 400 API_KEY_INVALID), an unknown model or path
@@ -125,7 +130,7 @@ def gemini_errors(model: str, host: str | None = None):
         yield
     except genai_errors.APIError as exc:
         body = exc.details if isinstance(exc.details, dict) and exc.details else (exc.message or exc.status)
-        raise _api_error(exc.code or 0, body, _retry_after(exc)) from None
+        raise _api_error(exc.code or 0, body, _retry_after(exc), path) from None
     except (genai_errors.UnknownApiResponseError, json.JSONDecodeError) as exc:
         raise RetryableError("MalformedResponse", f"unparseable response: {type(exc).__name__}") from None
     except (*_TIMEOUTS, *_CONNECTION_ERRORS) as exc:
@@ -230,7 +235,8 @@ class GeminiImagesServing(ApiServing):
         self.lean_clients = PerLoop(lambda: LeanClient(
             (base_url or "https://generativelanguage.googleapis.com").rstrip("/"),
             {"x-goog-api-key": key.strip(), "X-Server-Timeout": str(math.ceil(options.timeout))},
-            options.timeout, options.max_concurrency * 2, errors=_api_error))
+            options.timeout, options.max_concurrency * 2,
+            errors=lambda code, body, retry_after: _api_error(code, body, retry_after, self.lean_path)))
         generation = {}
         if temperature is not None:
             generation["temperature"] = float(temperature)
@@ -255,7 +261,7 @@ class GeminiImagesServing(ApiServing):
     @classmethod
     def from_spec(cls, spec) -> GeminiImagesServing:
         """Check the options against the model's rules (SpecError before any request) and build."""
-        options = ApiOptions.from_spec(spec, DEFAULT_MODEL)
+        options = ApiOptions.from_spec(spec)
         if spec.pipeline not in ("text2image", "imageedit"):
             raise SpecError(f"gemini-images runs text2image and imageedit, not {spec.pipeline}")
         if spec.option("mask"):
@@ -272,7 +278,7 @@ class GeminiImagesServing(ApiServing):
             return await self._call_lean(request)
         contents, system = build_contents(request)
         config = types.GenerateContentConfig(system_instruction=system, **self.config_args)
-        with gemini_errors(self.params.model, self.host):
+        with gemini_errors(self.params.model, self.host, self.lean_path):
             answer = await self.client.aio.models.generate_content(
                 model=self.params.model, contents=contents, config=config)
         if not isinstance(answer, types.GenerateContentResponse):

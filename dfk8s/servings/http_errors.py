@@ -54,6 +54,11 @@ def status_error(status: int, body, retry_after: float | None) -> Exception:
     if status in (401, 403):
         kind = "AuthenticationError" if status == 401 else "PermissionDenied"
         return RowFailure(kind, f"HTTP {status}{said}", details, systematic=True)
+    gateway = _gateway_mistake(status, message, code)
+    if gateway is not None:
+        return RowFailure(gateway, f"HTTP {status}{said}", details, systematic=True)
+    if status == 405:  # a gateway answers a path it does not serve this way (LiteLLM's root, say)
+        return RowFailure("NotFound", f"HTTP 405 Method Not Allowed{said}", details, systematic=True)
     if status == 404:
         lowered = message.lower()
         model = code == "model_not_found" or ("model" in lowered and ("not" in lowered or "exist" in lowered))
@@ -62,6 +67,23 @@ def status_error(status: int, body, retry_after: float | None) -> Exception:
     if code == "content_policy_violation":
         return RowFailure("Refusal", message or "refused by the content policy")
     return RowFailure("BadRequest", f"HTTP {status}{said}", details)
+
+
+def _gateway_mistake(status: int, message: str, code: str | None) -> str | None:
+    """The mistake a gateway's own 400 names, as the provider would name it (None for any other answer).
+
+    LiteLLM answers a key it does not know with 400 ``no_db_connection`` (without a database it checks
+    only its master key), and a model it does not route with 400 ``Invalid model name passed in
+    model=``. Both trip the breaker at once.
+    """
+    if status != 400:
+        return None
+    lowered = message.lower()
+    if code == "no_db_connection" or "no connected db" in lowered:
+        return "AuthenticationError"
+    if "invalid model name" in lowered:
+        return "ModelNotFound"
+    return None
 
 
 def _chain(exc: BaseException):

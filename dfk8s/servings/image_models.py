@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from dfk8s.errors import SpecError
-from dfk8s.images import ImageProblem, check_image
+from dfk8s.inputs.images import ImageProblem, check_image
 from dfk8s.servings.api import RetryableError
 from dfk8s.servings.base import ImageInput
 

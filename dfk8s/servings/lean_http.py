@@ -21,6 +21,7 @@ import orjson
 import yarl
 
 from dfk8s import __version__
+from dfk8s.errors import retry_after_seconds
 from dfk8s.servings.api import RetryableError
 from dfk8s.servings.http_errors import status_error, transport_error
 
@@ -75,12 +76,8 @@ def dumps_with_images(build: Callable[[Callable], object], *, dumps: Callable[[o
 
 
 def retry_after(headers) -> float | None:
-    """Seconds from a Retry-After header (None for an HTTP date or none)."""
-    value = headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    """Seconds from a response's Retry-After header (None when it has none)."""
+    return retry_after_seconds(headers.get("retry-after"))
 
 
 class LeanClient:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 
-from dfk8s.servings import SERVINGS
-from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure, api_key_from_env
+from dfk8s.cost.usage import usage_from_openai_chat
+from dfk8s.servings import OPENAI_KEY_ENV, SERVINGS, api_key_from_env
+from dfk8s.servings.api import ApiOptions, ApiServing, PerLoop, RetryableError, RowFailure
 from dfk8s.servings.base import Message, Request, Response
 from dfk8s.servings.lean_http import LeanClient, client_choice, dumps_with_images
-from dfk8s.usage import usage_from_openai_chat
 
 DEFAULT_MODEL = SERVINGS["openai-chat"].defaults["model"]
 
@@ -99,7 +99,7 @@ class OpenAIChatServing(ApiServing):
     name = "openai-chat"
 
     def __init__(self, options: ApiOptions, *, temperature: float | None = None,
-                 max_tokens: int | None = None, client: str = "fast"):
+                 max_tokens: int | None = None, client: str = "fast", api_key: str | None = None):
         super().__init__(options)
         self.extra = {}
         if temperature is not None:
@@ -107,22 +107,28 @@ class OpenAIChatServing(ApiServing):
         if max_tokens is not None:
             self.extra["max_tokens"] = max_tokens
         self.client = client
-        key = api_key_from_env()  # fail now, with exit 42, rather than on every row
+        # Read now, so a missing key fails with exit 42 rather than on every row; "" sends none.
+        self._key = api_key_from_env(OPENAI_KEY_ENV) if api_key is None else api_key
         if client == "sdk":
             from dfk8s.servings.openai_common import make_client
 
             self.clients = PerLoop(lambda: make_client(options))
         else:
-            from dfk8s.servings.openai_common import normalise_base_url
+            self.rebind(options.api_url)
 
-            base = normalise_base_url(options.api_url) or "https://api.openai.com/v1"
-            self.clients = PerLoop(lambda: LeanClient(base, {"Authorization": f"Bearer {key}"},
-                                                      options.timeout, options.max_concurrency * 2))
+    def rebind(self, api_url: str | None) -> None:
+        """Send the lean path's requests to ``api_url`` (a restarted engine listens on a new port)."""
+        from dfk8s.servings.openai_common import normalise_base_url
+
+        base = normalise_base_url(api_url) or "https://api.openai.com/v1"
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        self.clients = PerLoop(lambda: LeanClient(base, headers, self.options.timeout,
+                                                  self.options.max_concurrency * 2))
 
     @classmethod
     def from_spec(cls, spec) -> OpenAIChatServing:
         """Build from the shared API options plus ``temperature``, ``max_tokens`` and ``client``."""
-        return cls(ApiOptions.from_spec(spec, DEFAULT_MODEL), temperature=spec.option("temperature"),
+        return cls(ApiOptions.from_spec(spec), temperature=spec.option("temperature"),
                    max_tokens=spec.option("max_tokens"), client=client_choice(spec))
 
     def body(self, request: Request, url=data_url) -> dict:

@@ -13,14 +13,14 @@ import io
 import logging
 import os
 
-from dfk8s.errors import SpecError
-from dfk8s.images import ImageProblem, check_image, read_ref_bytes, resolve_ref
+from dfk8s.cost.usage import usage_from_openai_images
+from dfk8s.errors import SpecError, retry_after_seconds
+from dfk8s.inputs.images import ImageProblem, check_image, read_ref_bytes, resolve_ref
 from dfk8s.servings import SERVINGS
 from dfk8s.servings.api import ApiOptions, ApiServing, RetryableError, RowFailure
 from dfk8s.servings.base import ImageInput, Request, Response
 from dfk8s.servings.image_models import OpenAIImageParams, as_png, check_openai, returned_image
 from dfk8s.servings.openai_common import make_client, openai_errors
-from dfk8s.usage import usage_from_openai_images
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,8 @@ async def download_image(url: str, *, timeout: float, max_bytes: int = MAX_DOWNL
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
             async with session.get(url) as response:
                 if response.status in (408, 429) or response.status >= 500:
-                    retry_after = response.headers.get("Retry-After")
-                    wait = float(retry_after) if retry_after and retry_after.isdigit() else None
-                    raise RetryableError("DownloadFailed", f"image download: HTTP {response.status}", wait)
+                    raise RetryableError("DownloadFailed", f"image download: HTTP {response.status}",
+                                         retry_after_seconds(response.headers.get("Retry-After")))
                 if response.status != 200:
                     raise RowFailure("DownloadFailed", f"image download: HTTP {response.status}",
                                      {"status": response.status})
@@ -129,7 +128,7 @@ class OpenAIImagesServing(ApiServing):
     @classmethod
     def from_spec(cls, spec) -> OpenAIImagesServing:
         """Check the options against the model's rules (SpecError before any request) and build."""
-        options = ApiOptions.from_spec(spec, DEFAULT_MODEL)
+        options = ApiOptions.from_spec(spec)
         if spec.pipeline not in ("text2image", "imageedit"):
             raise SpecError(f"openai-images runs text2image and imageedit, not {spec.pipeline}")
         mask_ref = spec.option("mask")

@@ -43,6 +43,10 @@ class Storage(abc.ABC):
         """Yield the keys under ``prefix`` (relative to the root), sorted."""
 
     @abc.abstractmethod
+    def folders(self) -> list[str]:
+        """The names of the folders (common prefixes) right under this storage's root, sorted."""
+
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Delete an object; deleting a missing object is not an error."""
 

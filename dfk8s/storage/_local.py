@@ -9,11 +9,29 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dfk8s.errors import NotFound, StorageError
+from dfk8s.errors import NotFound, StorageError, UsageError
 from dfk8s.storage._base import Storage, join_key
 
 #: Tries to make a write's folder while concurrent deletes remove the folders they empty.
 _MKDIR_ATTEMPTS = 20
+
+
+def _file_mode() -> int:
+    """The mode a new file gets under this process's umask (``open()``'s 0o666 less the umask).
+
+    A run's files hold no secret: teammates and a web server read result.jsonl, images and the report as
+    the umask allows. (mkstemp, which the writes go through, would make every file 0600.)
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # no /proc: read it by setting it, and put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class LocalStorage(Storage):
@@ -38,7 +56,9 @@ class LocalStorage(Storage):
         while True:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                return path, *tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                os.fchmod(fd, _file_mode())
+                return path, fd, tmp
             except (FileNotFoundError, FileExistsError) as exc:
                 # Another process's delete removed a folder it emptied (parts/) while mkdir made the
                 # folders (ENOENT, or EEXIST from a folder gone again before mkdir looked) or before the
@@ -118,6 +138,11 @@ class LocalStorage(Storage):
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         yield from sorted(keys)
 
+    def folders(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         path.unlink(missing_ok=True)
@@ -167,17 +192,17 @@ def _reason(exc: OSError, path: Path) -> str:
 
 
 def check_writable_folder(root: str | os.PathLike) -> None:
-    """Raise a one-line StorageError unless ``root`` is (or can become) a folder this process can write.
+    """Raise a one-line UsageError unless ``root`` is (or can become) a folder this process can write.
 
     A folder made read-only with chmod counts as read-only even for root, who could write it anyway.
     """
     path = Path(root).expanduser().absolute()
     blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise StorageError(f"--output {path}: {blocker} is a file, not a folder")
+        raise UsageError(f"--output {path}: {blocker} is a file, not a folder")
     existing = next(p for p in [path, *path.parents] if p.exists())
     import stat
 
     mode = existing.stat().st_mode
     if not os.access(existing, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-        raise StorageError(f"--output {path}: {existing} is read-only (permission denied)")
+        raise UsageError(f"--output {path}: {existing} is read-only (permission denied)")

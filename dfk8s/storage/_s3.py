@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from functools import cached_property
 
-from dfk8s.errors import NotFound, StorageError
+from dfk8s.errors import NotFound, StorageError, UsageError
 from dfk8s.storage._base import Storage, join_key
 from dfk8s.storage._patience import StorageUnavailable, patiently, storage_patience
 
@@ -140,16 +140,30 @@ class S3Storage(Storage):
 
         yield from sorted(self._patient(prefix, list_all))
 
+    def folders(self) -> list[str]:
+        full = self._key("")
+        full = full + "/" if full and not full.endswith("/") else full
+
+        def list_prefixes():
+            names = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full,
+                                                                           Delimiter="/")
+            for page in pages:
+                names.extend(p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", ()))
+            return names
+
+        return sorted(self._patient("", list_prefixes))
+
     def check_bucket(self) -> None:
-        """Raise a one-line StorageError when the bucket does not exist or cannot be reached."""
+        """Raise a one-line UsageError when the bucket does not exist; StorageError: it cannot be reached."""
         def head():
             with self._errors(""):
                 self.client.head_bucket(Bucket=self.bucket)
         try:
             patiently(head, min(10.0, self.patience if self.patience is not None else 10.0))
         except NotFound:
-            raise StorageError(f"bucket {self.bucket!r} does not exist at {self.endpoint_url} (create it "
-                               "first, or check --output)") from None
+            raise UsageError(f"bucket {self.bucket!r} does not exist at {self.endpoint_url} (create it "
+                             "first, or check --output)") from None
 
     def delete(self, key: str) -> None:
         self._patient(key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))

@@ -23,7 +23,7 @@ goline=$(grep -E '^go [0-9]' "$gomod")
   echo "require k8s.io/kubernetes $version"
   echo
   echo "tool ("
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet; do
     echo "	k8s.io/kubernetes/cmd/$cmd"
   done
   echo ")"

@@ -6,7 +6,7 @@ import filecmp
 
 import pytest
 
-from dfk8s.profiles import load_profile
+from dfk8s.kube.profiles import load_profile
 
 TEMPLATE = "configmap-jobs.yaml"
 

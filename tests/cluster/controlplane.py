@@ -1,28 +1,31 @@
-"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
+"""A real Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, and one node.
 
 Test and development code (never shipped in the dfk8s package). The binaries are the ones
 ``hack/cluster/build.sh`` builds from their Go modules into ``$DFK8S_CLUSTER_CACHE`` (default
 ``~/.cache/dfk8s/cluster``), one folder per version. The set-up follows a kubeadm cluster's:
 
-* a CA; the API server's serving certificate (IP SAN 127.0.0.1, DNS localhost and
-  kubernetes.default.svc); client certificates for the admin (``O=system:masters``), the
-  controller-manager, the scheduler and the API server's calls to the node agents; a service-account
-  RSA key pair;
+* a CA; the API server's serving certificate (IP SANs 127.0.0.1, the node IP and the service IP, DNS
+  localhost and kubernetes.default.svc); client certificates for the admin (``O=system:masters``),
+  the controller-manager, the scheduler, the node (``system:node:<name>``) and the API server's calls
+  to the kubelet (bound to ``system:kubelet-api-admin``); a service-account RSA key pair;
 * kube-apiserver with ``Node,RBAC`` authorization, the default admission plugins (PodSecurity and
   ServiceAccount among them) plus NodeRestriction, service-account token signing and issuer
   ``https://kubernetes.default.svc``;
 * kube-controller-manager running the job, ttl-after-finished, garbage-collector, serviceaccount,
-  serviceaccount-token, namespace, podgc and root-ca-cert-publisher controllers, each with its own
-  service-account credentials.
+  serviceaccount-token, namespace, podgc, node-lifecycle and root-ca-cert-publisher controllers, each
+  with its own service-account credentials;
+* the node (:mod:`tests.cluster.node`): the real kubelet and containerd running this checkout's images.
 
-Everything listens on free ports of 127.0.0.1 and keeps its state in one temporary folder. Each
-process runs in its own process group and is stopped with it: by :meth:`ControlPlane.stop`, at
-interpreter exit (atexit), on SIGTERM, and, should this process die without cleaning up, by the
-kernel (``PR_SET_PDEATHSIG``).
+The test session (and ``up``) first enters namespaces of its own (:mod:`tests.cluster.sandbox`): a
+network where the node has a non-loopback IP, and a mount table where /var/lib is an overlay. The API
+server listens on the node IP (pods reach it as the ``kubernetes`` Service); a shell outside reaches it
+and S3 through relays on 127.0.0.1. Each process runs in its own process group and is stopped with it:
+by :meth:`ControlPlane.stop`, at interpreter exit (atexit), on SIGTERM, and, should this process die
+without cleaning up, by the kernel (``PR_SET_PDEATHSIG``).
 
 Usage from a shell (``make cluster-up`` / ``make cluster-down``)::
 
-    python -m tests.cluster.controlplane up [--version v1.37.2] [--dir .cluster]
+    python -m tests.cluster.controlplane up [--version v1.37.2] [--dir .cluster] [--images cpu,gpu]
     python -m tests.cluster.controlplane down [--dir .cluster]
 """
 
@@ -30,9 +33,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import datetime
+import hashlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -41,9 +45,13 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.helpers.processes import die_with_parent, wait_while_running
 
 REPO = Path(__file__).resolve().parents[2]
 HACK = REPO / "hack" / "cluster"
@@ -62,8 +70,9 @@ CONTROLLERS = (
     # Binds PersistentVolumeClaims to matching PersistentVolumes, as in a cluster with static volumes
     # (no provisioner runs here); the scheduler places no pod whose claim is unbound.
     "persistentvolume-binder-controller",
+    # Takes the not-ready taint off a node once its kubelet reports Ready, as in any cluster.
+    "node-lifecycle-controller",
 )
-_PR_SET_PDEATHSIG = 1
 
 
 def kube_versions() -> list[str]:
@@ -98,8 +107,12 @@ def binaries(version: str, need=("kube-apiserver", "kube-controller-manager", "k
     kube = CACHE / f"kube-{version}"
     etcd = CACHE / f"etcd-{module_version('etcd', 'go.etcd.io/etcd/server/v3')}"
     helm = CACHE / f"helm-{module_version('helm', 'helm.sh/helm/v3')}"
-    paths = {name: kube / name for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler")}
-    paths |= {"kubectl": kube / "kubectl", "etcd": etcd / "etcd", "helm": helm / "helm"}
+    cni = CACHE / f"cni-{module_version('cni', 'github.com/containernetworking/plugins')}"
+    fake_gpu = hashlib.sha256(b"".join((HACK / "fake-gpu" / f).read_bytes() for f in ("go.mod", "main.go")))
+    paths = {name: kube / name for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                                            "kubectl", "kubelet")}
+    paths |= {"etcd": etcd / "etcd", "helm": helm / "helm", "cni": cni / "ptp",
+              "fake-gpu": CACHE / f"fake-gpu-{fake_gpu.hexdigest()[:12]}" / "fake-gpu"}
     missing = [name for name in need if not paths[name].is_file()]
     if missing:
         raise RuntimeError(
@@ -176,9 +189,9 @@ class Certs:
         return path
 
     def issue(
-        self, name: str, common_name: str, *, orgs=(), server: bool = False, client: bool = True
+        self, name: str, common_name: str, *, orgs=(), server: bool = False, client: bool = True, ips=()
     ) -> tuple[Path, Path]:
-        """Write ``name.crt`` / ``name.key`` signed by the CA; server certs get the loopback SANs."""
+        """Write ``name.crt`` / ``name.key`` signed by the CA; server certs get loopback SANs and ``ips``."""
         x509, oid = self._x509, self._oid
         key = self._key(name)
         subject = [x509.NameAttribute(oid.ORGANIZATION_NAME, org) for org in orgs]
@@ -203,6 +216,7 @@ class Certs:
                 x509.DNSName("kubernetes"),
                 x509.DNSName("kubernetes.default"),
                 x509.DNSName("kubernetes.default.svc"),
+                *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips),
             ]
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self.ca_key, self._hashes.SHA256())
@@ -235,15 +249,6 @@ def write_kubeconfig(path: Path, server: str, ca: Path, *, cert=None, key=None, 
 # ----- processes --------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if this (test) process dies without cleaning up,
-    # the kernel kills the component instead of leaving it running.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 def start_process(argv: list[str], log: Path, *, env=None, cwd=None) -> subprocess.Popen:
     """Start ``argv`` in a process group of its own, output to ``log``."""
     with open(log, "ab") as out:
@@ -255,7 +260,7 @@ def start_process(argv: list[str], log: Path, *, env=None, cwd=None) -> subproce
             env=env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
 
@@ -278,17 +283,22 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 class ControlPlane:
-    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler on 127.0.0.1.
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler.
 
     Args:
         version: a pinned Kubernetes version (``v1.37.2``) or minor (``1.37``); None: the newest.
         state_dir: where certificates, etcd data and logs go; None: a temporary folder removed on stop.
-
+        node_ip: None: the API server on a free port of 127.0.0.1 (no node can join). An address: the
+            node's (the test cluster's sandbox, :mod:`tests.cluster.sandbox`); the API server listens
+            on :443 of every address, the node's and the ``kubernetes`` Service's ClusterIP among them,
+            as pods' in-cluster configuration expects.
     """
 
-    def __init__(self, version: str | None = None, state_dir: Path | None = None):
+    def __init__(self, version: str | None = None, state_dir: Path | None = None, *,
+                 node_ip: str | None = None):
         self.version = resolve_version(version)
         self.bin = binaries(self.version)
+        self.node_ip = node_ip
         self._own_dir = state_dir is None
         self.dir = Path(state_dir or tempfile.mkdtemp(prefix="dfk8s-cluster-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -313,9 +323,15 @@ class ControlPlane:
     def _start(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         certs = self.certs = Certs(self.dir / "pki")
-        self.apiserver_port = free_port()
-        self.server = f"https://127.0.0.1:{self.apiserver_port}"
-        api_cert = certs.issue("apiserver", "kube-apiserver", server=True, client=False)
+        if self.node_ip:
+            from tests.cluster.sandbox import SERVICE_IP
+
+            self.apiserver_port, bind, sans = 443, "0.0.0.0", [self.node_ip, SERVICE_IP]
+            self.server = f"https://{self.node_ip}"
+        else:
+            self.apiserver_port, bind, sans = free_port(), "127.0.0.1", []
+            self.server = f"https://127.0.0.1:{self.apiserver_port}"
+        api_cert = certs.issue("apiserver", "kube-apiserver", server=True, client=False, ips=sans)
         kubelet_client = certs.issue(
             "apiserver-kubelet-client", "kube-apiserver-kubelet-client", orgs=["kubeadm:cluster-admins"]
         )
@@ -330,9 +346,6 @@ class ControlPlane:
         sched_config = write_kubeconfig(
             self.dir / "scheduler.kubeconfig", self.server, certs.ca, cert=sched[0], key=sched[1]
         )
-        # The node agent serves container logs with a certificate of this CA; the API server calls it
-        # with this client certificate (and, like kubeadm, does not verify the agent's serving cert).
-        self.kubelet_serving = certs.issue("kubelet-serving", "dfk8s-node-agent", server=True, client=False)
 
         etcd_port, etcd_peer = free_port(), free_port()
         self._run(
@@ -366,11 +379,12 @@ class ControlPlane:
             [
                 str(self.bin["kube-apiserver"]),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={bind}",
+                f"--advertise-address={self.node_ip or '127.0.0.1'}",
                 f"--secure-port={self.apiserver_port}",
-                # The default (lease) reconciler would write 127.0.0.1 into the kubernetes Service's
-                # endpoints, which validation refuses; pods reach the API through KUBERNETES_SERVICE_HOST.
+                # No kube-proxy runs: pods reach the API at the Service's ClusterIP, which the node's
+                # interface holds, so the kubernetes Service's endpoints are not needed (and the
+                # default reconciler would write a loopback address there, which validation refuses).
                 "--endpoint-reconciler-type=none",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 f"--client-ca-file={certs.ca}",
@@ -392,6 +406,15 @@ class ControlPlane:
             ],
         )
         self._wait(self._ready, "kube-apiserver /readyz", deadline)
+        # `kubectl logs` and `exec` go through the kubelet, which asks the API server whether its
+        # client may: bind that client to the kubelet API's admin role, as kubeadm does.
+        self._create("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "kube-apiserver-kubelet-api-admin"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "system:kubelet-api-admin"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                          "name": "kube-apiserver-kubelet-client"}]})
 
         self._run(
             "kube-controller-manager",
@@ -470,18 +493,7 @@ class ControlPlane:
             return ""
 
     def _wait(self, check, what: str, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
-            try:
-                if check():
-                    return
-            except Exception:
-                pass
-            time.sleep(0.5)
-        logs = "\n".join(f"--- {name}\n{self.log(name, 15)}" for name in self.procs)
-        raise TimeoutError(f"timed out waiting for {what}\n{logs}")
+        wait_while_running(self.procs, self.log, check, what, deadline, tail=15)
 
     def ssl_context(self) -> ssl.SSLContext:
         """A TLS context trusting the cluster CA, with the admin client certificate."""
@@ -495,6 +507,20 @@ class ControlPlane:
     def _ready(self) -> bool:
         with self._get("/readyz") as response:
             return response.status == 200
+
+    def _create(self, path: str, body: dict) -> None:
+        request = urllib.request.Request(self.server + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, context=self.ssl_context(), timeout=10).close()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
+
+    def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        """Run the built kubectl as the cluster's admin."""
+        return subprocess.run([str(self.bin["kubectl"]), "--kubeconfig", str(self.kubeconfig), *args],
+                              input=input, capture_output=True, text=True, timeout=120)
 
     def _exists(self, resource: str, namespace: str, name: str) -> bool:
         with self._get(f"/api/v1/namespaces/{namespace}/{resource}/{name}") as response:
@@ -516,11 +542,61 @@ def _http_ok(url: str) -> bool:
 # ----- make cluster-up / cluster-down -----------------------------------------------------------
 
 
+def _relay(listener: socket.socket, target: tuple[str, int]) -> None:
+    """Accept on ``listener`` forever and pipe each connection to ``target``, both ways.
+
+    The listener was bound in the host's network namespace before the process entered the sandbox (a
+    socket keeps the namespace it was made in); the connections to ``target`` are made in the sandbox.
+    """
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    while True:
+        client, _ = listener.accept()
+        try:
+            upstream = socket.create_connection(target, timeout=10)
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            continue
+        for ends in ((client, upstream), (upstream, client)):
+            threading.Thread(target=pipe, args=ends, daemon=True).start()
+
+
+def _listen() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    return listener
+
+
 def _serve(args) -> None:
-    """The background process of ``up``: the control plane and a node agent until SIGTERM."""
-    from tests.cluster.node_agent import NodeAgent
+    """The background process of ``up``: the cluster in its sandbox until SIGTERM.
+
+    Inside the sandbox: the control plane, the node (containerd, the kubelet, the fake GPU plugin) with
+    the images of hack/cluster/images.sh, SeaweedFS on the node's IP with a bucket ``dfk8s`` and a
+    Secret ``s3`` (its keys) in namespace default, and the fake OpenAI/Gemini API on the node's IP with a
+    Secret ``api`` (``DF_API_KEY``, any key). The host reaches the API server and S3 through two relays
+    on 127.0.0.1; pods reach S3 and the fake API on the node's IP (no kube-proxy, no cluster DNS).
+    """
+    from dfk8s.testing.fake_api import FakeAPI, FakeConfig
+    from tests.cluster import sandbox
+    from tests.cluster.node import Node, cpu_image_tags, gpu_image_tags
+    from tests.helpers.seaweed import start_seaweed
 
     folder = Path(args.dir).resolve()
+    state = folder / "state"
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -528,24 +604,58 @@ def _serve(args) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    plane = ControlPlane(args.version, folder / "state")
+    api_relay, s3_relay = _listen(), _listen()  # in the host's network namespace
+    sandbox.enter(state / "sandbox")
+    plane = ControlPlane(args.version, state / "plane", node_ip=sandbox.NODE_IP)
+    node = Node(plane, state / "node")
+    seaweed = fake_api = None
     try:
         plane.start()
-        agent = NodeAgent(plane, state_dir=folder / "state" / "node").start()
-        try:
-            shutil.copy(plane.kubeconfig, folder / "kubeconfig")
-            (folder / "env").write_text(
-                f"# . .cluster/env: the local control plane (Kubernetes {plane.version})\n"
-                f"export KUBECONFIG={folder / 'kubeconfig'}\n"
-                f"export PATH={plane.bin['helm'].parent}:{plane.bin['kubectl'].parent}:$PATH\n"
-            )
-            (folder / "ready").write_text(plane.server + "\n")
-            while not stop["now"]:
-                time.sleep(0.5)
-        finally:
-            agent.stop()
+        node.start()
+        node.import_image("cpu", *cpu_image_tags())
+        if "gpu" in args.images.split(","):
+            try:
+                node.import_image("gpu", *gpu_image_tags())
+            except RuntimeError as exc:  # FLUX pods need it; the rest runs without
+                print(f"no GPU image on the node: {exc}", flush=True)
+        seaweed = start_seaweed(host=sandbox.NODE_IP)
+        seaweed.create_bucket("dfk8s")
+        plane.kubectl("create", "secret", "generic", "s3",
+                      f"--from-literal=AWS_ACCESS_KEY_ID={seaweed.access_key}",
+                      f"--from-literal=AWS_SECRET_ACCESS_KEY={seaweed.secret_key}")
+        fake_api = FakeAPI(FakeConfig(), host=sandbox.NODE_IP)
+        fake_api.start()
+        plane.kubectl("create", "secret", "generic", "api",
+                      "--from-literal=DF_API_KEY=any-key-the-fake-takes")
+        s3_port = int(seaweed.endpoint.rsplit(":", 1)[1])
+        for listener, target in ((api_relay, (sandbox.NODE_IP, plane.apiserver_port)),
+                                 (s3_relay, (sandbox.NODE_IP, s3_port))):
+            threading.Thread(target=_relay, args=(listener, target), daemon=True).start()
+        api_port, s3_local = api_relay.getsockname()[1], s3_relay.getsockname()[1]
+        write_kubeconfig(folder / "kubeconfig", f"https://127.0.0.1:{api_port}", plane.certs.ca,
+                         cert=plane.admin_cert[0], key=plane.admin_cert[1])
+        (folder / "env").write_text(
+            f"# . .cluster/env: the local cluster (Kubernetes {plane.version}) and its S3 (SeaweedFS)\n"
+            f"export KUBECONFIG={folder / 'kubeconfig'}\n"
+            f"export PATH={plane.bin['helm'].parent}:{plane.bin['kubectl'].parent}:$PATH\n"
+            f"export AWS_ENDPOINT_URL=http://127.0.0.1:{s3_local}\n"
+            f"export DFK8S_CLUSTER_S3_ENDPOINT={seaweed.endpoint}\n"
+            f"export AWS_ACCESS_KEY_ID={seaweed.access_key} AWS_SECRET_ACCESS_KEY={seaweed.secret_key}\n"
+            "export AWS_DEFAULT_REGION=us-east-1\n"
+            f"# the fake OpenAI/Gemini API, for --api-url (pods reach it; this shell does not)\n"
+            f"export DFK8S_FAKE_API_URL={fake_api.url}/v1\n"
+        )
+        (folder / "ready").write_text(f"https://127.0.0.1:{api_port}\n")
+        while not stop["now"]:
+            time.sleep(0.5)
     finally:
+        if fake_api is not None:
+            fake_api.stop()
+        if seaweed is not None:
+            seaweed.stop()
+        node.stop()
         plane.stop()
+        sandbox.unmount()
         for name in ("ready", "pid"):
             (folder / name).unlink(missing_ok=True)
 
@@ -576,6 +686,8 @@ def _up(args) -> int:
             str(folder),
             "--version",
             version,
+            "--images",
+            args.images,
         ],
         cwd=REPO,
         stdout=log,
@@ -584,21 +696,24 @@ def _up(args) -> int:
         start_new_session=True,
     )
     pid_file.write_text(f"{proc.pid}\n")
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # the images' import is most of it (the GPU image: ~6 GB)
     while time.monotonic() < deadline:
         if (folder / "ready").exists():
+            from tests.cluster.node import GPUS, NODE_NAME
+
             print(
-                f"Kubernetes {version} is up at {(folder / 'ready').read_text().strip()} "
-                f"(nodes dfk8s-cpu and dfk8s-gpu); state in {folder / 'state'}"
+                f"Kubernetes {version} is up at {(folder / 'ready').read_text().strip()} (node {NODE_NAME}, "
+                f"{GPUS} fake GPUs; the dfk8s images imported); state in {folder / 'state'}"
             )
-            print(f"  . {os.path.relpath(folder / 'env')}   # KUBECONFIG, helm and kubectl on PATH")
+            env = os.path.relpath(folder / "env")
+            print(f"  . {env}   # KUBECONFIG, helm and kubectl on PATH, S3 (bucket dfk8s)")
             return 0
         if proc.poll() is not None:
             print(f"the control plane exited ({proc.returncode}); see {folder / 'cluster.log'}")
             pid_file.unlink(missing_ok=True)
             return 1
         time.sleep(0.5)
-    print(f"not ready after 240 s; see {folder / 'cluster.log'}; stopping it")
+    print(f"not ready after 600 s; see {folder / 'cluster.log'}; stopping it")
     os.kill(proc.pid, signal.SIGTERM)
     return 1
 
@@ -624,6 +739,9 @@ def _down(args) -> int:
         time.sleep(0.25)
     else:
         os.kill(pid, signal.SIGKILL)
+    from tests.cluster.node import reap
+
+    reap(folder / "state" / "node")  # what a killed cluster left: containers, their shims, cgroups
     pid_file.unlink(missing_ok=True)
     for name in ("kubeconfig", "env", "ready"):
         (folder / name).unlink(missing_ok=True)
@@ -646,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         help="Kubernetes version or minor (default: the newest pinned)",
     )
     parser.add_argument("--dir", default=str(REPO / ".cluster"), help="where kubeconfig, env and state go")
+    parser.add_argument("--images", default="cpu,gpu",
+                        help="the dfk8s images to import into the node (cpu,gpu; the GPU one takes ~2 min)")
     args = parser.parse_args(argv)
     if args.command == "up":
         return _up(args)

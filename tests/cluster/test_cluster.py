@@ -11,8 +11,12 @@ from click.testing import CliRunner
 from dfk8s.cli import cli
 from dfk8s.kube import SUPPORTED_KUBERNETES, is_supported
 from tests.cluster.conftest import CHART_DIR, CREDENTIALS, NS
-from tests.cluster.node_agent import CPU_NODE, GPU_NODE
+from tests.cluster.node import GPUS, NODE_NAME
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
+
+
+def _prompt_row(text: str) -> str:
+    return json.dumps({"conversations": [{"role": "user", "content": text}]})
 
 
 def invoke(*args):
@@ -112,12 +116,13 @@ def _gpu_pods(cluster, run_id):
 
 
 @pytest.mark.parametrize("gpus", [None, "0"])
-def test_flux_pods_are_scheduled_only_onto_the_gpu_node(kube_env, held, s3_bucket, tmp_path, run_id, gpus):
-    """The text2image/diffusers objects as submit builds them, created for real: the scheduler puts
-    the worker pods on the GPU node (selector, toleration, nvidia.com/gpu); with --gpus 0 on the CPU node."""
+def test_flux_pods_are_given_the_nodes_gpus(kube_env, held, s3_bucket, tmp_path, run_id, gpus):
+    """The text2image/diffusers objects as submit builds them, created for real: the scheduler places
+    the worker pods on the node whose GPUs (the fake device plugin's) they ask for, one each, through
+    the GPU node selector and toleration; with --gpus 0 they ask for none."""
     cluster = kube_env
     manifest = tmp_path / "prompts.jsonl"
-    manifest.write_text("".join(json.dumps({"prompt": f"a cat {i}"}) + "\n" for i in range(3)))
+    manifest.write_text("".join(_prompt_row(f"a cat {i}") + "\n" for i in range(3)))
     extra = ["--gpus", gpus] if gpus else []
     text = _dry_run(
         s3_bucket,
@@ -133,10 +138,11 @@ def test_flux_pods_are_scheduled_only_onto_the_gpu_node(kube_env, held, s3_bucke
         "3",
         "--service-account",
         "dfk8s-reducer",
+        "--image",
+        held.image("flux"),  # placement only: the pods never start
         *extra,
     )
     map_job = next(doc for doc in yaml.safe_load_all(text) if doc["metadata"]["name"].endswith("-map"))
-    held.hold(lambda pod: pod["metadata"].get("labels", {}).get("dfk8s.io/run") == run_id)  # no FLUX here
     created = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(map_job))
     assert created.returncode == 0, created.stderr
     try:
@@ -146,11 +152,15 @@ def test_flux_pods_are_scheduled_only_onto_the_gpu_node(kube_env, held, s3_bucke
             ),
             what="3 scheduled pods",
         )
-        want = CPU_NODE if gpus == "0" else GPU_NODE
-        assert {pod["spec"]["nodeName"] for pod in pods} == {want}
+        assert {pod["spec"]["nodeName"] for pod in pods} == {NODE_NAME}
+        limits = pods[0]["spec"]["containers"][0]["resources"]["limits"]
+        selector = pods[0]["spec"].get("nodeSelector") or {}
         if gpus is None:
-            limits = pods[0]["spec"]["containers"][0]["resources"]["limits"]
-            assert limits["nvidia.com/gpu"] == "1"
+            assert limits["nvidia.com/gpu"] == "1" and selector == {"nvidia.com/gpu.present": "true"}
+            allocatable = cluster.core.read_node(NODE_NAME).status.allocatable
+            assert allocatable["nvidia.com/gpu"] == str(GPUS)  # the fake device plugin's, registered
+        else:
+            assert "nvidia.com/gpu" not in limits and "nvidia.com/gpu.present" not in selector
     finally:
         cluster.batch.delete_namespaced_job(map_job["metadata"]["name"], NS, propagation_policy="Background")
 
@@ -158,7 +168,7 @@ def test_flux_pods_are_scheduled_only_onto_the_gpu_node(kube_env, held, s3_bucke
 def test_a_gpu_pod_beyond_the_gpu_capacity_stays_pending(kube_env, held, s3_bucket, tmp_path, run_id):
     cluster = kube_env
     manifest = tmp_path / "prompts.jsonl"
-    manifest.write_text(json.dumps({"prompt": "a cat"}) + "\n")
+    manifest.write_text(_prompt_row("a cat") + "\n")
     text = _dry_run(
         s3_bucket,
         "--pipeline",
@@ -168,7 +178,7 @@ def test_a_gpu_pod_beyond_the_gpu_capacity_stays_pending(kube_env, held, s3_buck
         "--run-id",
         run_id,
         "--gpus",
-        "8",
+        str(GPUS + 1),
         "--service-account",
         "dfk8s-reducer",
     )
@@ -195,7 +205,7 @@ def test_model_cache_objects_are_accepted_by_the_api_server(kube_env, s3_bucket,
     env) and the model pull Job (write mount), through defaulting, validation and PodSecurity restricted."""
     cluster = kube_env
     manifest = tmp_path / "prompts.jsonl"
-    manifest.write_text("".join(json.dumps({"prompt": f"a cat {i}"}) + "\n" for i in range(2)))
+    manifest.write_text("".join(_prompt_row(f"a cat {i}") + "\n" for i in range(2)))
     submit_yaml = _dry_run(
         s3_bucket,
         "--pipeline",
@@ -221,3 +231,24 @@ def test_model_cache_objects_are_accepted_by_the_api_server(kube_env, s3_bucket,
         assert result.returncode == 0, (kind, result.stderr)
         assert "created (server dry run)" in result.stdout, (kind, result.stdout)
         assert "Warning" not in result.stderr, (kind, result.stderr)  # no PodSecurity warnings
+
+
+@pytest.mark.parametrize("serving", ["vllm", "transformers"])
+def test_self_hosted_engine_sidecar_pods_are_admitted(kube_env, s3_bucket, run_id, serving):
+    """submit --serving vllm / transformers: the map Job's pod, with the engine as a native sidecar, passes
+    the real server's validation and PodSecurity restricted (as a Job and as the Pod it makes)."""
+    cluster = kube_env
+    text = _dry_run(s3_bucket, "--pipeline", "caption", "--input", VQA_MANIFEST, "--image-root",
+                    DATAFLOW_ROOT, "--s3-secret", "s3", "--service-account", "dfk8s-reducer",
+                    "--serving", serving, "--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--run-id", run_id,
+                    "--shards", "2")
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=text)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+    job = next(obj for obj in yaml.safe_load_all(text) if obj and obj["metadata"]["name"].endswith("-map"))
+    (engine,) = job["spec"]["template"]["spec"]["initContainers"]
+    assert engine["restartPolicy"] == "Always" and "/health" in engine["startupProbe"]["exec"]["command"][2]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{run_id}-sidecar"},
+           "spec": job["spec"]["template"]["spec"]}
+    result = cluster.kubectl("apply", "-n", NS, "--dry-run=server", "-f", "-", input=json.dumps(pod))
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr

@@ -13,10 +13,14 @@ from click.testing import CliRunner
 from dfk8s.cli import cli
 from dfk8s.errors import SpecError
 from dfk8s.kube.manifests import KubeRunConfig, build_map_job
-from dfk8s.profiles import load_profile
+from dfk8s.kube.profiles import load_profile
 from dfk8s.storage import open_storage
 from tests.cluster.conftest import CREDENTIALS, NS
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
+
+
+def _prompt_row(text: str) -> str:
+    return json.dumps({"conversations": [{"role": "user", "content": text}]})
 
 
 def invoke(*args):
@@ -44,12 +48,13 @@ def caption_args(output, *extra, service_account="dfk8s-reducer"):
     ]
 
 
-def hold_run(held, run_id, component=None):
-    def match(pod):
-        labels = pod["metadata"].get("labels") or {}
-        return labels.get("dfk8s.io/run") == run_id and component in (None, labels.get("dfk8s.io/component"))
+def held_flags(held, component=None) -> list[str]:
+    """Submit flags that keep the run's map pods, reducer pod or both from starting (images not there)."""
+    from dfk8s.kube.manifests import cpu_image
 
-    held.hold(match)
+    # (Without --reducer-image, a CPU run's reducer runs the workers' image.)
+    return ["--image", held.image("map") if component in (None, "map") else cpu_image(),
+            "--reducer-image", held.image("reduce") if component in (None, "reduce") else cpu_image()]
 
 
 def test_the_api_refuses_an_indexed_job_whose_pod_hostnames_pass_63_characters(kube_env, s3_bucket, tmp_path):
@@ -76,7 +81,7 @@ def test_the_api_refuses_an_indexed_job_whose_pod_hostnames_pass_63_characters(k
     assert info.value.status == 422 and "invalid DNS label" in json.loads(info.value.body)["message"]
     # dfk8s: the same run id and shard count are refused before anything is created, with the limit.
     manifest = tmp_path / "prompts.jsonl"
-    manifest.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(101)))
+    manifest.write_text("".join(_prompt_row(f"p{i}") + "\n" for i in range(101)))
     result = invoke(
         "submit",
         "--pipeline",
@@ -123,8 +128,9 @@ def test_a_reducer_without_rbac_fails_once_with_a_clear_message(kube_env, held, 
     cluster = kube_env
     account = f"norbac-{run_id}"
     cluster.core.create_namespaced_service_account(NS, {"metadata": {"name": account}})
-    hold_run(held, run_id, "map")  # the workers do not matter here
-    result = invoke(*caption_args(f"s3://{s3_bucket}/runs", "--run-id", run_id, service_account=account))
+    result = invoke(*caption_args(f"s3://{s3_bucket}/runs", "--run-id", run_id,
+                                  *held_flags(held, "map"),  # the workers do not matter here
+                                  service_account=account))
     assert result.exit_code == 0, result.output
     name = f"dfk8s-{run_id}-reduce"
 
@@ -204,8 +210,8 @@ def test_a_missing_reducer_service_account_is_refused_and_shown(
     assert not list(open_storage(output).child(run_id).list(""))  # refused before planning
     # The Jobs created anyway (kubectl apply of the dry run): the server refuses the reducer's pods
     # with FailedCreate events only; status shows them instead of "reducing" with no reason.
-    hold_run(held, run_id)
-    dry = invoke(*caption_args(output, "--run-id", run_id, "--namespace", namespace, "--dry-run"))
+    dry = invoke(*caption_args(output, "--run-id", run_id, "--namespace", namespace, "--dry-run",
+                               *held_flags(held)))
     applied = cluster.kubectl("apply", "-f", "-", input=dry.stdout)
     assert applied.returncode == 0, applied.stderr
     name = f"dfk8s-{run_id}-reduce"
@@ -224,8 +230,7 @@ def test_submit_warns_when_the_server_is_outside_the_supported_range(
     kube_env, held, s3_bucket, run_id, monkeypatch
 ):
     monkeypatch.setattr("dfk8s.kube.versions.SUPPORTED_KUBERNETES", ("1.20", "1.21"))
-    hold_run(held, run_id)
-    result = invoke(*caption_args(f"s3://{s3_bucket}/runs", "--run-id", run_id))
+    result = invoke(*caption_args(f"s3://{s3_bucket}/runs", "--run-id", run_id, *held_flags(held)))
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if "outside the range" in line]
     assert lines == [

@@ -1,14 +1,15 @@
 """`dfk8s model pull --pvc NAME --wait` and `dfk8s model list --pvc NAME` on the real control plane.
 
-The real kube-apiserver, Job controller, PV controller and scheduler; the node agent runs the pull and
-list pods as local processes (tests/cluster/node_agent.py). Two stand-ins, each because no real part can
+The real kube-apiserver, Job controller, PV controller and scheduler; the pull and list pods run on the
+real kubelet, from the CPU image (tests/cluster/node.py). Two stand-ins, each because no real part can
 run here:
 
-* The Hugging Face Hub cannot be reached (tests may only talk to loopback): the pods download from
-  dfk8s.testing.fake_hub on 127.0.0.1, which speaks the Hub's file API to the real huggingface_hub
-  client. The Job gets it as a user gives a Hub mirror, ``--hf-endpoint URL`` (its ``HF_ENDPOINT``).
+* The Hugging Face Hub cannot be reached (tests may only talk to their own servers): the pods download
+  from tests.helpers.fake_hub on the node's IP, which speaks the Hub's file API to the real
+  huggingface_hub client. The Job gets it as a user gives a Hub mirror, ``--hf-endpoint URL`` (its
+  ``HF_ENDPOINT``).
 * No storage driver runs: the claim is a real PersistentVolumeClaim, bound by the real PV controller to
-  a ``hostPath`` PersistentVolume on a folder of the node agent's, which it bind-mounts into the pod.
+  a ``hostPath`` PersistentVolume on a folder of the node's, which the kubelet mounts into the pod.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,75 +24,15 @@ from click.testing import CliRunner
 
 from dfk8s.cli import cli
 from dfk8s.errors import SpecError
-from dfk8s.model_jobs import MODEL_JOB_LABEL, pull_job_name
-from dfk8s.models import format_bytes, list_cache
-from dfk8s.testing.fake_hub import FakeHub
+from dfk8s.kube.model_jobs import MODEL_JOB_LABEL, pull_job_name
+from dfk8s.models.hub import format_bytes, list_cache
 from tests.cluster.conftest import NS
 from tests.cluster.controlplane import free_port
+from tests.cluster.sandbox import NODE_IP
+from tests.helpers.fake_hub import FakeHub
 
 MODEL = "tiny-org/tiny-pipe"
 WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
-
-
-@dataclass
-class Claim:
-    """A bound PersistentVolumeClaim of namespace batch and the host folder its PersistentVolume is."""
-
-    name: str
-    folder: Path
-
-
-@pytest.fixture
-def claim(kube_env) -> Claim:
-    """A PVC bound (by the real PV controller) to a hostPath PV on a fresh folder; both deleted after."""
-    from kubernetes.client.exceptions import ApiException
-
-    cluster = kube_env
-    name = f"hf-{uuid.uuid4().hex[:8]}"
-    # Under the agent's state folder, not /tmp: pods mount an emptyDir over /tmp.
-    folder = cluster.agent.state_dir / "volumes" / name
-    folder.mkdir(parents=True)
-    pv_name = f"{NS}-{name}"
-    cluster.core.create_persistent_volume(
-        {
-            "metadata": {"name": pv_name},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadWriteMany"],
-                "persistentVolumeReclaimPolicy": "Retain",
-                "storageClassName": "",
-                "hostPath": {"path": str(folder), "type": "Directory"},
-                "claimRef": {"namespace": NS, "name": name},
-            },
-        }
-    )
-    cluster.core.create_namespaced_persistent_volume_claim(
-        NS,
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
-    try:
-        cluster.wait_for(
-            lambda: cluster.core.read_namespaced_persistent_volume_claim(name, NS).status.phase == "Bound",
-            what=f"claim {name} bound to {pv_name}",
-        )
-        yield Claim(name, folder)
-    finally:
-        for delete in (
-            lambda: cluster.core.delete_namespaced_persistent_volume_claim(name, NS),
-            lambda: cluster.core.delete_persistent_volume(pv_name),
-        ):
-            try:
-                delete()
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +84,11 @@ def test_should_follow_the_pull_job_and_replace_a_finished_one_when_wait_is_set(
     cluster = kube_env
     name = pull_job_name(MODEL, claim.name)
     port = free_port()
-    hub = FakeHub({MODEL: repo})
+    hub = FakeHub({MODEL: repo}, host=NODE_IP)
     try:
         # The Hub is not up yet: the first pod cannot reach it and fails (exit 1); the Job retries it.
         thread, box = _in_thread(
-            "model", "pull", MODEL, "--pvc", claim.name, "--hf-endpoint", f"http://127.0.0.1:{port}", "--wait"
+            "model", "pull", MODEL, "--pvc", claim.name, "--hf-endpoint", f"http://{NODE_IP}:{port}", "--wait"
         )
         first = cluster.wait_for(
             lambda: [p for p in _job_pods(cluster, name) if p["status"].get("phase") == "Failed"],
@@ -172,9 +111,9 @@ def test_should_follow_the_pull_job_and_replace_a_finished_one_when_wait_is_set(
         assert (Path(cached.snapshot) / WEIGHTS).read_bytes() == (repo / WEIGHTS).read_bytes()
 
         # Pulling again once it finished: the old Job is replaced, not refused as "already exists". Its
-        # pod is held in ContainerCreating (a slow image pull), so the new Job is still going...
-        held.hold(lambda pod: (pod["metadata"].get("labels") or {}).get(MODEL_JOB_LABEL) == name)
-        again = invoke("model", "pull", MODEL, "--pvc", claim.name, "--hf-endpoint", hub.url)
+        # pod waits for an image the node does not have yet, so the new Job is still going...
+        again = invoke("model", "pull", MODEL, "--pvc", claim.name, "--hf-endpoint", hub.url,
+                       "--image", held.image("pull"))
         assert again.exit_code == 0, again.output
         assert "created job" in again.stderr
         job = cluster.job(NS, name)
@@ -192,7 +131,7 @@ def test_should_exit_42_with_the_log_line_when_the_pull_cannot_succeed(kube_env,
     cluster = kube_env
     name = pull_job_name("some-org/private", claim.name)
     try:
-        with FakeHub({MODEL: repo}) as hub:  # serves MODEL only: some-org/private is no model there
+        with FakeHub({MODEL: repo}, host=NODE_IP) as hub:  # serves MODEL only: no some-org/private
             thread, box = _in_thread(
                 "model", "pull", "some-org/private", "--pvc", claim.name, "--hf-endpoint", hub.url, "--wait"
             )

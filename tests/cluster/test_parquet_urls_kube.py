@@ -3,9 +3,9 @@
 The README's command, ``dfk8s run --pipeline caption --input laion-part-00000.parquet --image-key url
 --prompt "Describe the image." --limit 100``, and the same rows submitted to the real control plane
 (tests/cluster/conftest.py): the Parquet read here (or from s3://) and planned onto SeaweedFS, the URLs left
-as they are (not staged), and the pods (the node agent's processes) fetch them from a loopback image server
-(hence ``--allow-private-image-hosts``). Each row's image has a size of its own, which the fake's caption
-echoes, so a row that got another row's image, or a row out of place, shows.
+as they are (not staged), and the pods (on the real kubelet) fetch them from an image server on the node's
+private IP (hence ``--allow-private-image-hosts``). Each row's image has a size of its own, which the
+fake's caption echoes, so a row that got another row's image, or a row out of place, shows.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from dfk8s import layout
 from dfk8s.cli import cli
+from dfk8s.run import layout
 from dfk8s.storage import open_storage
 from tests.cluster.conftest import CREDENTIALS, NS
+from tests.cluster.sandbox import NODE_IP
 from tests.image_server import ImageServer
 
 ROWS, LIMIT = 120, 100
@@ -34,7 +35,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def images():
-    with ImageServer("127.0.0.1") as server:
+    with ImageServer(NODE_IP) as server:
         yield server
 
 

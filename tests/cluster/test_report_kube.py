@@ -1,6 +1,6 @@
 """dfk8s report for a Kubernetes run (staged images on S3): submit --wait --report, and report afterwards.
 
-Against the real control plane (tests/cluster/conftest.py); the pods are the node agent's processes.
+Against the real control plane (tests/cluster/conftest.py); the pods run on the real kubelet.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from dfk8s.cli import cli
 from tests.cluster.conftest import CREDENTIALS
+from tests.cluster.sandbox import NODE_IP
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 from tests.report_browser import cards, chromium, images, open_page
 
@@ -54,7 +55,7 @@ def test_submit_wait_report_then_report_from_the_s3_output(
     assert (
         out[0] == run_id
         and f"{output}/{run_id}/report.html" in out
-        and out[-1].startswith("http://127.0.0.1:")
+        and out[-1].startswith(f"http://{NODE_IP}:")  # presigned, on the S3 endpoint
     )
     local = tmp_path / f"report-{run_id}" / "report.html"
     assert str(local) in out

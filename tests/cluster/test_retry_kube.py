@@ -1,9 +1,10 @@
 """`dfk8s retry RUN -o s3://... --no-run`, then `dfk8s submit --run-id RUN`: the failed rows, on Kubernetes.
 
-The run is submitted to the real control plane (tests/cluster/conftest.py); its pods are the node agent's
-processes, against SeaweedFS and the fake OpenAI server. Chosen rows carry the fake's counted triggers
-(``[[500x4]]``: that request fails four times, then succeeds), so they fail in the first run and succeed
-in the retry only with the retry's higher ``--max-retries``. Requests are counted at the fake, per row.
+The run is submitted to the real control plane (tests/cluster/conftest.py); its pods run on the real
+kubelet, from the CPU image, against SeaweedFS and the fake OpenAI server. Chosen rows carry the fake's
+counted triggers (``[[500x4]]``: that request fails four times, then succeeds), so they fail in the first
+run and succeed in the retry only with the retry's higher ``--max-retries``. Requests are counted at the
+fake, per row.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import json
 
 from click.testing import CliRunner
 
-from dfk8s import layout
 from dfk8s.cli import cli
 from dfk8s.errors import SpecError
+from dfk8s.run import layout
 from dfk8s.storage import open_storage
 from tests.cluster.conftest import CREDENTIALS, NS
 from tests.conftest import DATAFLOW_ROOT

@@ -1,9 +1,10 @@
 """`dfk8s submit / status / logs / list / cancel` and the reduce Job, against the real control plane.
 
 kube-apiserver, the Job controller, the garbage collector and the scheduler are the real ones
-(tests/cluster/controlplane.py); the pods run as local processes of the node agent, against SeaweedFS
-and the fake OpenAI server. The chart is installed in namespace batch (release dfk8s), so the reduce
-Job runs as the chart's reducer ServiceAccount with the pod's own token (in-cluster config).
+(tests/cluster/controlplane.py); the pods run on a real kubelet and containerd (tests/cluster/node.py),
+from the CPU image, against SeaweedFS and the fake OpenAI server. The chart is installed in namespace
+batch (release dfk8s), so the reduce Job runs as the chart's reducer ServiceAccount with the pod's own
+token (in-cluster config).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import threading
 
 from click.testing import CliRunner
 
-from dfk8s import layout
 from dfk8s.cli import cli
 from dfk8s.errors import KubernetesError
+from dfk8s.run import layout
 from dfk8s.storage import open_storage
 from tests.cluster.conftest import CREDENTIALS, NS
-from tests.cluster.node_agent import CPU_NODE
+from tests.cluster.node import NODE_NAME
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 
 INDEX = "batch.kubernetes.io/job-completion-index"
@@ -86,10 +87,9 @@ def test_submit_wait_status_logs_list_cancel(kube_env, s3_bucket, fake_api, api_
     assert sum("caption" in r for r in rows) == 4
     assert any(key.startswith("staged/") for key in storage.list("staged"))
 
-    # The real scheduler placed every pod on the CPU node (the GPU node is tainted), and the agent
-    # reported what the kubelet reports.
+    # The real scheduler placed every pod on the node, and its kubelet reported how each ended.
     pods = run_pods(cluster, run_id)
-    assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {CPU_NODE}
+    assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {NODE_NAME}
     for pod in pods:
         assert pod["status"]["phase"] == "Succeeded"
         terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -111,7 +111,7 @@ def test_submit_wait_status_logs_list_cancel(kube_env, s3_bucket, fake_api, api_
     as_json = json.loads(invoke("status", run_id, "--json").stdout)
     assert as_json["state"] == "complete" and as_json["map_job"]["completed"] == [0, 1]
 
-    # Logs come through the API server's pods/log, which asks the node agent, as it asks a kubelet.
+    # Logs come through the API server's pods/log, which asks the kubelet.
     logs = invoke("logs", run_id, "--index", "1")
     assert logs.exit_code == 0 and "shard 1: 2 ok, 2 failed" in logs.stdout, logs.output
     assert f"job dfk8s-{run_id}-map: Complete" in invoke("logs", run_id, "--reducer").stdout
@@ -155,14 +155,8 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
     kube_env, held, s3_bucket, fake_api, api_key, run_id, seaweed
 ):
     cluster, output = kube_env, f"s3://{s3_bucket}/runs"
-    started = set()  # the indexes whose pods may start
-    held.hold(
-        lambda pod: (
-            pod["metadata"].get("labels", {}).get("dfk8s.io/run") == run_id
-            and pod["metadata"]["labels"].get("dfk8s.io/component") == "map"
-            and pod["metadata"]["annotations"][INDEX] not in started
-        )
-    )
+    # Neither the workers' image nor the reducer's is on the node yet: every pod waits to start.
+    map_image, reduce_image = held.image("map"), held.image("reduce")
     result = invoke(
         *caption_args(
             output,
@@ -174,6 +168,10 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
             "4",
             "--api-url",
             fake_api.url + "/v1",
+            "--image",
+            map_image,
+            "--reducer-image",
+            reduce_image,
         )
     )
     assert result.exit_code == 0, result.output
@@ -185,12 +183,6 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
     storage = open_storage(output).child(run_id)
     shard1 = storage.read_bytes(layout.shard_input_key(1))
     storage.delete(layout.shard_input_key(1))
-    started.add("1")
-    cluster.wait_for(
-        lambda: cluster.job(NS, f"dfk8s-{run_id}-map")["status"].get("failedIndexes") == "1",
-        what="index 1 to fail",
-    )
-    storage.write_bytes(layout.shard_input_key(1), shard1)
     # Index 2's pod is evicted through the Eviction API: the API server adds DisruptionTarget, and the
     # Job controller's Ignore rule creates a new pod without counting a failure.
     evicted = next(p for p in pods if p["metadata"]["annotations"][INDEX] == "2")
@@ -203,7 +195,13 @@ def test_failed_index_and_evicted_pod_are_reduced_and_reported(
         lambda: len(cluster.pods(NS, f"dfk8s.io/run={run_id},{INDEX}=2")) == 2,
         what="the evicted pod to be replaced",
     )
-    held.release()
+    held.release(map_image)
+    cluster.wait_for(
+        lambda: cluster.job(NS, f"dfk8s-{run_id}-map")["status"].get("failedIndexes") == "1",
+        what="index 1 to fail",
+    )
+    storage.write_bytes(layout.shard_input_key(1), shard1)
+    held.release(reduce_image)
     follow = invoke("status", run_id)
     assert follow.exit_code == 0
     reducer = cluster.wait_for(
@@ -256,13 +254,7 @@ def test_map_job_failed_with_some_indexes_done_is_still_reduced(
     """--max-failed-indexes 0: shard 1 fails for good, so the Job ends Failed after shard 0; the reducer
     (a pod of the reduce Job, in-cluster credentials) assembles what exists and names the rest."""
     cluster, output = kube_env, f"s3://{s3_bucket}/runs"
-    may_start = set()  # components whose pods may start
-    held.hold(
-        lambda pod: (
-            pod["metadata"].get("labels", {}).get("dfk8s.io/run") == run_id
-            and pod["metadata"]["labels"].get("dfk8s.io/component") not in may_start
-        )
-    )
+    map_image, reduce_image = held.image("map"), held.image("reduce")  # no pod starts before released
     result = invoke(
         *caption_args(
             output,
@@ -275,6 +267,10 @@ def test_map_job_failed_with_some_indexes_done_is_still_reduced(
             "--max-failed-indexes",
             "0",
             *wait_args(fake_api)[:2],
+            "--image",
+            map_image,
+            "--reducer-image",
+            reduce_image,
         )
     )
     assert result.exit_code == 0, result.output
@@ -282,7 +278,7 @@ def test_map_job_failed_with_some_indexes_done_is_still_reduced(
     storage = open_storage(output).child(run_id)
     shard1 = storage.read_bytes(layout.shard_input_key(1))
     storage.delete(layout.shard_input_key(1))
-    may_start.add("map")
+    held.release(map_image)
     cluster.wait_for(
         lambda: any(
             c["type"] == "Failed"
@@ -292,7 +288,7 @@ def test_map_job_failed_with_some_indexes_done_is_still_reduced(
         timeout=180,
     )
     storage.write_bytes(layout.shard_input_key(1), shard1)
-    may_start.add("reduce")
+    held.release(reduce_image)
     cluster.wait_for(
         lambda: (cluster.job(NS, f"dfk8s-{run_id}-reduce") or {}).get("status", {}).get("succeeded"),
         what="the reduce Job",
@@ -315,8 +311,8 @@ def test_map_job_failed_with_some_indexes_done_is_still_reduced(
 
 def test_reduce_stops_when_the_map_job_is_deleted(kube_env, held, s3_bucket, run_id):
     cluster, output = kube_env, f"s3://{s3_bucket}/runs"
-    held.hold(lambda pod: pod["metadata"].get("labels", {}).get("dfk8s.io/run") == run_id)
-    assert invoke(*caption_args(output, "--run-id", run_id)).exit_code == 0
+    held_images = ["--image", held.image("map"), "--reducer-image", held.image("reduce")]
+    assert invoke(*caption_args(output, "--run-id", run_id, *held_images)).exit_code == 0
     # The reducer as its own process, through $KUBECONFIG, watching the real API.
     reducer = subprocess.Popen(
         [sys.executable, "-m", "dfk8s", "reduce", f"{output}/{run_id}", "--wait-job", f"dfk8s-{run_id}-map"],

@@ -20,8 +20,9 @@ import uuid
 
 import pytest
 
-from dfk8s import __version__, layout
-from dfk8s.runs import RunRequest, prepare_run
+from dfk8s import __version__
+from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.run import layout
 from tests.conftest import DATAFLOW_ROOT, REPO, VQA_MANIFEST
 
 IMAGE = os.environ.get("DFK8S_CPU_IMAGE", "dfk8s-cpu:dev")
@@ -48,6 +49,20 @@ def _run(*args: str, env: dict[str, str] | None = None, check: bool = True) -> s
     env = env or {}
     env_flags = [flag for name in env for flag in ("-e", name)]
     return _docker("run", "--rm", *RESTRICTED, *env_flags, *args, env=env, check=check)
+
+
+def _assert_image_located(storage, got: list, want: list) -> None:
+    """A result row names its image so it resolves from anywhere: a path the plan staged becomes the
+    ``s3://`` URI of the staged copy (same bytes); a path it could not read stays as written."""
+    assert len(got) == len(want) == 1
+    source = DATAFLOW_ROOT / want[0]
+    if not source.is_file():
+        assert got == want
+        return
+    prefix = storage.url(layout.STAGED_PREFIX + "/")
+    assert got[0].startswith(prefix), got
+    staged = layout.STAGED_PREFIX + "/" + got[0][len(prefix):]
+    assert storage.read_bytes(staged) == source.read_bytes()
 
 
 def _lines(storage, key):
@@ -80,7 +95,7 @@ def docker_image():
 
 @pytest.fixture(scope="module")
 def s3():
-    from dfk8s.testing.seaweed import start_seaweed
+    from tests.helpers.seaweed import start_seaweed
 
     server = start_seaweed()
     server.create_bucket("images")
@@ -144,7 +159,7 @@ def test_version_matches_the_package():
 
 def test_job_profiles_load_inside_the_image():
     """`dfk8s submit` in a launcher pod reads the profiles from /etc/dfk8s/jobs (the chart mounts over it)."""
-    script = ("from dfk8s.profiles import load_profile\n"
+    script = ("from dfk8s.kube.profiles import load_profile\n"
               "for name in ('caption', 'vqa', 'text2image', 'imageedit'):\n"
               "    print(load_profile(name).source)\n")
     result = _run("--entrypoint", "python", IMAGE, "-c", script)
@@ -164,7 +179,8 @@ def test_worker_container_finishes_the_shard_on_s3(s3, api, container_env, capti
     original = json.loads(VQA_MANIFEST.read_text())
     assert len(rows) == 8
     for got, want in zip(rows, original, strict=True):
-        assert got["conversation"] == want["conversation"] and got["image"] == want["image"]
+        assert got["conversation"] == want["conversation"]
+        _assert_image_located(storage, got["image"], want["image"])
         if "Face.jpg" in want["image"][0]:
             assert "caption" not in got and got["error"]["type"] == "BadRow"
             assert "Face.jpg" in got["error"]["message"]
@@ -190,7 +206,8 @@ def test_reducer_container_writes_the_ordered_result(s3, container_env, caption_
     original = json.loads(VQA_MANIFEST.read_text())
     assert len(rows) == 8
     for got, want in zip(rows, original, strict=True):
-        assert got["conversation"] == want["conversation"] and got["image"] == want["image"]
+        assert got["conversation"] == want["conversation"]
+        _assert_image_located(storage, got["image"], want["image"])
         if "Face.jpg" in want["image"][0]:
             assert "caption" not in got and got["error"]["type"] == "BadRow"
         else:
@@ -225,7 +242,7 @@ def test_fake_api_command_of_the_chart_serves_from_the_image():
 
 def test_seaweedfs_of_the_chart_runs_from_the_image():
     """The chart's SeaweedFS Deployment runs `weed server -s3` from this image, read-only, as uid 10001."""
-    from dfk8s.testing.seaweed import SeaweedS3, _free_port_with_grpc
+    from tests.helpers.seaweed import SeaweedS3, _free_port_with_grpc
 
     ports = {name: _free_port_with_grpc() for name in ("s3", "master", "volume", "filer")}
     name = f"dfk8s-test-weed-{uuid.uuid4().hex[:8]}"

@@ -20,7 +20,7 @@ import yaml
 from tests.conftest import REPO, SHARED
 
 SCRIPT = REPO / "hack" / "kind-test.sh"
-HACK_SCRIPTS = sorted((REPO / "hack").glob("*.sh"))
+HACK_SCRIPTS = sorted((REPO / "hack").glob("*.sh")) + sorted((REPO / "hack" / "cluster").glob("*.sh"))
 CHART_DIR = REPO / "charts" / "dfk8s"
 IMAGE_TESTS_ENV = "DFK8S_IMAGE_TESTS"
 
@@ -243,7 +243,8 @@ def test_kind_test_runs_end_to_end_with_stub_cluster_tools(tmp_path, stub_env, s
     assert _port_forward_stopped(tmp_path)
     # The image is built from a context of only what it needs.
     context = set((tmp_path / "context.txt").read_text().split())
-    assert {"pyproject.toml", "README.md", "dfk8s/cli.py", "jobs/caption.yaml", "images/cpu/Dockerfile",
+    assert {"pyproject.toml", "README.md", "dfk8s/cli/__init__.py", "jobs/caption.yaml",
+            "images/cpu/Dockerfile",
             "images/build-ca/README.md"} <= context
     assert not [name for name in context if ".venv" in name or "__pycache__" in name or name.endswith(".pyc")]
     # The run really happened on S3: result.jsonl holds the fixture's rows in order.

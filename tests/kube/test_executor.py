@@ -21,8 +21,8 @@ from dfk8s.executors.kubernetes.wait import (
     wait_for_job_end,
 )
 from dfk8s.kube.client import connect, default_namespace
-from dfk8s.profiles import load_profile
-from dfk8s.runs import RunRequest, prepare_run
+from dfk8s.kube.profiles import load_profile
+from dfk8s.plan.launch import RunRequest, prepare_run
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 
 
@@ -142,7 +142,14 @@ def test_credentials_policy():
     with pytest.raises(SpecError, match="create a Secret"):
         kube.check_credentials("openai-chat", options, environ={})
     with pytest.raises(SpecError, match=r"\$OPENAI_API_KEY stays on this machine"):
+        kube.check_credentials("openai-images", options, environ={"OPENAI_API_KEY": "x"})
+    # The variables named are the serving's own (the registry's): Gemini's GOOGLE_API_KEY was left out
+    # of a list restated here, and OpenAI's key is not a Gemini key.
+    with pytest.raises(SpecError, match=r"\$GOOGLE_API_KEY stays on this machine"):
+        kube.check_credentials("gemini-images", options, environ={"GOOGLE_API_KEY": "x"})
+    with pytest.raises(SpecError) as refused:
         kube.check_credentials("gemini-images", options, environ={"OPENAI_API_KEY": "x"})
+    assert "stays on this machine" not in str(refused.value)
     warnings = kube.check_credentials(
         "diffusers", options, environ={"AWS_ACCESS_KEY_ID": "a", "HF_TOKEN": "t"}
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import yaml
@@ -17,8 +18,8 @@ from dfk8s.kube import (
     is_supported,
     to_yaml,
 )
+from dfk8s.kube.profiles import ModelCache, load_profile
 from dfk8s.kube.versions import parse_minor, validator_versions
-from dfk8s.profiles import ModelCache, load_profile
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -480,3 +481,56 @@ def test_should_accept_the_longest_run_id_when_job_names_fit_63_characters():
     for obj in build_run_objects(cfg):
         assert len(obj["metadata"]["name"]) <= 63
         validate(obj)
+
+
+# --- a self-hosted VLM: the engine as a native sidecar ------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline", ["caption", "vqa"])
+def test_should_run_vllm_as_a_native_sidecar_holding_the_gpu_when_the_serving_is_vllm(pipeline):
+    cfg = full_config(pipeline, "vllm", model_cache_pvc="hf-cache", gpus=2, engine_options={
+        "model": "Qwen/Qwen2.5-VL-7B-Instruct", "max_model_len": 8192, "engine_args": ["max-num-seqs=64"]})
+    job = build_map_job(cfg)
+    validate(job)
+    spec = pod_spec(job)
+    (engine,) = spec["initContainers"]
+    assert engine["name"] == "engine" and engine["restartPolicy"] == "Always"  # native sidecar
+    assert engine["image"] == "vllm/vllm-openai:v0.11.0"
+    assert engine["command"] == [
+        "vllm", "serve", "Qwen/Qwen2.5-VL-7B-Instruct", "--host", "127.0.0.1", "--port", "8000",
+        "--served-model-name", "Qwen/Qwen2.5-VL-7B-Instruct", "--limit-mm-per-prompt",
+        f'{{"image": {1 if pipeline == "caption" else 4}}}', "--tensor-parallel-size", "2",
+        "--max-model-len", "8192", "--max-num-seqs", "64"]
+    # Loopback only (no authentication): the probe runs in the container, not from the kubelet.
+    assert "--host" in engine["command"] and engine["command"][engine["command"].index("--host") + 1] == \
+        "127.0.0.1"
+    assert engine["startupProbe"]["exec"]["command"][:2] == ["python3", "-c"]
+    assert "http://127.0.0.1:8000/health" in engine["startupProbe"]["exec"]["command"][2]
+    assert engine["startupProbe"]["periodSeconds"] * engine["startupProbe"]["failureThreshold"] == 900
+    # The engine holds the GPUs; the worker container stays small.
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "nvidia.com/gpu" not in container(job)["resources"].get("limits", {})
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # Weights read-only from the model cache, the Hub offline; the token only as a Secret reference.
+    engine_env = {item["name"]: item for item in engine["env"]}
+    assert engine_env["HF_HUB_OFFLINE"]["value"] == "1"
+    assert engine_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-creds", "key": "HF_TOKEN"}
+    cache = next(m for m in engine["volumeMounts"] if m["name"] == "model-cache")
+    assert cache["readOnly"] is True
+    assert engine["securityContext"]["readOnlyRootFilesystem"] is True
+    assert env_of(job)["DFK8S_ENGINE_URL"]["value"] == "http://127.0.0.1:8000/v1"
+    assert env_of(job)["DFK8S_ENGINE_GPUS"]["value"] == "2"  # for the summary's GPU-seconds
+    assert "hf-creds" not in json.dumps(engine["command"])
+
+
+def test_should_run_transformers_serve_as_the_sidecar_when_the_serving_is_transformers():
+    job = build_map_job(make_config("caption", "transformers", engine_options={"model": "org/tiny-vlm"}))
+    validate(job)
+    (engine,) = pod_spec(job)["initContainers"]
+    assert engine["command"][:3] == ["transformers", "serve", "org/tiny-vlm"]
+    assert "nvidia.com/gpu" not in engine["resources"].get("limits", {})
+
+
+def test_should_refuse_an_engine_serving_without_a_model():
+    with pytest.raises(SpecError, match="needs --model"):
+        build_map_job(make_config("caption", "vllm", engine_options={}))

@@ -18,14 +18,14 @@ from dfk8s.cli import cli
 from dfk8s.errors import SpecError
 from dfk8s.kube import SUPPORTED_KUBERNETES, KubeRunConfig, build_map_job
 from dfk8s.kube._cluster_options import HF_TOKEN_WARNING
-from dfk8s.model_jobs import (
+from dfk8s.kube.model_jobs import (
     build_list_job,
     build_pull_job,
     merge_warnings,
     model_cache_warnings,
     pull_job_name,
 )
-from dfk8s.profiles import ModelCache, load_profile
+from dfk8s.kube.profiles import ModelCache, load_profile
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -356,7 +356,7 @@ def test_should_refuse_flags_of_the_other_target_when_pull_is_called():
 
 
 def test_should_read_the_claim_and_subpath_when_a_profile_names_them(tmp_path, monkeypatch):
-    from dfk8s.profiles import JOBS_DIR_ENV
+    from dfk8s.kube.profiles import JOBS_DIR_ENV
 
     text = (load_profile("text2image").source).read_text()
     shared = text.replace(

@@ -181,6 +181,8 @@ def test_dry_run_gpu_profile_for_text2image_diffusers(tmp_path, s3_bucket, seawe
     manifest.write_text("".join(json.dumps({"prompt": f"a cat {i}"}) + "\n" for i in range(5)))
     base = [
         "submit",
+        "--input-key",
+        "prompt",
         "--pipeline",
         "text2image",
         "--input",
@@ -275,7 +277,7 @@ def test_submit_needs_s3_output_and_secret_references_not_values(tmp_path):
 
 def _planned_on_s3(bucket: str, run_id: str, options: dict) -> str:
     """Plan a caption run of the VQA fixture for Kubernetes under s3://BUCKET/runs; returns that output."""
-    from dfk8s.runs import RunRequest, prepare_run
+    from dfk8s.plan.launch import RunRequest, prepare_run
 
     output = f"s3://{bucket}/runs"
     prepare_run(RunRequest(pipeline="caption", output=output, input=str(VQA_MANIFEST),

@@ -13,8 +13,8 @@ from dfk8s.errors import Dfk8sError
 from dfk8s.executors.base import Cancelled, Executor, cancel_provider_batches
 from dfk8s.executors.kubernetes._run_status import cancel_run, follow_run, run_status
 from dfk8s.executors.kubernetes._submit import Submission, check_cluster, start_jobs
-from dfk8s.executors.status import RunStatus
 from dfk8s.kube import ClusterOptions, check_credentials
+from dfk8s.run.status import RunStatus
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from dfk8s.errors import Dfk8sError, KubernetesError, SpecError, StorageError
 from dfk8s.executors.kubernetes._submit import Submission
 from dfk8s.executors.kubernetes.wait import JobState, job_state
-from dfk8s.executors.status import RunStatus, reduced_state, storage_status
+from dfk8s.run.status import RunStatus, reduced_state, storage_status
 
 
 def run_state(map_job: JobState | None, reduce_job: JobState | None) -> str:
@@ -60,7 +60,7 @@ def run_status(
     reader=None,
     details: bool = True,
 ) -> RunStatus:
-    """Read a run's Jobs, then its storage (:func:`dfk8s.executors.status.storage_status`).
+    """Read a run's Jobs, then its storage (:func:`dfk8s.run.status.storage_status`).
 
     Args:
         clients: :class:`dfk8s.kube.client.KubeClients`.
@@ -68,7 +68,7 @@ def run_status(
         run_id: The run.
         output: ``s3://bucket/prefix`` the run is under; default: read from the map Job.
         endpoint_url: S3 endpoint from here; default: the one the Jobs use.
-        reader: A :class:`dfk8s.progress.ProgressReader` to reuse between polls.
+        reader: A :class:`dfk8s.run.progress.ProgressReader` to reuse between polls.
         details: Also read the provider batches and the spend (not needed by every poll of ``--wait``).
 
     Raises:
@@ -214,7 +214,7 @@ def follow_run(
         StoppedWaiting: Ctrl-C (the Jobs keep running).
 
     """
-    from dfk8s.progress import ProgressReader, progress_bar
+    from dfk8s.run.progress import ProgressReader, progress_bar
 
     reader = ProgressReader(submission.storage)
     total = submission.spec.rows

@@ -20,16 +20,16 @@ from dfk8s.kube import (
     check_credentials,
     kube_run_config,
 )
-from dfk8s.profiles import Profile, load_profile
-from dfk8s.runs import RunRequest, run_storage
+from dfk8s.kube.profiles import Profile, load_profile
+from dfk8s.plan.launch import RunRequest, run_storage
+from dfk8s.run.spec import SERVING_OPTION_NAMES
+from dfk8s.servings import serving_info
 
 log = logging.getLogger(__name__)
 
 
 def apply_profile_defaults(options: dict[str, Any], profile: Profile, explicit: set[str]) -> dict[str, Any]:
     """Return the serving options with the profile's defaults filled in where the user gave no flag."""
-    from dfk8s.options import SERVING_OPTION_NAMES
-
     merged = dict(options)
     for name, value in profile.defaults.items():
         if name in SERVING_OPTION_NAMES and name not in explicit and value is not None:
@@ -54,7 +54,7 @@ def resolve_resume(request: RunRequest) -> RunRequest:
 
     """
     from dfk8s.errors import RunNotFound
-    from dfk8s.runs import existing_spec
+    from dfk8s.plan.launch import existing_spec
 
     spec = None
     if request.run_id:
@@ -93,6 +93,7 @@ class Estimate:
         minutes: ``requests / per_minute``.
         bound: ``"rpm"`` when --rpm limits the rate, else ``"concurrency"``.
         latency: The seconds one request is assumed to take.
+        concurrency: Requests in flight per pod.
 
     """
 
@@ -101,6 +102,7 @@ class Estimate:
     minutes: float
     bound: str
     latency: float
+    concurrency: int = 1
 
 
 def estimate_api_time(
@@ -118,6 +120,7 @@ def estimate_api_time(
         minutes=requests / per_minute,
         bound="rpm" if rpm and rpm <= by_concurrency else "concurrency",
         latency=latency,
+        concurrency=concurrency,
     )
 
 
@@ -153,7 +156,7 @@ def count_plan(request: RunRequest) -> tuple[int, int, int, int]:
 
 def _count_plan_and_cost(request: RunRequest):
     """``plan()`` in count-only mode (the same code as a real plan, nothing written), plus the estimate."""
-    from dfk8s.runs import dry_run as plan_dry_run
+    from dfk8s.plan.launch import dry_run as plan_dry_run
 
     found = plan_dry_run(dataclasses.replace(request, run_id=None), executor="kubernetes")
     spec = found.spec
@@ -182,8 +185,8 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
 
     A run named by ``--run-id`` that is already planned is read (its run.json) instead of the manifest.
     """
-    from dfk8s.runs import check_resume
-    from dfk8s.spec import RunSpec, new_run_id
+    from dfk8s.plan.launch import check_resume
+    from dfk8s.run.spec import RunSpec, new_run_id
 
     request, serving, warnings = _checked(request, options)
     run_id = request.run_id or new_run_id()
@@ -212,20 +215,21 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
             dataclasses.replace(request, options=serving_options, serving=serving,
                                 parallelism=options.parallelism))
         if not (request.shards or request.rows_per_shard):
-            from dfk8s.plan import default_shard_size
+            from dfk8s.plan.sizing import default_shard_size
 
             shard_size = default_shard_size(rows, serving, serving_options, options.parallelism, "kubernetes")
     if not shards:
         raise SpecError(f"{request.input}: the manifest has no rows; nothing to submit")
     config = kube_run_config(options, profile, run_id=run_id, run_uri=storage.url(), shards=shards,
-                             api_mode=serving_options.get("api_mode"), endpoint_url=request.endpoint_url)
+                             api_mode=serving_options.get("api_mode"), endpoint_url=request.endpoint_url,
+                             serving_options=serving_options)
     warnings = _model_cache_warnings(warnings, config, serving_options)
     pods = min(options.parallelism, shards)
     estimate = estimate_api_time(
         profile.serving,
         good,
         pods,
-        int(serving_options.get("max_concurrency") or 64),
+        serving_info(profile.serving).concurrency(serving_options),
         serving_options.get("rpm"),
     )
     return DryRun(
@@ -245,8 +249,8 @@ def dry_run(request: RunRequest, options: ClusterOptions, *, explicit: set[str] 
 
 
 def _stored_estimate(storage):
-    from dfk8s.budget import read_cost_record
-    from dfk8s.cost import Estimate
+    from dfk8s.cost.budget import read_cost_record
+    from dfk8s.cost.pricing import Estimate
 
     saved = (read_cost_record(storage) or {}).get("estimate")
     return Estimate(**saved) if saved else None
@@ -293,8 +297,8 @@ def submit(
         KubernetesError: The cluster refused (e.g. "already exists" when the run's Jobs are still there).
 
     """
-    from dfk8s.runs import prepare_run
-    from dfk8s.spec import new_run_id
+    from dfk8s.plan.launch import prepare_run
+    from dfk8s.run.spec import new_run_id
 
     request, serving, warnings = _checked(request, options)
     profile = load_profile(request.pipeline, serving)
@@ -343,7 +347,8 @@ def start_jobs(
     """
     profile = load_profile(spec.pipeline, spec.serving)
     config = kube_run_config(options, profile, run_id=spec.run_id, run_uri=storage.url(), shards=spec.shards,
-                             api_mode=spec.options.get("api_mode"), endpoint_url=endpoint_url)
+                             api_mode=spec.options.get("api_mode"), endpoint_url=endpoint_url,
+                             serving_options=spec.options)
     warnings = _model_cache_warnings(warnings, config, spec.options)
     names = create_jobs(clients, config)
     return Submission(
@@ -359,7 +364,7 @@ def start_jobs(
 
 
 def _model_cache_warnings(warnings: list[str], config: KubeRunConfig, options: dict[str, Any]) -> list[str]:
-    from dfk8s.model_jobs import merge_warnings, model_cache_warnings
+    from dfk8s.kube.model_jobs import merge_warnings, model_cache_warnings
 
     return merge_warnings(warnings, model_cache_warnings(config, options.get("model")), config)
 

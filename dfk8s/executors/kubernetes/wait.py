@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dfk8s.errors import EXIT_DO_NOT_RETRY, KubernetesError
+from dfk8s.errors import EXIT_DO_NOT_RETRY, KubernetesError, retry_after_seconds
 
 __all__ = [
     "JobDeleted",
@@ -46,11 +46,8 @@ class WaitNotAllowed(KubernetesError):
 
 def _retry_after(exc, default: float) -> float:
     """Seconds a 429 asks to wait (its ``Retry-After`` header), else ``default``; at most 60."""
-    try:
-        value = float((exc.headers or {}).get("Retry-After"))
-    except (TypeError, ValueError):
-        return default
-    return min(60.0, max(0.0, value))
+    value = retry_after_seconds((exc.headers or {}).get("Retry-After"))
+    return default if value is None else min(60.0, value)
 
 
 def parse_indexes(text: str | None) -> list[int]:

@@ -1,0 +1,1 @@
+"""Money: the dated price table and estimate, usage from responses, the --max-cost budget."""

