@@ -23,7 +23,7 @@ shift
 root=$(repo_root)
 docker info >/dev/null 2>&1 || die "no Docker daemon answers${DOCKER_HOST:+ on $DOCKER_HOST}; start one (hack/docker-up.sh)"
 
-build_args=(--file "images/$kind/Dockerfile" --tag "$tag")
+build_args=(--file "images/$kind/Dockerfile")
 network=${DFK8S_BUILD_NETWORK-host}
 [ -n "$network" ] && build_args+=(--network "$network")
 [ -n "${BASE_IMAGE:-}" ] && build_args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
@@ -45,9 +45,21 @@ fi
 
 say "building $tag from images/$kind/Dockerfile${BASE_IMAGE:+ on $BASE_IMAGE}"
 started=$SECONDS
-tar -C "$root" -cf - \
-  --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-  pyproject.toml README.md dfk8s jobs "images/$kind/Dockerfile" images/build-ca ${extra_files[@]+"${extra_files[@]}"} |
-  docker build "${build_args[@]}" "$@" -
+context() {
+  tar -C "$root" -cf - \
+    --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
+    pyproject.toml README.md dfk8s jobs "images/$kind/Dockerfile" images/build-ca ${extra_files[@]+"${extra_files[@]}"}
+}
+# The deps stage first, under a name of its own (dfk8s-<kind>-deps:dev): the prune below then keeps
+# its layers, and with them the cache that spares the next build a reinstall of the dependencies.
+case "${tag##*/}" in
+  *:*) deps_tag="${tag%:*}-deps:${tag##*:}" ;;
+  *) deps_tag="$tag-deps" ;;
+esac
+context | docker build "${build_args[@]}" --target deps --tag "$deps_tag" "$@" -
+context | docker build "${build_args[@]}" --tag "$tag" "$@" -
+# Every rebuild leaves the image it replaced untagged (the GPU one is ~6 GB); remove those, or a few
+# source edits fill the disk.
+docker image prune --force >/dev/null
 size=$(docker image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1 / 1e6}')
 say "$tag: $size, built in $((SECONDS - started)) s"

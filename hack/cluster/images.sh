@@ -52,6 +52,8 @@ for kind in "${kinds[@]}"; do
     continue
   fi
   say "saving $tag to $archive"
+  # The stale archive goes first: never two GPU images (~6 GB each) on disk at once.
+  rm -f "$archive" "$archive.id" "$archive.tmp"
   docker save "$tag" -o "$archive.tmp"
   mv "$archive.tmp" "$archive"
   echo "$id" >"$archive.id"

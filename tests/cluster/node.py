@@ -51,6 +51,8 @@ SOCKET, TTRPC_SOCKET = "cd.sock", "cd-ttrpc.sock"
 #: Fixed in the kubelet (no flag moves it); the sandbox's /var/lib overlay keeps it in the state folder.
 DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")
 KUBELET_PORT = 10250
+#: Disk left free beyond an image import's own need: the S3 server, logs and the pods' writes.
+DISK_MARGIN = 5 * 10**9
 CGROUP_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer",
                       "systemd", "hugetlb", "net_cls", "net_prio", "perf_event", "rdma", "misc")
 
@@ -63,6 +65,23 @@ def image_archive(kind: str) -> Path:
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: run hack/cluster/images.sh {kind} (make test-cluster does)")
     return path
+
+
+def check_free_disk(folder: Path, archive: Path) -> None:
+    """Refuse, in one line, to import ``archive`` where the disk cannot hold it.
+
+    containerd keeps the archive's layers and then unpacks them into a snapshot: about twice the archive.
+    Short of that, the import itself may pass and the disk fill up later, and the failures that follow
+    are far from their cause (S3 answering 500, pods stuck in ContainerCreating until a test times out).
+    """
+    size = archive.stat().st_size
+    need = 2 * size + DISK_MARGIN
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise RuntimeError(
+            f"importing {archive.name} ({size / 1e9:.1f} GB) needs {need / 1e9:.0f} GB free on the disk "
+            f"of {folder}, and {free / 1e9:.0f} GB are: free some (old images in the private dockerd: "
+            "hack/docker-down.sh --purge)")
 
 
 def cpu_image_tags() -> tuple[str, ...]:
@@ -373,6 +392,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def import_image(self, kind: str, *tags: str) -> None:
         """Import ``dfk8s-<kind>:dev`` from the archive hack/cluster/images.sh saved; tag it ``tags`` too."""
         archive = image_archive(kind)
+        check_free_disk(self.dir, archive)
         started = time.monotonic()
         self.import_archive(archive, *tags)
         print(f"imported {archive.name} ({archive.stat().st_size / 1e9:.1f} GB) in "
