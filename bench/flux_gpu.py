@@ -5,19 +5,28 @@ No download: the models are built from FLUX.1-dev's published configs (a 12B tra
 GPUs, and the tokenizers are small local ones (that changes tokenization, not the cost: prompts are padded
 to 77 CLIP and ``--max-sequence-length`` T5 tokens either way). Speed does not depend on the weights.
 
-Two settings over the same prompts, one pipeline per GPU in both:
+Cases over the same prompts, one pipeline per GPU in each, each in a fresh process of its own (an empty
+inductor cache, so compilation is timed as a new pod meets it):
 
 * ``dataflow``: DataFlow-MM's LocalImageGenServing: float16, ``enable_attention_slicing()``, every batch of
   ``--dataflow-batch-size`` prompts split round-robin over the GPUs and awaited as a whole before the next.
-* ``ours``: the dfk8s ``diffusers`` serving's own code (``DiffusersServing.run``): bfloat16, no attention
-  slicing, each GPU taking whole batches of ``--batch-size`` as it frees up (the worker's loop), per-row
-  generators, PNG encoding; ``--compile`` adds ``torch.compile`` of the transformer.
+* ``eager``: the dfk8s ``diffusers`` serving's own code (``DiffusersServing.run``) with ``--no-compile``:
+  bfloat16, each GPU taking whole batches of ``--batch-size`` as it frees up, per-row generators, PNGs.
+* ``fast``: dfk8s's default on CUDA: fused QKV and regional compilation (lossless). It publishes the
+  compiled artifacts to a compile cache.
+* ``warm-start``: ``fast`` again in a new process with an empty inductor cache and that compile cache:
+  what the next pod of a cluster meets. Its warm-up is the time from model loaded to full speed.
+* ``step-cache``: ``fast`` plus First Block Cache at ``--step-cache`` (lossy).
+* ``fp8``: ``fast`` plus torchao fp8 (lossy; compute capability 8.9+, else reported as unavailable).
 
-Both encode every image as PNG. Each setting gets warm-up rounds, then ``--iterations`` timed rounds of
-``--images`` prompts with ``torch.cuda.synchronize`` around them; images/s is taken from the median round.
+``--pipeline imageedit`` runs FLUX.1-Kontext-dev (the same components) on a generated input image at the
+output size. Each case gets warm-up rounds (timed apart: that is the compile), then ``--iterations`` timed
+rounds of ``--images`` prompts with ``torch.cuda.synchronize`` around them; images/s and s/image come
+from the median round, and every case is compared with ``eager`` and ``dataflow`` from the same run.
 
-    python bench/flux_gpu.py                          # all visible GPUs, 512x512, 20 steps
-    python bench/flux_gpu.py --batch-size 8 --compile --json result.json
+    python bench/flux_gpu.py                          # all visible GPUs, 512x512, 20 steps, every case
+    python bench/flux_gpu.py --height 1024 --width 1024 --steps 28 --json result.json
+    python bench/flux_gpu.py --pipeline imageedit --cases eager,fast,step-cache
     python bench/flux_gpu.py --tiny                   # the same code on a tiny CPU model (a smoke test)
 """
 
@@ -158,24 +167,41 @@ def dataflow_round(pipes: list, prompts: list[str], args) -> int:
 
 # -- dfk8s's settings ---------------------------------------------------------------------------------------
 
-def ours_setup(pipes: list, args) -> tuple[DiffusersServing, dict]:
+#: case -> the serving's speed options
+SPEED = {"eager": dict(compile=False), "fast": dict(compile=True), "warm-start": dict(compile=True),
+         "step-cache": dict(compile=True, step_cache=None), "fp8": dict(compile=True, fp8=True)}
+CASES = ("dataflow", "eager", "fast", "warm-start", "step-cache", "fp8")
+
+
+def ours_setup(pipes: list, case: str, args) -> tuple[DiffusersServing, dict]:
     for pipe in pipes:
         pipe.to(torch.bfloat16)
-        if hasattr(pipe, "disable_attention_slicing"):
-            pipe.disable_attention_slicing()
-        if args.compile:
-            pipe.transformer.compile(mode=args.compile_mode, fullgraph=args.fullgraph)
+    speed = dict(SPEED[case])
+    if "step_cache" in speed:
+        speed["step_cache"] = args.step_cache
     serving = DiffusersServing.with_pipelines(
-        pipes, pipeline="text2image", steps=args.steps, guidance=args.guidance, height=args.height,
+        pipes, pipeline=args.pipeline, steps=args.steps, guidance=args.guidance, height=args.height,
         width=args.width, batch_size=args.batch_size, dtype="bfloat16",
-        max_sequence_length=args.max_sequence_length)
-    return serving, {"dtype": "bfloat16", "compile": args.compile and args.compile_mode}
+        max_sequence_length=args.max_sequence_length, max_area=args.height * args.width,
+        auto_resize=False, **speed)
+    return serving, {"dtype": "bfloat16", **serving.speed.describe()}
+
+
+def input_png(args) -> bytes:
+    """Kontext's input: a smooth generated picture at the output size (the cost does not depend on it)."""
+    from PIL import Image
+
+    gradient = Image.linear_gradient("L").resize((args.width, args.height))
+    return encode_png(Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180))))
 
 
 def ours_round(serving: DiffusersServing, prompts: list[str], args, seed: int) -> int:
     """The worker's loop: ``concurrency`` batches in flight, each GPU taking the next batch when free."""
-    requests = [Request(f"r{seed}-{i}", [Message("user", p)], seed=seed * 100_003 + i)
-                for i, p in enumerate(prompts)]
+    from dfk8s.servings.base import ImageInput
+
+    images = [ImageInput(input_png(args), "image/png", "mem:input")] if args.pipeline == "imageedit" else []
+    requests = [Request(f"r{seed}-{i}", [Message("user", p, tuple(images))], images=images,
+                        seed=seed * 100_003 + i) for i, p in enumerate(prompts)]
     batches = [requests[i:i + serving.batch_size] for i in range(0, len(requests), serving.batch_size)]
 
     async def main():
@@ -199,11 +225,13 @@ def ours_round(serving: DiffusersServing, prompts: list[str], args, seed: int) -
 
 def measure(name: str, run_round, devices: list[str], args) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] + f", variation {i}" for i in range(args.images)]
+    warmup = []
     for k in range(args.warmup):
         started = time.perf_counter()
         run_round(prompts, -1 - k)
         synchronize(devices)
-        log.info("%s: warm-up %d took %.2fs", name, k + 1, time.perf_counter() - started)
+        warmup.append(round(time.perf_counter() - started, 3))
+        log.info("%s: warm-up %d took %.2fs", name, k + 1, warmup[-1])
     reset_peak_memory(devices)
     seconds = []
     for k in range(args.iterations):
@@ -218,6 +246,7 @@ def measure(name: str, run_round, devices: list[str], args) -> dict:
     median = statistics.median(seconds)
     return {"images_per_round": len(prompts), "seconds": [round(s, 3) for s in seconds],
             "median_seconds": round(median, 3), "images_per_second": round(len(prompts) / median, 4),
+            "seconds_per_image": round(median / len(prompts), 4), "warmup_seconds": warmup,
             "peak_memory_gib": peak_memory_gib(devices)}
 
 
@@ -226,31 +255,35 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="tiny random FLUX on the CPU (64x64, 2 steps): a smoke test")
+    parser.add_argument("--pipeline", choices=("text2image", "imageedit"), default="text2image",
+                        help="text2image (FLUX.1-dev) or imageedit (FLUX.1-Kontext-dev)")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated cases, in this order (default: {','.join(CASES)})")
     parser.add_argument("--gpus", type=int, help="GPUs to use (default: all visible)")
     parser.add_argument("--height", type=int, help="image height (512; 64 with --tiny)")
     parser.add_argument("--width", type=int, help="image width (512; 64 with --tiny)")
-    parser.add_argument("--steps", type=int, help="inference steps (20; 2 with --tiny)")
+    parser.add_argument("--steps", type=int, help="inference steps (20; 4 with --tiny)")
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
-    parser.add_argument("--batch-size", type=int, default=4, help="ours: prompts per pipeline call")
+    parser.add_argument("--batch-size", type=int, default=4, help="dfk8s: prompts per pipeline call")
     parser.add_argument("--dataflow-batch-size", type=int, default=4,
                         help="DataFlow-MM: prompts per batch, split across the GPUs (its default: 4)")
     parser.add_argument("--images", type=int,
                         help="prompts per timed round (default: 2 x GPUs x the larger batch size)")
-    parser.add_argument("--iterations", type=int, default=3, help="timed rounds per setting")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed rounds first (compilation, autotuning)")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the transformer")
-    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
-                        help="torch.compile mode (default: max-autotune-no-cudagraphs)")
-    parser.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
-    parser.add_argument("--only", choices=("dataflow", "ours"), help="measure one setting only")
+    parser.add_argument("--iterations", type=int, default=3, help="timed rounds per case")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the compile)")
+    parser.add_argument("--step-cache", type=float, default=0.35, help="step-cache: the threshold (0.35)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process
     args = parser.parse_args(argv)
     small = args.tiny
     args.height = args.height or (64 if small else 512)
     args.width = args.width or (64 if small else 512)
-    args.steps = args.steps or (2 if small else 20)
+    args.steps = args.steps or (4 if small else 20)
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for case in args.cases:
+        if case not in CASES:
+            parser.error(f"unknown case {case!r}: choose from {', '.join(CASES)}")
     for name in ("batch_size", "dataflow_batch_size", "iterations", "steps", "max_sequence_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -259,71 +292,117 @@ def parse_args(argv=None):
     return args
 
 
+def devices_for(args) -> list[str] | None:
+    if args.tiny:
+        return ["cpu"]
+    if not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count() if args.gpus is None else min(args.gpus, torch.cuda.device_count())
+    return [f"cuda:{i}" for i in range(count)]
+
+
+def run_case(args) -> dict:
+    """One case in this process: build the pipelines, set them up, measure."""
+    from diffusers import FluxKontextPipeline
+
+    from dfk8s.errors import SpecError
+
+    devices = devices_for(args)
+    if not args.tiny:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    configs = TINY if args.tiny else FLUX_DEV
+    tokenizers = tiny_flux.build_tokenizers()
+    # Built in float16 (DataFlow-MM's), cast to bfloat16 for dfk8s's cases. One device after another: the
+    # default dtype is process-wide.
+    started = time.perf_counter()
+    pipes = [build_pipeline(configs, d, torch.float16, tokenizers) for d in devices]
+    if args.pipeline == "imageedit":
+        pipes = [FluxKontextPipeline(**pipe.components) for pipe in pipes]
+        for pipe in pipes:
+            pipe.set_progress_bar_config(disable=True)
+    built = round(time.perf_counter() - started, 1)
+    try:
+        if args.case == "dataflow":
+            if args.pipeline == "imageedit":
+                return {"error": "DataFlow-MM has no local Kontext serving to compare with"}
+            settings = dataflow_setup(pipes)
+            run_round = lambda prompts, _seed: dataflow_round(pipes, prompts, args)  # noqa: E731
+        else:
+            try:
+                serving, settings = ours_setup(pipes, args.case, args)
+            except SpecError as exc:  # fp8 where it cannot run
+                return {"error": f"unavailable: {exc}"}
+            run_round = lambda prompts, seed: ours_round(serving, prompts, args, seed)  # noqa: E731
+        result = measure(args.case, run_round, devices, args)
+        if args.case != "dataflow":
+            result["compile_report"] = serving.speed_report()
+        return {**settings, **result, "build_seconds": built}
+    except torch.OutOfMemoryError as exc:
+        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+
+
 def main(argv=None) -> int:
+    import os
+    import subprocess
+    import tempfile
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message=".*invalid value encountered in cast.*")  # random fp16 weights
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on .to()
-    if args.tiny:
-        devices = ["cpu"]
-    else:
-        if not torch.cuda.is_available():
-            print("no CUDA GPU: run with --tiny for the CPU smoke test", file=sys.stderr)
-            return 2
-        count = torch.cuda.device_count() if args.gpus is None else min(args.gpus, torch.cuda.device_count())
-        devices = [f"cuda:{i}" for i in range(count)]
-        torch.backends.cuda.matmul.allow_tf32 = True
+    devices = devices_for(args)
+    if devices is None:
+        print("no CUDA GPU: run with --tiny for the CPU smoke test", file=sys.stderr)
+        return 2
     args.images = args.images or 2 * len(devices) * max(args.batch_size, args.dataflow_batch_size)
-    configs = TINY if args.tiny else FLUX_DEV
-
-    tokenizers = tiny_flux.build_tokenizers()
-    # One pipeline per device, built in float16 (DataFlow-MM's) and cast to bfloat16 for ours afterwards:
-    # one copy of the weights per GPU at a time. One after another: the default dtype is process-wide.
-    pipes = [build_pipeline(configs, d, torch.float16, tokenizers) for d in devices]
+    if args.case:  # a child: one case, its result as JSON
+        args.json.write_text(json.dumps(run_case(args)))
+        return 0
 
     names = [torch.cuda.get_device_name(d) if d.startswith("cuda") else platform.processor() or "cpu"
              for d in devices]
-    report = {"device": names,
-              "gpus": len(devices) if not args.tiny else 0, "tiny": args.tiny,
-              "height": args.height, "width": args.width, "steps": args.steps,
+    report = {"device": names, "gpus": len(devices) if not args.tiny else 0, "tiny": args.tiny,
+              "pipeline": args.pipeline, "height": args.height, "width": args.width, "steps": args.steps,
               "batch_size": args.batch_size, "dataflow_batch_size": args.dataflow_batch_size,
+              "images_per_round": args.images,
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "python": platform.python_version()},
               "results": {}}
-    if args.only in (None, "dataflow"):
-        settings = dataflow_setup(pipes)
-        try:
-            result = measure("dataflow", lambda prompts, _seed: dataflow_round(pipes, prompts, args), devices,
-                             args)
-        except torch.OutOfMemoryError as exc:
-            result = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-        report["results"]["dataflow"] = {**settings, **result}
-    if args.only in (None, "ours"):
-        serving, settings = ours_setup(pipes, args)
-        try:
-            result = measure("ours", lambda prompts, seed: ours_round(serving, prompts, args, seed), devices,
-                             args)
-        except torch.OutOfMemoryError as exc:
-            result = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-        report["results"]["ours"] = {**settings, **result}
+    child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    with tempfile.TemporaryDirectory(prefix="flux-bench-") as scratch:
+        compile_cache = Path(scratch) / "compile-cache"  # fast publishes into it, warm-start loads it
+        for case in args.cases:
+            out = Path(scratch) / f"{case}.json"
+            env = {**os.environ, "DFK8S_COMPILE_CACHE": str(compile_cache),
+                   "TORCHINDUCTOR_CACHE_DIR": str(Path(scratch) / f"inductor-{case}")}  # a new pod's
+            started = time.perf_counter()
+            child = subprocess.run([sys.executable, __file__, *child_argv, "--case", case, "--json", str(out),
+                                    "--images", str(args.images)], env=env, check=False)
+            result = json.loads(out.read_text()) if out.is_file() else \
+                {"error": f"the case's process exited {child.returncode}"}
+            result["process_seconds"] = round(time.perf_counter() - started, 1)
+            report["results"][case] = result
 
     results = report["results"]
-    title = "FLUX.1-dev" + (" (tiny, CPU)" if args.tiny else "")
-    print(f"\n{title}, {args.width}x{args.height}, {args.steps} steps, "
-          f"{len(devices)} device(s): {', '.join(sorted(set(report['device'])))}")
+    title = ("FLUX.1-Kontext-dev" if args.pipeline == "imageedit" else "FLUX.1-dev") + \
+        (" (tiny, CPU: these figures mean nothing for a GPU)" if args.tiny else "")
+    print(f"\n{title}, {args.width}x{args.height}, {args.steps} steps, {len(devices)} device(s): "
+          f"{', '.join(sorted(set(names)))}; {args.images} images per round")
+    base = {n: results.get(n, {}).get("images_per_second") for n in ("eager", "dataflow")}
     for name, result in results.items():
         if "error" in result:
-            print(f"  {name:9s} {result['error']}")
+            print(f"  {name:11s} {result['error']}")
             continue
-        extra = f", peak {result['peak_memory_gib']} GiB" if result.get("peak_memory_gib") else ""
-        print(f"  {name:9s} {result['images_per_second']:8.3f} images/s  (median {result['median_seconds']}s "
-              f"for {result['images_per_round']} images, {result['dtype']}{extra})")
-    both = [results.get(n, {}).get("images_per_second") for n in ("ours", "dataflow")]
-    if all(both):
-        report["ratio_ours_over_dataflow"] = round(both[0] / both[1], 3)
-        print(f"  ratio     {report['ratio_ours_over_dataflow']:.3f}x (ours / DataFlow-MM)")
+        ratios = "".join(f"  {result['images_per_second'] / base[n]:5.2f}x {n}" for n in ("eager", "dataflow")
+                         if base[n] and n != name)
+        for n in ("eager", "dataflow"):
+            if base[n] and n != name:
+                result[f"ratio_over_{n}"] = round(result["images_per_second"] / base[n], 3)
+        warm = f"warm-up {sum(result['warmup_seconds']):.1f}s" if result.get("warmup_seconds") else ""
+        print(f"  {name:11s} {result['images_per_second']:8.3f} images/s  {result['seconds_per_image']:7.3f} "
+              f"s/image  {warm}{ratios}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -87,3 +87,14 @@ def api_key(monkeypatch):
     """A dummy API key in the environment (the fake server accepts any)."""
     monkeypatch.setenv("DF_API_KEY", "test-key-not-secret")
     return "test-key-not-secret"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random FLUX and FLUX Kontext pipelines saved as model folders (diffusers' from_pretrained)."""
+    from dfk8s.testing.tiny_flux import build_tiny_flux
+
+    root = tmp_path_factory.mktemp("tiny-flux")
+    return {"flux": build_tiny_flux(root / "flux"),
+            "kontext": build_tiny_flux(root / "kontext", kind="kontext")}
+

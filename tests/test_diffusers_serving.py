@@ -20,20 +20,12 @@ from dfk8s.run.spec import RunSpec  # noqa: E402
 from dfk8s.servings import build_serving  # noqa: E402
 from dfk8s.servings.base import ImageInput, Message, Request, Response, RowError  # noqa: E402
 from dfk8s.servings.diffusers_flux import DiffusersServing  # noqa: E402
-from dfk8s.testing.tiny_flux import build_tiny_flux  # noqa: E402
 from tests.conftest import FIXTURES  # noqa: E402
 
 INPUT_PNG = FIXTURES / "dataflow-mm/dataflow/example/text2image_eval/1.png"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = dict(steps=2, height=64, width=64, dtype="float32", batch_size=4)
 TINY_KONTEXT = dict(steps=2, dtype="float32", max_area=64 * 64, auto_resize=False, batch_size=4)
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-flux")
-    return {"flux": build_tiny_flux(root / "flux"),
-            "kontext": build_tiny_flux(root / "kontext", kind="kontext")}
 
 
 @pytest.fixture(autouse=True)

@@ -95,12 +95,30 @@ def pull(model_name, to, pvc, progress_seconds, wait, dry_run, **job):
     _pull_on_cluster(model_name, pvc, wait=wait, dry_run=dry_run, **job)
 
 
+def _make_compile_cache() -> None:
+    """Make FLUX's compile-cache folder where ``$DFK8S_COMPILE_CACHE`` points (the pull Job sets it).
+
+    Made by the pull, as the pods' user, it is writable by the FLUX pods that publish compiled artifacts
+    into it; a folder the kubelet made for their subPath mount would be root's.
+    """
+    import os
+
+    from dfk8s.servings.flux_speed import CACHE_ENV
+
+    if folder := os.environ.get(CACHE_ENV):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:  # the models are there: a compile per pod is what this costs
+            err(f"warning: cannot make the compile cache {folder}: {exc}")
+
+
 def _pull_here(model_name: str, to: str, revision: str | None, progress_seconds: float) -> None:
     from dfk8s.models.hub import format_bytes, pull_model
 
     # The pull's own lines (what is fetched, progress in pods) are INFO; the CLI's default level is WARNING.
     logging.getLogger("dfk8s.models.hub").setLevel(logging.INFO)
     result = pull_model(model_name, to, revision=revision, progress_seconds=progress_seconds)
+    _make_compile_cache()
     err(
         f"pulled {result.model}@{result.revision} (commit {result.commit[:12]}): {len(result.files)} files, "
         f"{format_bytes(result.bytes)} (fetched {format_bytes(result.fetched_bytes)} now) into {to}"

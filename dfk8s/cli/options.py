@@ -137,6 +137,16 @@ IMAGE_OPTIONS = [
                  help="diffusers imageedit: snap the input to Kontext's preferred resolutions (default on)."),
     click.option("--max-sequence-length", type=click.IntRange(min=1),
                  help="diffusers: T5 prompt tokens (default 512; FLUX.1-schnell needs <= 256)."),
+    click.option("--compile/--no-compile", default=None,
+                 help="diffusers: the lossless fast path (fused QKV projections, regional torch.compile, "
+                      "compiled once per cluster and kept in $DFK8S_COMPILE_CACHE). Default: on with a CUDA "
+                      "GPU, off on a CPU."),
+    click.option("--step-cache", type=click.FloatRange(min=0, max=1, min_open=True), metavar="THRESHOLD",
+                 help="diffusers, lossy: First Block Cache at THRESHOLD (0.35: ~2x faster, slightly "
+                      "different images). Recorded in run.json and shown in the report. Default: off."),
+    click.option("--fp8/--no-fp8", default=None,
+                 help="diffusers, lossy: fp8 weights and activations (torchao), on GPUs of compute "
+                      "capability 8.9+ (Ada, Hopper, Blackwell). Recorded and shown. Default: off."),
     click.option("--size", help="OpenAI images: size, e.g. 1024x1024."),
     click.option("--quality", help="OpenAI images: quality (standard/hd, low/medium/high)."),
     click.option("--response-format", type=click.Choice(["b64_json", "url"]),

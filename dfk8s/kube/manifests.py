@@ -39,6 +39,10 @@ RUN_AS_USER = 10001
 TMP_PATH = "/tmp"
 CACHE_PATH = "/cache"
 HF_HOME = f"{CACHE_PATH}/huggingface"
+#: FLUX's compile cache on the model-cache claim (compiled once per cluster): the folder inside the claim
+#: (beside huggingface/), and where FLUX pods mount it writable.
+COMPILE_CACHE_FOLDER = "dfk8s-compile"
+COMPILE_CACHE_PATH = "/compile-cache"
 SHM_PATH = "/dev/shm"
 
 # Job names end up in the `batch.kubernetes.io/job-name` pod label, limited to 63 characters, so the
@@ -553,6 +557,10 @@ def _worker_env(cfg: KubeRunConfig) -> list[dict[str, Any]]:
         # The shared cache is read-only and filled by `dfk8s model pull --pvc`: a model missing from it
         # must fail the shard at once (exit 42), not start a download per pod.
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+        if cfg.serving == "diffusers":  # FLUX compiled once per cluster (dfk8s/servings/flux_speed.py)
+            from dfk8s.servings.flux_speed import CACHE_ENV
+
+            env.append({"name": CACHE_ENV, "value": COMPILE_CACHE_PATH})
     env += [{"name": name, "value": str(value)} for name, value in cfg.extra_env.items()]
     if cfg.api_key_secret:
         env.append(_secret_env(cfg.api_key_env, *cfg.api_key_secret))
@@ -671,8 +679,14 @@ def _worker_volumes(cfg: KubeRunConfig) -> tuple[list[dict[str, Any]], list[dict
         mounts.append({"name": "dshm", "mountPath": SHM_PATH})
     claim = cfg.model_cache_claim
     if claim is not None:
-        volumes.append({"name": "model-cache", **model_cache_volume(claim[0], read_only=True)})
+        compiles = cfg.serving == "diffusers"
+        # One volume for the claim, mounted twice for FLUX: the models read-only, the compile cache's
+        # folder writable. (Two volumes of one claim in a pod never finish mounting on Kubernetes 1.33.)
+        volumes.append({"name": "model-cache", **model_cache_volume(claim[0], read_only=not compiles)})
         mounts.append(model_cache_mount(claim[1], read_only=True))
+        if compiles:
+            mounts.append({"name": "model-cache", "mountPath": COMPILE_CACHE_PATH,
+                           "subPath": "/".join(filter(None, (claim[1], COMPILE_CACHE_FOLDER)))})
     elif profile.model_cache is not None:
         volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": profile.model_cache.size}})
         mounts.append({"name": "model-cache", "mountPath": CACHE_PATH})

@@ -24,6 +24,8 @@ from typing import Any
 
 from dfk8s.errors import EXIT_DO_NOT_RETRY, SpecError
 from dfk8s.kube.manifests import (
+    CACHE_PATH,
+    COMPILE_CACHE_FOLDER,
     HF_HOME,
     KubeRunConfig,
     _container_security,
@@ -34,6 +36,7 @@ from dfk8s.kube.manifests import (
 )
 from dfk8s.models.hub import KNOWN_MODEL_BYTES, format_bytes, is_gated, is_hub_name
 from dfk8s.servings import serving_info
+from dfk8s.servings.flux_speed import CACHE_ENV as COMPILE_CACHE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,9 @@ def build_pull_job(
         {"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "DFK8S_LOG_LEVEL", "value": "INFO"},
+        # The pull makes FLUX's compile-cache folder beside the models, as the pods' user: a folder the
+        # kubelet made for the pods' subPath mount would be root's, and no pod could publish into it.
+        {"name": COMPILE_CACHE_ENV, "value": f"{CACHE_PATH}/{COMPILE_CACHE_FOLDER}"},
     ]
     if hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": hf_endpoint})

@@ -54,6 +54,9 @@ class Summary:
     #: A self-hosted engine's throughput: start-up seconds, GPUs per worker, GPU-seconds, and rows and
     #: images per GPU-second (per worker-second on CPUs); empty for other servings.
     self_hosted: dict = field(default_factory=dict)
+    #: FLUX's speed settings (compile, step_cache, fp8, exact: False when a lossy option made the images)
+    #: and how its workers started: compiled, or from the compile cache; empty for other servings.
+    flux: dict = field(default_factory=dict)
 
     def count_error(self, error: dict | None) -> None:
         """Count one failed row's error under its type, keeping the first message as the example."""
@@ -180,6 +183,23 @@ def _copy_finished(storage, index, stats, result, errors, summary: Summary) -> N
     if isinstance(engine, dict):
         add_engine_share(summary.self_hosted, engine, float(stats.get("seconds", 0.0)),
                          int(stats.get("ok", 0)))
+    if isinstance(stats.get("flux"), dict):
+        add_flux_share(summary.flux, stats["flux"])
+
+
+def add_flux_share(totals: dict, flux: dict) -> None:
+    """Add one finished shard's FLUX report: the settings, and its worker's compile counted once."""
+    for name in ("compile", "step_cache", "fp8"):
+        totals[name] = flux.get(name)
+    # One shard made with a lossy option makes the run's images inexact.
+    totals["exact"] = bool(totals.get("exact", True)) and bool(flux.get("exact", True))
+    if flux.get("worker") in ("compiled", "cache"):
+        name = "workers_compiled" if flux["worker"] == "compiled" else "workers_from_cache"
+        totals[name] = totals.get(name, 0) + 1
+        totals["compile_seconds"] = round(totals.get("compile_seconds", 0.0)
+                                          + float(flux.get("compile_seconds") or 0.0), 3)
+        for count in ("graphs_compiled", "graphs_loaded"):
+            totals[count] = totals.get(count, 0) + int(flux.get(count) or 0)
 
 
 def add_engine_share(totals: dict, engine: dict, seconds: float, ok: int) -> None:

@@ -288,6 +288,7 @@ def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: lis
         "pipeline": spec.pipeline,
         "serving": spec.serving,
         "model": spec.option("model") or "",
+        "lossy_options": _lossy_options(spec),
         "input": spec.input,
         "counts": {
             "rows": total,
@@ -308,6 +309,16 @@ def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: lis
         "shown_failed": shown_failed,
         "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+
+
+def _lossy_options(spec: RunSpec) -> list[str]:
+    """The lossy speed-ups the run's images were made with (FLUX's step cache, fp8), tagged in the header."""
+    if spec.serving != "diffusers":
+        return []
+    from dfk8s.servings.flux_speed import Speed
+
+    step_cache = spec.option("step_cache")
+    return Speed(step_cache=float(step_cache) if step_cache else None, fp8=bool(spec.option("fp8"))).lossy()
 
 
 def _cost_facts(summary: dict, record: dict | None = None) -> list[tuple[str, str]]:

@@ -19,6 +19,8 @@ class Progress:
     ok: int = 0
     failed: int = 0
     shards_done: int = 0
+    #: What running shards' servings are doing before their rows flow (compiling FLUX, ...), distinct.
+    notes: tuple[str, ...] = ()
 
 
 class ProgressReader:
@@ -40,6 +42,7 @@ class ProgressReader:
                     continue
                 self._done[index] = (stats["ok"], stats["failed"])
         in_parts: dict[int, list[int]] = {}
+        notes: dict[str, None] = {}
         for key in self.storage.list(layout.PARTS_PREFIX):
             index = int(key.split("/")[1])
             if index in self._done:
@@ -64,12 +67,15 @@ class ProgressReader:
             except (NotFound, ValueError):
                 continue
             index = int(name[:-5])
+            if isinstance(live.get("note"), str) and live["note"]:
+                notes[live["note"]] = None
             counts = in_parts.setdefault(index, [0, 0])
             if live.get("ok", 0) + live.get("failed", 0) >= counts[0] + counts[1]:
                 in_parts[index] = [int(live.get("ok", 0)), int(live.get("failed", 0))]
         ok = sum(v[0] for v in self._done.values()) + sum(v[0] for v in in_parts.values())
         failed = sum(v[1] for v in self._done.values()) + sum(v[1] for v in in_parts.values())
-        return Progress(rows=ok + failed, ok=ok, failed=failed, shards_done=len(self._done))
+        return Progress(rows=ok + failed, ok=ok, failed=failed, shards_done=len(self._done),
+                        notes=tuple(notes))
 
     def done_shards(self) -> set[int]:
         """Indexes of the shards whose done marker has been seen."""
@@ -81,8 +87,8 @@ PLAIN_LINE_SECONDS = 10.0
 
 
 def progress_facts(done: int, total: int, ok: int, failed: int, rate: float | None,
-                   spent: float | None = None) -> dict:
-    """What a progress report says: rows done of total, ok, failed, rows/s, the ETA and the spend."""
+                   spent: float | None = None, note: str | None = None) -> dict:
+    """What a progress report says: rows done of total, ok, failed, rows/s, the ETA, the spend, a note."""
     left = max(0, total - done)
     eta = left / rate if rate and rate > 0 else None
     facts = {"done": done, "total": total, "ok": ok, "failed": failed,
@@ -90,6 +96,8 @@ def progress_facts(done: int, total: int, ok: int, failed: int, rate: float | No
              "eta_seconds": round(eta, 1) if eta is not None else None}
     if spent is not None:
         facts["spent_usd"] = round(spent, 6)
+    if note:
+        facts["note"] = note
     return facts
 
 
@@ -112,6 +120,8 @@ def describe_facts(facts: dict) -> str:
                if facts.get("rows_per_s") is not None else "rows/s not known yet"))
     if facts.get("spent_usd") is not None:
         line += f"; spent {usd(facts['spent_usd'])}"
+    if facts.get("note"):
+        line += f"; {facts['note']}"
     return line
 
 

@@ -27,7 +27,8 @@ SERVING_OPTION_NAMES = ("model", "api_url", "system_prompt", "temperature", "max
                         "auto_resize", "max_sequence_length", "max_image_side", "api_mode",
                         "batch_poll_seconds", "prompt", "image_timeout", "allow_private_image_hosts",
                         "allowed_image_networks", "image_fetch", "client", "max_model_len",
-                        "gpu_memory_utilization", "engine_args", "engine_timeout", "engine_hang_seconds")
+                        "gpu_memory_utilization", "engine_args", "engine_timeout", "engine_hang_seconds",
+                        "compile", "step_cache", "fp8")
 
 
 def new_run_id() -> str:

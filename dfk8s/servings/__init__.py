@@ -130,7 +130,7 @@ SERVINGS: dict[str, ServingInfo] = {s.name: s for s in (
                 gpu=True, extra="gpu", latency=15.0, requires=("torch", "diffusers", "transformers"),
                 options=frozenset({"model", "steps", "guidance", "height", "width", "batch_size",
                                    "images_per_prompt", "dtype", "cpu_offload", "max_area", "auto_resize",
-                                   "max_sequence_length"}),
+                                   "max_sequence_length", "compile", "step_cache", "fp8"}),
                 defaults={"steps": 28, "dtype": "bfloat16", "batch_size": 4},
                 pipeline_defaults={
                     "text2image": {"model": "black-forest-labs/FLUX.1-dev", "guidance": 3.5,

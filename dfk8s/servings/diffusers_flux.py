@@ -23,6 +23,10 @@ Options read from the run spec (``spec.option``):
 ``auto_resize``     Kontext: snap the input to Kontext's preferred resolutions (True, diffusers' default).
                     False scales the input to the output size instead (tiny test pipelines use this).
 ``max_sequence_length``  T5 prompt tokens (512, FLUX.1-dev's; FLUX.1-schnell takes at most 256).
+``compile``         The lossless fast path: fused QKV and regional ``torch.compile`` (default: on with CUDA,
+                    off on a CPU). See :mod:`dfk8s.servings.flux_speed`, also for the compile cache.
+``step_cache``      Lossy: First Block Cache with this threshold in (0, 1] (default off).
+``fp8``             Lossy: fp8 weights and activations (torchao; compute capability 8.9+) (default off).
 ==================  ==========================================================================================
 
 Determinism: every row draws its noise from its own CPU ``torch.Generator`` seeded with ``request.seed``,
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dfk8s.errors import ServingUnavailable, SpecError
-from dfk8s.servings import SERVINGS
+from dfk8s.servings import SERVINGS, flux_speed
 from dfk8s.servings.base import Request, Response, RowError, Serving
 
 log = logging.getLogger(__name__)
@@ -151,7 +155,8 @@ class DiffusersServing(Serving):
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, images_per_prompt: int = 1, dtype: str = "bfloat16",
                  cpu_offload: bool = False, max_area: int = DEFAULT_MAX_AREA, auto_resize: bool = True,
-                 max_sequence_length: int = 512, devices: list[str] | None = None):
+                 max_sequence_length: int = 512, devices: list[str] | None = None,
+                 compile: bool | None = None, step_cache: float | None = None, fp8: bool = False):
         if pipeline not in MODELS:
             raise SpecError(f"the diffusers serving runs text2image or imageedit, not {pipeline!r}")
         if dtype not in DTYPES:
@@ -174,6 +179,11 @@ class DiffusersServing(Serving):
         self.max_sequence_length = max_sequence_length
         self.devices = devices if devices is not None else _visible_devices()
         self.concurrency = len(self.devices)
+        self.speed = flux_speed.Speed(compile=flux_speed.compile_default(compile, self.devices[0]),
+                                      step_cache=flux_speed.check_step_cache(step_cache), fp8=bool(fp8))
+        if self.speed.fp8 and (problem := flux_speed.fp8_problem(self.devices)):
+            raise SpecError(problem)
+        self._compiled = flux_speed.Compiled(self.speed)
         self._pipes: list[Any] = []
         self._load_lock = threading.Lock()
         self._load_error: SpecError | None = None
@@ -214,6 +224,9 @@ class DiffusersServing(Serving):
                                  else DEFAULT_MAX_AREA, 256),
             auto_resize=_bool_option(spec, "auto_resize", True),
             max_sequence_length=_int_option(spec, "max_sequence_length", 512),
+            compile=None if spec.option("compile") is None else _bool_option(spec, "compile", False),
+            step_cache=flux_speed.check_step_cache(spec.option("step_cache")),
+            fp8=_bool_option(spec, "fp8", False),
         )
 
     @classmethod
@@ -228,6 +241,8 @@ class DiffusersServing(Serving):
         model = options.pop("model", "<in memory>")
         serving = cls(pipeline=pipeline, model=model, devices=devices, **options)
         serving._pipes = [prepare_pipeline(pipe) for pipe in pipelines]
+        for pipe, device in zip(serving._pipes, devices, strict=True):
+            flux_speed.apply(pipe, serving.speed, device)
         return serving
 
     # -- loading -------------------------------------------------------------------------------------
@@ -290,7 +305,25 @@ class DiffusersServing(Serving):
                 pipe.to(device)
         elif self.cpu_offload:
             log.warning("cpu_offload has no effect without a CUDA GPU")
-        return prepare_pipeline(pipe)
+        prepare_pipeline(pipe)
+        flux_speed.apply(pipe, self.speed, device)
+        return pipe
+
+    @property
+    def status_note(self) -> str | None:
+        """What the progress shows while the first compiled call compiles or loads (None otherwise)."""
+        return self._compiled.note
+
+    def speed_report(self) -> dict:
+        """The shard's share of summary.json's ``flux`` block: the settings, and this worker's compile."""
+        return self._compiled.report()
+
+    def _shapes(self) -> dict:
+        """The shapes a compiled transformer is specialised to (part of the compile cache's key)."""
+        size = ({"max_area": self.max_area, "auto_resize": self.auto_resize, "height": self.height,
+                 "width": self.width} if self.kontext else {"height": self.height, "width": self.width})
+        return {**size, "batch_size": self.batch_size, "images_per_prompt": self.images_per_prompt,
+                "max_sequence_length": self.max_sequence_length}
 
     async def _acquire(self):
         """Take a free pipeline; load them all on first use."""
@@ -417,12 +450,29 @@ class DiffusersServing(Serving):
             kwargs.update(self._kontext_kwargs(pipe, items))
         else:
             kwargs.update(height=self.height, width=self.width)
-        with torch.inference_mode():
+        if self.speed.compile:
+            device = self.devices[self._pipes.index(pipe)] if pipe in self._pipes else self.devices[0]
+            self._compiled.before_first_call(pipe, device, self.dtype_name, self._shapes())
+        with torch.inference_mode(), self._cache_context(pipe):
             output = pipe(**kwargs)
+        if self.speed.compile:
+            self._compiled.after_call()
         images = list(output.images)
         if len(images) != len(items) * n:
             raise RuntimeError(f"the pipeline returned {len(images)} images for {len(items) * n}")
         return [[encode_png(img) for img in images[k * n:(k + 1) * n]] for k in range(len(items))]
+
+    def _cache_context(self, pipe):
+        """The step cache's context around a call where the pipeline does not open one itself.
+
+        FluxPipeline names its denoiser calls (``cache_context("cond")``); FluxKontextPipeline does not,
+        and First Block Cache fails every call without one ("No cache context is set").
+        """
+        import contextlib
+
+        if self.speed.step_cache is None or not self.kontext:
+            return contextlib.nullcontext()
+        return pipe.transformer.cache_context("cond")
 
     def _kontext_kwargs(self, pipe, items: list[_Item]) -> dict[str, Any]:
         n = self.images_per_prompt

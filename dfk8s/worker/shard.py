@@ -63,6 +63,8 @@ class ShardStats:
     cost_usd: float | None = None
     #: A self-hosted engine's share: ``{"engine", "gpus", "startup_seconds", "images"}`` (None for others).
     engine: dict | None = None
+    #: FLUX's speed settings and this worker's compile (:meth:`dfk8s.servings.flux_speed.Compiled.report`).
+    flux: dict | None = None
 
 
 def _dumps(obj) -> str:
@@ -128,7 +130,7 @@ class ShardRunner:
         self.rows = 0
         self.ok = 0
         self.failed = 0
-        self._published: tuple[int, int] | None = None
+        self._published: tuple | None = None
         self.fetcher = None  # an inputs.fetch.ImageFetcher, made on the loop when a row has an http(s) image
         #: Called once every row of the shard has been sent (only the answers in flight are left): a
         #: long-lived worker then takes its next shard, whose rows fill the slots this one frees.
@@ -364,13 +366,16 @@ class ShardRunner:
             self.budget.write()  # the live spend `dfk8s status` shows
         except StorageError as exc:
             log.warning("shard %d: cannot publish its spend: %s", self.index, exc)
-        counts = (self.ok, self.failed)
+        note = getattr(self.serving, "status_note", None)
+        counts = (self.ok, self.failed, note)
         if counts == self._published:
             return
+        live = {"shard": self.index, "rows": self.rows, "done": self.ok + self.failed, "ok": self.ok,
+                "failed": self.failed, "updated_at": round(time.time(), 3)}
+        if note:  # what the serving is doing before its first rows (compiling, loading a compile cache)
+            live["note"] = note
         try:
-            self.storage.write_json(layout.progress_key(self.index), {
-                "shard": self.index, "rows": self.rows, "done": self.ok + self.failed, "ok": self.ok,
-                "failed": self.failed, "updated_at": round(time.time(), 3)})
+            self.storage.write_json(layout.progress_key(self.index), live)
             self._published = counts
         except StorageError as exc:
             log.warning("shard %d: cannot publish progress: %s", self.index, exc)
@@ -385,7 +390,8 @@ class ShardRunner:
                 done = self.ok + self.failed
                 rate = (done - base) / max(1e-6, last_line - started)
                 facts = progress_facts(done, self.rows, self.ok, self.failed, rate,
-                                       self.budget.spent if self.budget.price else None)
+                                       self.budget.spent if self.budget.price else None,
+                                       getattr(self.serving, "status_note", None))
                 log.info("shard %d: %s", self.index, describe_facts(facts), extra={"facts": {
                     "shard": self.index, **facts}})
 
@@ -588,8 +594,10 @@ async def run_shard(storage, index: int, *, session: WorkerSession, serving: Ser
         log.error("shard %d: circuit breaker: %s", index, exc)
         raise
     report = getattr(runner.serving, "engine_report", None)
+    speed = getattr(runner.serving, "speed_report", None)
     return await asyncio.to_thread(_assemble, storage, index, shard_rows, time.monotonic() - started,
-                                   len(finished), runner.budget, report() if report else None)
+                                   len(finished), runner.budget, report() if report else None,
+                                   speed() if speed else None)
 
 
 def _forget_failures_like(storage, index: int, failure: SystematicFailure) -> None:
@@ -616,7 +624,8 @@ def _forget_failures_like(storage, index: int, failure: SystematicFailure) -> No
 
 
 def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resumed: int,
-              budget: Budget | None = None, engine: dict | None = None) -> ShardStats:
+              budget: Budget | None = None, engine: dict | None = None,
+              flux: dict | None = None) -> ShardStats:
     """Merge the parts into the shard output, in shard order, then write the done marker last."""
     finished, _ = read_parts(storage, index)
     missing = [r["pos"] for r in shard_rows if r["pos"] not in finished]
@@ -633,7 +642,7 @@ def _assemble(storage, index: int, shard_rows: list[dict], seconds: float, resum
     storage.write_bytes(layout.shard_output_key(index), "".join(lines).encode())
     stats = ShardStats(index=index, rows=len(shard_rows), ok=len(shard_rows) - len(failed_offsets),
                        failed=len(failed_offsets), seconds=round(seconds, 3), failed_offsets=failed_offsets,
-                       resumed_rows=resumed)
+                       resumed_rows=resumed, flux=flux)
     if engine is not None:  # images the engine read: those of the rows it answered
         failed = set(failed_offsets)
         images = sum(len(r.get("images") or []) for k, r in enumerate(shard_rows) if k not in failed)

@@ -183,11 +183,12 @@ def test_should_mount_the_claim_when_the_model_cache_is_a_pvc():
     profile = dataclasses.replace(cfg.profile, model_cache=ModelCache(pvc="hf-cache"))
     job = build_map_job(dataclasses.replace(cfg, profile=profile))
     volumes = {volume["name"]: volume for volume in pod_spec(job)["volumes"]}
-    # Shared and filled once by `dfk8s model pull --pvc` (issue 13): workers only read it.
-    assert volumes["model-cache"] == {
-        "name": "model-cache",
-        "persistentVolumeClaim": {"claimName": "hf-cache", "readOnly": True},
-    }
+    # Shared and filled once by `dfk8s model pull --pvc` (issue 13): FLUX workers read the models through a
+    # read-only mount, and write only their compile cache's folder (issue 18).
+    assert volumes["model-cache"] == {"name": "model-cache",
+                                      "persistentVolumeClaim": {"claimName": "hf-cache"}}
+    mounts = {m["mountPath"]: m for m in pod_spec(job)["containers"][0]["volumeMounts"]}
+    assert mounts["/cache"]["readOnly"] is True and "readOnly" not in mounts["/compile-cache"]
     validate(job)
 
 
@@ -517,6 +518,10 @@ def test_should_run_vllm_as_a_native_sidecar_holding_the_gpu_when_the_serving_is
     assert engine_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-creds", "key": "HF_TOKEN"}
     cache = next(m for m in engine["volumeMounts"] if m["name"] == "model-cache")
     assert cache["readOnly"] is True
+    # Only FLUX pods compile: a self-hosted VLM's claim stays read-only, with no compile-cache mount.
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "model-cache"]
+    assert volume["persistentVolumeClaim"]["readOnly"] is True
+    assert "/compile-cache" not in json.dumps(spec)
     assert engine["securityContext"]["readOnlyRootFilesystem"] is True
     assert env_of(job)["DFK8S_ENGINE_URL"]["value"] == "http://127.0.0.1:8000/v1"
     assert env_of(job)["DFK8S_ENGINE_GPUS"]["value"] == "2"  # for the summary's GPU-seconds

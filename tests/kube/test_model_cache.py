@@ -86,7 +86,8 @@ def env_of(job: dict) -> dict[str, dict]:
 
 
 def cache_mount(job: dict) -> dict:
-    (mount,) = [m for m in only_container(job)["volumeMounts"] if m["name"] == "model-cache"]
+    (mount,) = [m for m in only_container(job)["volumeMounts"]
+                if m["name"] == "model-cache" and m["mountPath"] == "/cache"]
     return mount
 
 
@@ -112,10 +113,9 @@ def assert_restricted(job: dict) -> None:
 def test_should_mount_the_claim_read_only_and_load_offline_when_model_cache_pvc_is_set(pipeline):
     job = build_map_job(config(pipeline, model_cache_pvc="hf-cache", model_cache_subpath="models"))
     validate(job)
-    assert cache_volume(job) == {
-        "name": "model-cache",
-        "persistentVolumeClaim": {"claimName": "hf-cache", "readOnly": True},
-    }
+    # One volume for the claim (two of one claim never finish mounting on Kubernetes 1.33), writable
+    # only through the compile cache's own mount.
+    assert cache_volume(job) == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}
     assert cache_mount(job) == {
         "name": "model-cache",
         "mountPath": "/cache",
@@ -126,6 +126,11 @@ def test_should_mount_the_claim_read_only_and_load_offline_when_model_cache_pvc_
     assert env["HF_HUB_OFFLINE"] == {"name": "HF_HUB_OFFLINE", "value": "1"}
     assert env["HF_HOME"]["value"] == "/cache/huggingface"
     assert not any("emptyDir" in v and v["name"] == "model-cache" for v in pod(job)["volumes"])
+    # FLUX compiled once per cluster: the compile cache beside the models, writable.
+    (compile_mount,) = [m for m in only_container(job)["volumeMounts"] if m["mountPath"] == "/compile-cache"]
+    assert compile_mount == {"name": "model-cache", "mountPath": "/compile-cache",
+                             "subPath": "models/dfk8s-compile"}
+    assert env["DFK8S_COMPILE_CACHE"]["value"] == "/compile-cache"
 
 
 def test_should_mount_the_profile_claim_read_only_when_the_profile_names_a_pvc():
@@ -133,7 +138,7 @@ def test_should_mount_the_profile_claim_read_only_when_the_profile_names_a_pvc()
     profile = dataclasses.replace(cfg.profile, model_cache=ModelCache(pvc="team-cache", subpath="hf"))
     job = build_map_job(dataclasses.replace(cfg, profile=profile))
     validate(job)
-    assert cache_volume(job)["persistentVolumeClaim"] == {"claimName": "team-cache", "readOnly": True}
+    assert cache_volume(job)["persistentVolumeClaim"] == {"claimName": "team-cache"}
     assert cache_mount(job)["subPath"] == "hf" and cache_mount(job)["readOnly"] is True
     assert env_of(job)["HF_HUB_OFFLINE"]["value"] == "1"
     # The flag wins over the profile.
@@ -211,6 +216,16 @@ def test_should_build_a_restricted_cpu_pull_job_with_a_write_mount_when_a_model_
     assert job["spec"]["backoffLimit"] >= 1  # a retry resumes: finished files stay on the claim
     # The same pull gets the same name (two never race); another cache, another name.
     assert pull_job_name(FLUX, "hf-cache", "models", "main") != pull_job_name(FLUX, "other", "models", "main")
+    # The pull makes FLUX's compile-cache folder beside the models, as the pods' user (issue 18).
+    assert env["DFK8S_COMPILE_CACHE"]["value"] == "/cache/dfk8s-compile"
+
+
+def test_should_make_the_compile_cache_folder_when_a_model_is_pulled_with_it_set(tmp_path, monkeypatch):
+    from dfk8s.cli.model import _make_compile_cache
+
+    monkeypatch.setenv("DFK8S_COMPILE_CACHE", str(tmp_path / "cache" / "dfk8s-compile"))
+    _make_compile_cache()
+    assert (tmp_path / "cache" / "dfk8s-compile").is_dir()
 
 
 def test_should_mount_the_claim_read_only_when_the_list_job_is_built():
@@ -330,8 +345,8 @@ def test_should_mount_the_claim_and_not_warn_when_submitted_with_model_cache_pvc
     assert "GPU pods" not in result.stderr and "gated" not in result.stderr
     map_job, reduce_job = yaml.safe_load_all(result.stdout)
     validate(map_job)
-    assert cache_volume(map_job)["persistentVolumeClaim"] == {"claimName": "hf-cache", "readOnly": True}
-    assert cache_mount(map_job)["subPath"] == "m"
+    assert cache_volume(map_job)["persistentVolumeClaim"] == {"claimName": "hf-cache"}
+    assert cache_mount(map_job)["subPath"] == "m" and cache_mount(map_job)["readOnly"] is True
     assert env_of(map_job)["HF_HUB_OFFLINE"]["value"] == "1"
     assert "model-cache" not in json.dumps(reduce_job)
 

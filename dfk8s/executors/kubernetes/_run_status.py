@@ -244,6 +244,8 @@ def follow_run(
                         rate=f"{rate:,.1f}",
                     )
                 line = _jobs_line(status)
+                if status.progress is not None and status.progress.notes:  # e.g. compiling FLUX
+                    line += "; " + "; ".join(status.progress.notes)
                 if status.problems:
                     line += "; " + "; ".join(status.problems)
                 if line != last_line:

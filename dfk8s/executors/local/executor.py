@@ -292,11 +292,14 @@ class LocalExecutor(Executor[LocalRun, Summary]):
                             last_poll = time.monotonic()
                             if (now := _poll(reader)) is not None:
                                 rate = (now.rows - base) / max(1e-6, last_poll - began)
-                                bar.update(task, completed=now.rows, failed=now.failed, rate=f"{rate:,.1f}")
+                                note = "; ".join(now.notes)
+                                bar.update(task, completed=now.rows, failed=now.failed, rate=f"{rate:,.1f}",
+                                           description=f"{spec.run_id} ({note})" if note else spec.run_id)
                                 line_due = plain and last_poll - last_line >= PLAIN_LINE_SECONDS
                                 if line_due or self.lease is not None:
                                     facts = progress_facts(now.rows, spec.rows, now.ok, now.failed, rate,
-                                                           _spend(storage, spec) if line_due else None)
+                                                           _spend(storage, spec) if line_due else None,
+                                                           note or None)
                                     if self.lease is not None:
                                         self.lease.facts = facts
                                     if line_due:

@@ -44,10 +44,21 @@ def check_gpu_work(request: RunRequest) -> None:
     tiny models do); a Hub model with no GPU to run it on would fail every shard after a download.
 
     Raises:
-        UsageError: No GPU here, and the model is neither a folder nor cached.
+        UsageError: No GPU here, and the model is neither a folder nor cached; or --fp8 without a GPU
+            that runs it.
     """
     serving = serving_of(request)
     info = SERVINGS.get(serving or "")
+    if serving == "diffusers" and request.options.get("fp8"):
+        from dfk8s.servings.flux_speed import fp8_problem
+
+        devices = ["cpu"]
+        if gpus_present():
+            import torch
+
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or devices
+        if problem := fp8_problem(devices):
+            raise UsageError(problem)
     if info is None or not info.gpu or not request.input or gpus_present():
         return
     from dfk8s.models.hub import is_cached, is_hub_name
