@@ -248,3 +248,25 @@ def test_the_progress_shows_the_compile_note_instead_of_a_silent_stall(tmp_path)
     assert progress.notes == (note,) and progress.rows == 7
     line = describe_facts(progress_facts(7, 30, 7, 0, None, note=progress.notes[0]))
     assert line.endswith("; " + note)
+
+
+def test_a_worker_publishes_its_servings_note_in_the_live_progress(tmp_path):
+    from dfk8s.run import layout
+    from dfk8s.run.spec import RunSpec
+    from dfk8s.storage import open_storage
+    from dfk8s.worker.shard import ShardRunner
+
+    class Compiling:
+        status_note = "compiling FLUX (first worker on cpu-x86_64 with these shapes; about 1 min)"
+        concurrency = 1
+
+    storage = open_storage(str(tmp_path / "run"))
+    spec = RunSpec(run_id="note", pipeline="text2image", serving="diffusers", options={})
+    runner = ShardRunner(spec, storage, 3, Compiling())
+    runner.rows = 5
+    runner.publish_progress()
+    assert storage.read_json(layout.progress_key(3))["note"] == Compiling.status_note
+    Compiling.status_note = None  # the first call is done: the note goes, the counts stay
+    runner.publish_progress()
+    live = storage.read_json(layout.progress_key(3))
+    assert "note" not in live and live["rows"] == 5
