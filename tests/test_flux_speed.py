@@ -134,6 +134,8 @@ def test_fp8_is_refused_in_one_line_where_no_gpu_runs_it(tmp_path):
 def test_the_compiled_path_gives_the_eager_images_and_publishes_over_a_half_written_cache(
         tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv(flux_speed.CACHE_ENV, str(tmp_path / "cc"))
+    # This process's inductor cache on a folder of its own, as a new pod's (inductor reads it per lookup).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     batch = [req(*p) for p in PROMPTS]
     eager = asyncio.run(serving_for("text2image", tiny_models["flux"], compile=False).run(batch))
     fast = serving_for("text2image", tiny_models["flux"], compile=True)
@@ -270,3 +272,21 @@ def test_a_worker_publishes_its_servings_note_in_the_live_progress(tmp_path):
     runner.publish_progress()
     live = storage.read_json(layout.progress_key(3))
     assert "note" not in live and live["rows"] == 5
+
+
+def test_a_worker_that_compiled_from_the_machines_own_inductor_cache_still_publishes(tiny_models, tmp_path,
+                                                                                    monkeypatch):
+    """A local rerun finds its graphs in /tmp's inductor cache: the compile cache must still get them."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    batch = [req(*p) for p in PROMPTS]
+    monkeypatch.setenv(flux_speed.CACHE_ENV, str(tmp_path / "first"))
+    asyncio.run(serving_for("text2image", tiny_models["flux"], compile=True).run(batch))
+    monkeypatch.setenv(flux_speed.CACHE_ENV, str(tmp_path / "second"))  # an empty compile cache
+    import torch
+
+    torch._dynamo.reset()  # as a new process: dynamo traces again, and inductor finds its graphs on disk
+    again = serving_for("text2image", tiny_models["flux"], compile=True)
+    asyncio.run(again.run(batch))
+    report = again.speed_report()
+    assert report["worker"] == "compiled" and report["graphs_compiled"] == 0 and report["graphs_loaded"] > 0
+    assert len(list((tmp_path / "second").glob("*.torchcache"))) == 1

@@ -286,7 +286,7 @@ class Compiled:
         self.note: str | None = None
         self.compile_seconds = 0.0
         self._counts = (0, 0)
-        self._published_misses = 0
+        self._published_graphs = 0
         self._lock = threading.Lock()
         self._reported = False
         self._started = time.monotonic()
@@ -323,10 +323,12 @@ class Compiled:
             if self.note is not None:
                 self.compile_seconds = round(time.monotonic() - self._started, 3)
                 self.note = None
-            misses = compile_counts()[0] - self._counts[0]
+            compiled, loaded = compile_counts()
+            # Graphs this worker compiled, or found in this machine's own inductor cache (a local rerun).
+            graphs = compiled - self._counts[0] + loaded - self._counts[1]
             # Only a worker that found no file publishes: what it saves is all its graphs, while a worker
             # that loaded one would save only the few it added (a short last batch) over the whole file.
-            if self.source != "compiled" or misses <= self._published_misses or self.cache is None:
+            if self.source != "compiled" or graphs <= self._published_graphs or self.cache is None:
                 return
             import torch
 
@@ -334,9 +336,9 @@ class Compiled:
             if saved is None:
                 return
             if self.cache.publish(saved[0]):
-                log.info("published the compiled FLUX (%d graphs, %.1f MB) to %s", misses,
+                log.info("published the compiled FLUX (%d graphs, %.1f MB) to %s", graphs,
                          len(saved[0]) / 1e6, self.cache.path)
-            self._published_misses = misses
+            self._published_graphs = graphs
 
     def report(self) -> dict:
         """The shard's share of summary.json's ``flux`` block (the worker's compile counted once)."""
