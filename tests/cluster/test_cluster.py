@@ -201,8 +201,9 @@ def test_a_gpu_pod_beyond_the_gpu_capacity_stays_pending(kube_env, held, s3_buck
 
 
 def test_model_cache_objects_are_accepted_by_the_api_server(kube_env, s3_bucket, tmp_path, run_id):
-    """Issue 13's objects on the real server: a FLUX submit with --model-cache-pvc (read-only claim, offline
-    env) and the model pull Job (write mount), through defaulting, validation and PodSecurity restricted."""
+    """Issue 13's objects on the real server: a FLUX submit with --model-cache-pvc (read-only models, offline
+    env, a writable compile cache) and the model pull Job (write mount), through defaulting, validation and
+    PodSecurity restricted."""
     cluster = kube_env
     manifest = tmp_path / "prompts.jsonl"
     manifest.write_text("".join(_prompt_row(f"a cat {i}") + "\n" for i in range(2)))
@@ -222,7 +223,11 @@ def test_model_cache_objects_are_accepted_by_the_api_server(kube_env, s3_bucket,
     map_job = next(doc for doc in yaml.safe_load_all(submit_yaml) if doc["metadata"]["name"].endswith("-map"))
     pod = map_job["spec"]["template"]["spec"]
     claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
-    assert [c["persistentVolumeClaim"] for c in claims] == [{"claimName": "hf-cache", "readOnly": True}]
+    # One volume for the claim: the models mounted read-only, FLUX's compile cache writable (issue 18).
+    assert [c["persistentVolumeClaim"] for c in claims] == [{"claimName": "hf-cache"}]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]
+              if m["name"] == claims[0]["name"]}
+    assert mounts["/cache"]["readOnly"] is True and mounts["/compile-cache"]["subPath"] == "dfk8s-compile"
     pull = invoke("model", "pull", "black-forest-labs/FLUX.1-dev", "--pvc", "hf-cache", "-n", NS,
                   "--hf-token-secret", "hf/HF_TOKEN", "--dry-run")
     assert pull.exit_code == 0, pull.output
