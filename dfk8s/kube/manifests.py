@@ -17,6 +17,8 @@ import yaml
 from dfk8s.errors import EXIT_DO_NOT_RETRY, SpecError
 from dfk8s.kube._cluster_options import ClusterOptions
 from dfk8s.kube.profiles import GPU_RESOURCE, Profile, load_profile
+from dfk8s.servings import SERVINGS
+from dfk8s.servings.flux_speed import CACHE_ENV as COMPILE_CACHE_ENV
 from dfk8s.servings.self_hosted import ENGINE_GPUS_ENV, ENGINE_URL_ENV, SIDECAR_PORT
 
 __all__ = [
@@ -557,10 +559,8 @@ def _worker_env(cfg: KubeRunConfig) -> list[dict[str, Any]]:
         # The shared cache is read-only and filled by `dfk8s model pull --pvc`: a model missing from it
         # must fail the shard at once (exit 42), not start a download per pod.
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
-        if cfg.serving == "diffusers":  # FLUX compiled once per cluster (dfk8s/servings/flux_speed.py)
-            from dfk8s.servings.flux_speed import CACHE_ENV
-
-            env.append({"name": CACHE_ENV, "value": COMPILE_CACHE_PATH})
+        if _compiles(cfg):  # FLUX compiled once per cluster (dfk8s/servings/flux_speed.py)
+            env.append({"name": COMPILE_CACHE_ENV, "value": COMPILE_CACHE_PATH})
     env += [{"name": name, "value": str(value)} for name, value in cfg.extra_env.items()]
     if cfg.api_key_secret:
         env.append(_secret_env(cfg.api_key_env, *cfg.api_key_secret))
@@ -679,7 +679,7 @@ def _worker_volumes(cfg: KubeRunConfig) -> tuple[list[dict[str, Any]], list[dict
         mounts.append({"name": "dshm", "mountPath": SHM_PATH})
     claim = cfg.model_cache_claim
     if claim is not None:
-        compiles = cfg.serving == "diffusers"
+        compiles = _compiles(cfg)
         # One volume for the claim, mounted twice for FLUX: the models read-only, the compile cache's
         # folder writable. (Two volumes of one claim in a pod never finish mounting on Kubernetes 1.33.)
         volumes.append({"name": "model-cache", **model_cache_volume(claim[0], read_only=not compiles)})
@@ -691,6 +691,12 @@ def _worker_volumes(cfg: KubeRunConfig) -> tuple[list[dict[str, Any]], list[dict
         volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": profile.model_cache.size}})
         mounts.append({"name": "model-cache", "mountPath": CACHE_PATH})
     return volumes, mounts
+
+
+def _compiles(cfg: KubeRunConfig) -> bool:
+    """Whether the run's workers share compiled artifacts through the compile cache (FLUX)."""
+    info = SERVINGS.get(cfg.serving)
+    return bool(info and info.compiles)
 
 
 def model_cache_volume(claim: str, *, read_only: bool) -> dict[str, Any]:

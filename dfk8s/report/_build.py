@@ -313,8 +313,6 @@ def _page_facts(spec: RunSpec, summary: dict, sample, counts: Counts, cards: lis
 
 def _lossy_options(spec: RunSpec) -> list[str]:
     """The lossy speed-ups the run's images were made with (FLUX's step cache, fp8), tagged in the header."""
-    if spec.serving != "diffusers":
-        return []
     from dfk8s.servings.flux_speed import Speed
 
     step_cache = spec.option("step_cache")

@@ -38,6 +38,8 @@ class ServingInfo:
             any (the echo test serving).
         requires: The modules its extra installs (checked before a run starts, so a missing extra is one
             line, not a traceback in every worker).
+        compiles: Its workers torch.compile and share what they compiled through the compile cache
+            (dfk8s/servings/flux_speed.py): on a cluster, its pods mount that cache writable.
     """
 
     name: str
@@ -53,6 +55,7 @@ class ServingInfo:
     priced: bool = False
     options: frozenset[str] | None = None
     requires: tuple[str, ...] = ()
+    compiles: bool = False
 
     @property
     def is_api(self) -> bool:
@@ -128,6 +131,7 @@ SERVINGS: dict[str, ServingInfo] = {s.name: s for s in (
     # ~15 s per 1024px image at 28 steps on one 80 GB GPU.
     ServingInfo("diffusers", "dfk8s.servings.diffusers_flux:DiffusersServing", ("text2image", "imageedit"),
                 gpu=True, extra="gpu", latency=15.0, requires=("torch", "diffusers", "transformers"),
+                compiles=True,
                 options=frozenset({"model", "steps", "guidance", "height", "width", "batch_size",
                                    "images_per_prompt", "dtype", "cpu_offload", "max_area", "auto_resize",
                                    "max_sequence_length", "compile", "step_cache", "fp8"}),

@@ -49,7 +49,7 @@ def check_gpu_work(request: RunRequest) -> None:
     """
     serving = serving_of(request)
     info = SERVINGS.get(serving or "")
-    if serving == "diffusers" and request.options.get("fp8"):
+    if info is not None and "fp8" in (info.options or ()) and request.options.get("fp8"):
         from dfk8s.servings.flux_speed import fp8_problem
 
         devices = ["cpu"]
