@@ -417,6 +417,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         if "containerd" in self.procs:
             stop_process(self.procs.pop("containerd"))
         _remove_cgroups(self.cgroup_root)
+        from tests.cluster.sandbox import unmount_below
+
+        unmount_below(self.dir)  # the kubelet's root and pods' volumes, containerd's snapshots
 
     def cleanup_state(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -115,6 +115,25 @@ def enter(state_dir: Path) -> None:
     _entered = state_dir
 
 
+def unmount_below(folder: Path) -> None:
+    """Lazily unmount every mount at or below ``folder`` in this namespace, deepest first.
+
+    The kubelet makes its root folder a mount of its own (for mount propagation) and mounts pods' volumes
+    below it; containerd mounts snapshots. Left mounted, they keep their folders from being removed,
+    and the empty folders outlive the session on the host's disk.
+    """
+    root = os.path.realpath(folder)
+    points = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            point = line.split()[4].replace("\\040", " ")
+            if point == root or point.startswith(root + "/"):
+                points.append(point)
+    libc = _libc()
+    for point in sorted(points, key=len, reverse=True):
+        libc.umount2(point.encode(), _MNT_DETACH)
+
+
 def unmount() -> None:
     """Undo :func:`enter`'s mounts (the process stays in the namespaces), so its state folder can go."""
     global _entered
