@@ -225,7 +225,7 @@ class DiffusersServing(Serving):
             auto_resize=_bool_option(spec, "auto_resize", True),
             max_sequence_length=_int_option(spec, "max_sequence_length", 512),
             compile=None if spec.option("compile") is None else _bool_option(spec, "compile", False),
-            step_cache=flux_speed.check_step_cache(spec.option("step_cache")),
+            step_cache=spec.option("step_cache"),  # checked by the constructor
             fp8=_bool_option(spec, "fp8", False),
         )
 

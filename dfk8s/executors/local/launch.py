@@ -10,7 +10,7 @@ import os
 import time
 
 from dfk8s.errors import Dfk8sError, RunNotFound, UsageError
-from dfk8s.executors.local.executor import Interrupted, LocalExecutor
+from dfk8s.executors.local.executor import Interrupted, LocalExecutor, visible_gpus
 from dfk8s.pipelines import serving_for
 from dfk8s.plan.launch import RunRequest, existing_spec, prepare_run, record_session, run_storage
 from dfk8s.reduce.reducer import Summary
@@ -52,12 +52,9 @@ def check_gpu_work(request: RunRequest) -> None:
     if info is not None and "fp8" in (info.options or ()) and request.options.get("fp8"):
         from dfk8s.servings.flux_speed import fp8_problem
 
-        devices = ["cpu"]
-        if gpus_present():
-            import torch
-
-            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or devices
-        if problem := fp8_problem(devices):
+        # torch numbers the visible GPUs 0..n-1, whatever CUDA_VISIBLE_DEVICES calls them
+        devices = [f"cuda:{i}" for i in range(len(visible_gpus()))] if gpus_present() else []
+        if problem := fp8_problem(devices or ["cpu"]):
             raise UsageError(problem)
     if info is None or not info.gpu or not request.input or gpus_present():
         return
