@@ -71,9 +71,9 @@ async def _direct(url: str, model: str, rows: int, concurrency: int, max_tokens:
 
 def direct(model: str, rows: int, concurrency: int, max_tokens: int, device: str) -> tuple[float, float]:
     """Seconds to serve ``rows`` requests straight from `transformers serve`, and its start-up."""
-    from dfk8s.servings.self_hosted import free_port
+    from dfk8s.ports import listen_port
 
-    port = free_port()
+    port = listen_port()
     cli = Path(sys.executable).with_name("transformers")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(os.devnull, "wb") as null:

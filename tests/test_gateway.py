@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dfk8s.ports import listen_port
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
 from tests.conftest import REPO, SEED_DOCS
 from tests.helpers.processes import die_with_parent
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.slow
 LITELLM = Path(os.environ.get("DFK8S_LITELLM", REPO / ".venv-litellm" / "bin" / "litellm"))
 MASTER_KEY = "sk-gateway-master"
 ROWS = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +49,7 @@ def gateway(upstream, tmp_path_factory):
             {"model_name": "gemini-2.5-flash-image", "litellm_params": {
                 "model": "gemini/gemini-2.5-flash-image", "api_base": upstream.url, "api_key": "upstream"}}],
         "general_settings": {"master_key": MASTER_KEY}}))
-    port = _free_port()
+    port = listen_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "LITELLM_"))}
     with open(folder / "litellm.log", "wb") as log:
         proc = subprocess.Popen([str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port",

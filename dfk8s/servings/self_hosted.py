@@ -36,7 +36,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfk8s.errors import ServingUnavailable, SpecError
+from dfk8s.ports import listen_port
 from dfk8s.servings.api import ApiOptions, RetryableError
 from dfk8s.servings.base import Request, Response
 from dfk8s.servings.openai_chat import OpenAIChatServing
@@ -147,13 +147,6 @@ def _int_or_none(value) -> int | None:
     return None if value in (None, "") else int(value)
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for an engine to listen on)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         import ctypes
@@ -222,7 +215,7 @@ class Engine:
         if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
             raise SpecError(f"serving {self.config.engine}: --model {model} does not exist (a local model "
                             "folder, or a Hub id such as Qwen/Qwen2.5-VL-3B-Instruct)")
-        self.port = free_port()
+        self.port = listen_port()  # stays free while the model loads
         command = self.config.command(host="127.0.0.1", port=self.port)
         env = dict(os.environ)
         if Path(self.config.model).is_dir():

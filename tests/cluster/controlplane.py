@@ -51,6 +51,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from dfk8s.ports import listen_port
 from tests.helpers.processes import die_with_parent, wait_while_running
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,10 +123,8 @@ def binaries(version: str, need=("kube-apiserver", "kube-controller-manager", "k
 
 
 def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port of 127.0.0.1 that nothing listens on, and that no outgoing connection takes before use."""
+    return listen_port("127.0.0.1")
 
 
 # ----- certificates -----------------------------------------------------------------------------

@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from dfk8s.ports import listen_port
 from tests.helpers.processes import die_with_parent
 
 log = logging.getLogger(__name__)
-
-
-def _free_port_with_grpc(host: str = "127.0.0.1") -> int:
-    """A free port P whose P+10000 is free too (SeaweedFS puts gRPC there)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind((host, port + 10000))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for SeaweedFS")
 
 
 def weed_binary() -> str:
@@ -95,7 +80,10 @@ class SeaweedS3:
         _wait_ready(self, timeout)
 
     def stop(self) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after a short wait (its SIGTERM can take 25 s)."""
+        """Stop the server: SIGTERM, then SIGKILL after a short wait (its SIGTERM can take 25 s).
+
+        Its data folder goes, and so do the Unix sockets it makes in /tmp, which a killed server leaves.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -104,26 +92,69 @@ class SeaweedS3:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+        for path in socket_files(self.command):
+            path.unlink(missing_ok=True)
 
 
-def start_seaweed(timeout: float = 60.0, host: str = "127.0.0.1") -> SeaweedS3:
-    """Start SeaweedFS (master, volume, filer, S3) on free ports of ``host`` and wait until S3 answers."""
+#: Where SeaweedFS puts the Unix sockets of its servers, by the port they serve: fixed, no flag moves them.
+SOCKET_DIR = Path("/tmp")
+_GRPC = 10000  # SeaweedFS serves gRPC on each HTTP port + 10000
+_PORT_FLAG = re.compile(r"-(master|volume|filer|s3)\.port=(\d+)$")
+
+
+def socket_files(command) -> list[Path]:
+    """The Unix sockets a server started with ``command`` makes: ``seaweedfs-<server>[-grpc]-<port>.sock``."""
+    paths = []
+    for arg in command:
+        match = _PORT_FLAG.match(arg)
+        if match:
+            server, port = match.group(1), int(match.group(2))
+            paths += [SOCKET_DIR / f"seaweedfs-{server}-{port}.sock",
+                      SOCKET_DIR / f"seaweedfs-{server}-grpc-{port + _GRPC}.sock"]
+    return paths
+
+
+def server_ports(host: str) -> dict[str, int]:
+    """Ports for S3, master, volume and filer, each with its gRPC port (+10000) free too."""
+    ports: dict[str, int] = {}
+    for name in ("s3", "master", "volume", "filer"):
+        taken = {p + offset for p in ports.values() for offset in (0, _GRPC)}
+        ports[name] = listen_port(host, also=(_GRPC,), avoid=taken)
+    return ports
+
+
+def start_seaweed(timeout: float = 60.0, host: str = "127.0.0.1", attempts: int = 3) -> SeaweedS3:
+    """Start SeaweedFS (master, volume, filer, S3) on free ports of ``host`` and wait until S3 answers.
+
+    A server that exits while it starts (a port another server took in between) is started again on
+    new ports, up to ``attempts`` times in all.
+    """
+    for attempt in range(1, attempts + 1):
+        server = _start_once(host)
+        try:
+            _wait_ready(server, timeout)
+            return server
+        except RuntimeError as exc:
+            exited = server.process.poll() is not None
+            server.stop()
+            if not exited or attempt == attempts:
+                raise
+            log.warning("SeaweedFS exited while starting (try %d of %d), new ports: %s", attempt, attempts,
+                        exc)
+    raise AssertionError("unreachable")
+
+
+def _start_once(host: str) -> SeaweedS3:
     data_dir = tempfile.mkdtemp(prefix="dfk8s-seaweed-")
-    ports = {name: _free_port_with_grpc(host) for name in ("s3", "master", "volume", "filer")}
-    cmd = [weed_binary(), "server", f"-ip={host}", f"-ip.bind={host}", f"-dir={data_dir}",
-           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+    ports = server_ports(host)
+    cmd = [weed_binary(), f"-logdir={data_dir}", "server", f"-ip={host}", f"-ip.bind={host}",
+           f"-dir={data_dir}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
            f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-volume.max=0",
            "-master.volumeSizeLimitMB=256",
            # Iceberg and Lance listen on fixed ports by default: two servers would collide.
            "-s3.port.iceberg=0", "-s3.port.lance=0"]
     process = _spawn(cmd, data_dir)
-    server = SeaweedS3(f"http://{host}:{ports['s3']}", process, data_dir, command=tuple(cmd))
-    try:
-        _wait_ready(server, timeout)
-    except RuntimeError:
-        server.stop()
-        raise
-    return server
+    return SeaweedS3(f"http://{host}:{ports['s3']}", process, data_dir, command=tuple(cmd))
 
 
 def _spawn(cmd: list[str], data_dir: str) -> subprocess.Popen:
@@ -139,11 +170,23 @@ def _wait_ready(server: SeaweedS3, timeout: float) -> None:
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            break
+            raise RuntimeError(f"SeaweedFS exited ({server.process.returncode}) before S3 answered: "
+                               f"{_log_tail(server.data_dir)}")
         try:
             server.create_bucket("dfk8s-probe")
             return
         except Exception as exc:  # not up yet: connection refused, 503 while the filer starts
             last_error = exc
             time.sleep(0.5)
-    raise RuntimeError(f"SeaweedFS did not start in {timeout}s: {last_error}")
+    raise RuntimeError(f"SeaweedFS did not start in {timeout}s: {last_error}; its log: "
+                       f"{_log_tail(server.data_dir)}")
+
+
+def _log_tail(data_dir: str, lines: int = 5) -> str:
+    """The last lines of its log, fatal ones first: why it exited."""
+    try:
+        text = Path(data_dir, "weed.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    fatal = [line for line in text if line.startswith("F")][-1:]
+    return " | ".join(fatal + [line for line in text[-lines:] if line not in fatal]) or "(empty log)"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -22,6 +21,7 @@ import pytest
 
 from dfk8s import __version__
 from dfk8s.plan.launch import RunRequest, prepare_run
+from dfk8s.ports import listen_port
 from dfk8s.run import layout
 from tests.conftest import DATAFLOW_ROOT, REPO, VQA_MANIFEST
 
@@ -67,12 +67,6 @@ def _assert_image_located(storage, got: list, want: list) -> None:
 
 def _lines(storage, key):
     return [json.loads(line) for line in storage.open_lines(key)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -230,7 +224,7 @@ def test_worker_container_without_api_key_exits_42(s3, api, container_env):
 
 def test_fake_api_command_of_the_chart_serves_from_the_image():
     """The chart's fake-api Deployment runs `python -m dfk8s.testing.fake_api` from this image."""
-    port = _free_port()
+    port = listen_port()
     name = f"dfk8s-test-fake-api-{uuid.uuid4().hex[:8]}"
     _docker("run", "-d", "--name", name, *RESTRICTED, "--entrypoint", "python", IMAGE,
             "-m", "dfk8s.testing.fake_api", "--host", "127.0.0.1", "--port", str(port))
@@ -242,9 +236,9 @@ def test_fake_api_command_of_the_chart_serves_from_the_image():
 
 def test_seaweedfs_of_the_chart_runs_from_the_image():
     """The chart's SeaweedFS Deployment runs `weed server -s3` from this image, read-only, as uid 10001."""
-    from tests.helpers.seaweed import SeaweedS3, _free_port_with_grpc
+    from tests.helpers.seaweed import SeaweedS3, server_ports
 
-    ports = {name: _free_port_with_grpc() for name in ("s3", "master", "volume", "filer")}
+    ports = server_ports("127.0.0.1")
     name = f"dfk8s-test-weed-{uuid.uuid4().hex[:8]}"
     # The chart's flags, plus loopback addresses and free ports: this container shares the host network.
     _docker("run", "-d", "--name", name, *RESTRICTED, "--tmpfs", f"/data:uid={UID},gid={UID}",
