@@ -5,8 +5,6 @@ A `make test` stopped by a timeout once left two SeaweedFS servers running.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers.seaweed import clean_up
 
 pytestmark = pytest.mark.slow
 
@@ -32,18 +31,11 @@ def _gone(pid: int, seconds: float = 15.0) -> bool:
     return False
 
 
-def _kill_if_alive(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _read_pid(path: Path, proc: subprocess.Popen, seconds: float = 90.0) -> int:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if path.exists() and path.read_text().strip():
-            return int(path.read_text())
+            return int(path.read_text().splitlines()[0])
         assert proc.poll() is None, f"the process that starts the server exited ({proc.returncode})"
         time.sleep(0.2)
     raise AssertionError("the server did not start")
@@ -53,7 +45,7 @@ def test_seaweedfs_dies_when_the_process_that_started_it_is_killed(tmp_path):
     pid_file = tmp_path / "weed.pid"
     starter = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from tests.helpers.seaweed import start_seaweed; server = start_seaweed(); "
-        f"open({str(pid_file)!r}, 'w').write(str(server.process.pid)); time.sleep(300)")], cwd=REPO)
+        f"open({str(pid_file)!r}, 'w').write(server.record()); time.sleep(300)")], cwd=REPO)
     try:
         weed = _read_pid(pid_file, starter)
         starter.kill()  # no cleanup runs: only the kernel can stop the server now
@@ -62,7 +54,7 @@ def test_seaweedfs_dies_when_the_process_that_started_it_is_killed(tmp_path):
     finally:
         starter.kill()
         if pid_file.exists() and pid_file.read_text().strip():
-            _kill_if_alive(int(pid_file.read_text()))
+            clean_up(pid_file.read_text())  # a server killed outright leaves its folder and sockets
 
 
 def test_a_killed_test_run_leaves_no_server_behind(tmp_path):
@@ -71,7 +63,7 @@ def test_a_killed_test_run_leaves_no_server_behind(tmp_path):
     pid_file = tmp_path / "weed.pid"
     (tmp_path / "test_holds_a_server.py").write_text(
         "import time\n\n\ndef test_hold(seaweed):\n"
-        f"    open({str(pid_file)!r}, 'w').write(str(seaweed.process.pid))\n    time.sleep(300)\n")
+        f"    open({str(pid_file)!r}, 'w').write(seaweed.record())\n    time.sleep(300)\n")
     run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-n", "1", "-p", "tests.conftest",
                             "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
                             str(tmp_path / "test_holds_a_server.py")],
@@ -86,4 +78,4 @@ def test_a_killed_test_run_leaves_no_server_behind(tmp_path):
     finally:
         run.kill()
         if pid_file.exists() and pid_file.read_text().strip():
-            _kill_if_alive(int(pid_file.read_text()))
+            clean_up(pid_file.read_text())  # a server killed outright leaves its folder and sockets

@@ -79,6 +79,10 @@ class SeaweedS3:
         self.process = _spawn(list(self.command), self.data_dir)
         _wait_ready(self, timeout)
 
+    def record(self) -> str:
+        """Its pid, data folder and Unix sockets, a line each: for :func:`clean_up` in another process."""
+        return "\n".join([str(self.process.pid), self.data_dir, *map(str, socket_files(self.command))])
+
     def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL after a short wait (its SIGTERM can take 25 s).
 
@@ -112,6 +116,18 @@ def socket_files(command) -> list[Path]:
             paths += [SOCKET_DIR / f"seaweedfs-{server}-{port}.sock",
                       SOCKET_DIR / f"seaweedfs-{server}-grpc-{port + _GRPC}.sock"]
     return paths
+
+
+def clean_up(record: str) -> None:
+    """Kill the server of a :meth:`SeaweedS3.record` if it still runs, and remove the files it left."""
+    pid, data_dir, *sockets = record.splitlines()
+    try:
+        os.kill(int(pid), signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(data_dir, ignore_errors=True)
+    for path in sockets:
+        Path(path).unlink(missing_ok=True)
 
 
 def server_ports(host: str) -> dict[str, int]:
