@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from dfk8s.executors.local.pipe import worker_log_dir
 from dfk8s.testing.fake_api import FakeAPI, FakeConfig
 
 
@@ -153,7 +154,7 @@ class Bench:
                                  run_id, "--shards", "4", "--workers", "1", "--no-progress"],
                                 capture_output=True, text=True, env={**self.env, "HF_HUB_OFFLINE": "1"})
         seconds = time.monotonic() - started
-        logs = "".join(p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
+        logs = "".join(p.read_text() for p in worker_log_dir(run_id).glob("*.log"))
         return {"case": "tiny FLUX, 4 shards, --workers 1", "exit": result.returncode,
                 "model_loads": logs.count("loaded FluxPipeline"), "seconds": round(seconds, 1)}
 

@@ -27,6 +27,20 @@ def pytest_configure(config):
         die_with_parent(signal.SIGTERM)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _worker_logs(tmp_path_factory):
+    """Local runs keep their worker logs under pytest's temporary folder, not a folder per run in /tmp."""
+    from dfk8s.executors.local.pipe import LOG_DIR_ENV
+
+    previous = os.environ.get(LOG_DIR_ENV)
+    os.environ[LOG_DIR_ENV] = str(tmp_path_factory.mktemp("worker-logs"))
+    yield
+    if previous is None:
+        os.environ.pop(LOG_DIR_ENV, None)
+    else:
+        os.environ[LOG_DIR_ENV] = previous
+
+
 @pytest.fixture(scope="session")
 def seaweed():
     """A real SeaweedFS S3 server for the whole session (per xdist worker)."""

@@ -44,3 +44,16 @@ def test_a_local_run_through_start_follow_status_and_cancel(tmp_path):
     assert (cancelled.run_uri, cancelled.batches, cancelled.batch_error) == (storage.url(), [], None)
     with pytest.raises(SpecError, match="--output"):
         LocalExecutor().status("ex")
+
+
+def test_worker_logs_go_under_dfk8s_log_dir_else_the_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from dfk8s.executors.local.pipe import LOG_DIR_ENV, worker_log_dir
+
+    monkeypatch.setenv(LOG_DIR_ENV, str(tmp_path / "logs"))
+    assert worker_log_dir("run-1") == tmp_path / "logs" / "dfk8s-run-1"
+    assert (tmp_path / "logs" / "dfk8s-run-1").is_dir()
+    monkeypatch.delenv(LOG_DIR_ENV)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert worker_log_dir("run-2") == tmp_path / "tmp" / "dfk8s-run-2"

@@ -10,13 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from dfk8s.executors.local.pipe import worker_log_dir
 from dfk8s.plan.launch import RunRequest, prepare_run
 
 pytestmark = pytest.mark.slow
@@ -191,7 +191,7 @@ def test_one_worker_loads_flux_once_for_four_shards(tmp_path):
          "--no-progress"], capture_output=True, text=True, env=_env(HF_HUB_OFFLINE="1"), timeout=600)
     assert result.returncode == 0, result.stderr
     assert "8 rows: 8 ok, 0 failed" in result.stderr
-    logs = "".join(p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
+    logs = "".join(p.read_text() for p in worker_log_dir(run_id).glob("*.log"))
     assert logs.count("shard ") and logs.count("done:") == 4
     assert logs.count("loaded FluxPipeline") == 1, logs
 
@@ -291,7 +291,7 @@ def test_workers_started_before_the_plan_take_the_real_parallelism_and_the_extra
         capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "6 rows: 6 ok, 0 failed" in result.stderr
-    logs = {p.name: p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log")}
+    logs = {p.name: p.read_text() for p in worker_log_dir(run_id).glob("*.log")}
     assert len(logs) == 4  # all four started before the plan said there are two shards
     budgets = [line for text in logs.values() for line in text.splitlines()
                if "--rpm 600 for the run" in line]
@@ -310,6 +310,6 @@ def test_a_plan_that_fails_stops_the_workers_started_for_it(tmp_path):
         capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode != 0 and "neither JSON nor JSONL" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-    logs = list((Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
+    logs = list(worker_log_dir(run_id).glob("*.log"))
     assert len(logs) == 3  # they had been started
     assert _workers_of(run_id) == []  # and were stopped: none outlives the launcher

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dfk8s.executors.local.pipe import worker_log_dir
 from dfk8s.run import layout
 
 
@@ -194,8 +195,6 @@ def test_a_tripped_breaker_stops_the_run_with_its_one_line(tmp_path, monkeypatch
 
 
 def test_rpm_is_split_by_the_workers_really_running_not_by_the_first_run(tmp_path):
-    import tempfile
-
     from dfk8s.executors.local.executor import LocalExecutor
     from dfk8s.plan.launch import RunRequest, prepare_run
 
@@ -207,7 +206,7 @@ def test_rpm_is_split_by_the_workers_really_running_not_by_the_first_run(tmp_pat
                                               options={"rpm": 600}, parallelism=1))
     assert spec.parallelism == 1 and spec.shards == 4
     LocalExecutor(workers=4, show_progress=False).execute(storage, spec)
-    logs = "".join(p.read_text() for p in (Path(tempfile.gettempdir()) / f"dfk8s-{run_id}").glob("*.log"))
+    logs = "".join(p.read_text() for p in worker_log_dir(run_id).glob("*.log"))
     budgets = [line for line in logs.splitlines() if "--rpm 600 for the run" in line]
     assert budgets and all("150 a minute for this worker (4 workers)" in line for line in budgets), budgets
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dfk8s.errors import SpecError
+from dfk8s.executors.local.pipe import worker_log_dir
 from dfk8s.servings.self_hosted import EngineConfig, engine_arg_flags
 from tests.conftest import DATAFLOW_ROOT, VQA_MANIFEST
 
@@ -121,8 +122,7 @@ def test_caption_with_a_model_folder_on_this_machine(tmp_path, tiny_vlm):
     # Its engine is gone with the run, and left its log beside the worker's.
     assert _engines_of(tiny_vlm) == []
     run_id = summary.get("run_id") or next((tmp_path / "out").iterdir()).name
-    logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"dfk8s-{run_id}"
-    (engine_log,) = logs.glob("engine-*.log")
+    (engine_log,) = worker_log_dir(run_id).glob("engine-*.log")
     assert "Uvicorn running" in engine_log.read_text()
 
 
@@ -189,8 +189,7 @@ def test_engine_killed_mid_shard_is_restarted_once_and_the_shard_goes_on(tmp_pat
     rows = _result(tmp_path / "out")
     assert len(rows) == ROWS and all("error" not in r and r["caption"].strip() for r in rows)
     run_id = next((tmp_path / "out").iterdir()).name
-    (log_dir,) = Path(os.environ.get("TMPDIR", "/tmp")).glob(f"dfk8s-{run_id}")
-    worker_log = "".join(p.read_text() for p in log_dir.glob("worker-*.log"))
+    worker_log = "".join(p.read_text() for p in worker_log_dir(run_id).glob("worker-*.log"))
     assert "mid-shard: restarting it once" in worker_log
     assert _engines_of(tiny_vlm) == []
 

@@ -33,14 +33,21 @@ from dfk8s.worker.lifecycle import PARENT_PID_ENV
 log = logging.getLogger(__name__)
 
 __all__ = ["SHARDS_AT_ONCE", "close_input", "read_replies", "send_shard", "serve", "serve_on_stdio",
-           "spawn_worker", "worker_log_dir"]
+           "spawn_worker", "worker_log_dir", "LOG_DIR_ENV"]
 
 
 # -- the launcher's end --------------------------------------------------------------------------------
 
+#: Where local runs keep their workers' logs, one folder per run; the temporary folder when unset.
+LOG_DIR_ENV = "DFK8S_LOG_DIR"
+
+
 def worker_log_dir(run_id: str) -> Path:
-    """Where the workers of run ``run_id`` write their logs (``$TMPDIR/dfk8s-<run id>``)."""
-    log_dir = Path(tempfile.gettempdir()) / f"dfk8s-{run_id}"
+    """Where the workers of run ``run_id`` write their logs (``$DFK8S_LOG_DIR/dfk8s-<run id>``).
+
+    ``$DFK8S_LOG_DIR`` defaults to the temporary folder (``$TMPDIR``, else ``/tmp``).
+    """
+    log_dir = Path(os.environ.get(LOG_DIR_ENV) or tempfile.gettempdir()) / f"dfk8s-{run_id}"
     log_dir.mkdir(parents=True, exist_ok=True)
     return log_dir
 
