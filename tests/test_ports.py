@@ -73,47 +73,46 @@ def _refuse_to_start(*args, **kwargs):
     raise OSError("not started in this test")
 
 
-@pytest.mark.slow
-def test_seaweed_that_exits_while_starting_is_started_again_on_new_ports(monkeypatch):
+@pytest.fixture
+def taken_s3_ports(monkeypatch):
+    """Take the S3 port of the next N starts of SeaweedFS (bound by the test before SeaweedFS binds it)."""
     real = seaweed_helper.server_ports
-    held = []
-
-    def first_s3_port_taken(host):
-        chosen = real(host)
-        if not held:
-            held.append(_bound(chosen["s3"], host))
-        return chosen
-
-    monkeypatch.setattr(seaweed_helper, "server_ports", first_s3_port_taken)
-    try:
-        server = seaweed_helper.start_seaweed()
-        try:
-            assert int(server.endpoint.rsplit(":", 1)[1]) != held[0].getsockname()[1]
-            server.client().list_buckets()
-        finally:
-            server.stop()
-    finally:
-        for sock in held:
-            sock.close()
-
-
-@pytest.mark.slow
-def test_seaweed_that_cannot_start_says_it_exited_and_why(monkeypatch):
-    real = seaweed_helper.server_ports
-    held = []
+    held: list[socket.socket] = []
+    starts = {"to_take": 0}
 
     def s3_port_taken(host):
         chosen = real(host)
-        held.append(_bound(chosen["s3"], host))
+        if starts["to_take"] > 0:
+            starts["to_take"] -= 1
+            held.append(_bound(chosen["s3"], host))
         return chosen
 
+    def take(count: int) -> list[socket.socket]:
+        starts["to_take"] = count
+        return held
+
     monkeypatch.setattr(seaweed_helper, "server_ports", s3_port_taken)
+    yield take
+    for sock in held:
+        sock.close()
+
+
+@pytest.mark.slow
+def test_seaweed_that_exits_while_starting_is_started_again_on_new_ports(taken_s3_ports):
+    held = taken_s3_ports(1)
+    server = seaweed_helper.start_seaweed()
     try:
-        with pytest.raises(RuntimeError) as failed:
-            seaweed_helper.start_seaweed(attempts=2)
+        assert len(held) == 1 and int(server.endpoint.rsplit(":", 1)[1]) != held[0].getsockname()[1]
+        server.client().list_buckets()
     finally:
-        for sock in held:
-            sock.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_seaweed_that_cannot_start_says_it_exited_and_why(taken_s3_ports):
+    held = taken_s3_ports(2)
+    with pytest.raises(RuntimeError) as failed:
+        seaweed_helper.start_seaweed(attempts=2)
     assert len(held) == 2
     assert "exited" in str(failed.value) and "address already in use" in str(failed.value)
 
