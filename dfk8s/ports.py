@@ -40,6 +40,12 @@ def _free(host: str, port: int) -> bool:
     return True
 
 
+def _usable(host: str, port: int, also: tuple[int, ...], avoid: set[int]) -> bool:
+    """Whether ``port`` and its offsets are valid, not promised elsewhere, and free now."""
+    wanted = [port + offset for offset in (0, *also)]
+    return max(wanted) <= 65535 and not avoid.intersection(wanted) and all(_free(host, p) for p in wanted)
+
+
 def listen_port(host: str = "127.0.0.1", *, also: tuple[int, ...] = (), avoid=()) -> int:
     """A port of ``host`` that is free now and below the ephemeral range, so that it stays free.
 
@@ -58,14 +64,12 @@ def listen_port(host: str = "127.0.0.1", *, also: tuple[int, ...] = (), avoid=()
     if highest - LOWEST >= 100:
         for _ in range(200):
             port = random.randint(LOWEST, highest)
-            wanted = [port + offset for offset in (0, *also)]
-            if not avoid.intersection(wanted) and all(_free(host, p) for p in wanted):
+            if _usable(host, port, also, avoid):
                 return port
     for _ in range(200):  # no room below, or all taken: the kernel's choice
         with socket.socket() as sock:
             sock.bind((host, 0))
             port = sock.getsockname()[1]
-        wanted = [port + offset for offset in (0, *also)]
-        if max(wanted) <= 65535 and not avoid.intersection(wanted) and all(_free(host, p) for p in wanted):
+        if _usable(host, port, also, avoid):
             return port
     raise RuntimeError(f"no free port on {host}")

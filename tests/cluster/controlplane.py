@@ -122,11 +122,6 @@ def binaries(version: str, need=("kube-apiserver", "kube-controller-manager", "k
     return paths
 
 
-def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on, and that no outgoing connection takes before use."""
-    return listen_port("127.0.0.1")
-
-
 # ----- certificates -----------------------------------------------------------------------------
 
 
@@ -328,7 +323,7 @@ class ControlPlane:
             self.apiserver_port, bind, sans = 443, "0.0.0.0", [self.node_ip, SERVICE_IP]
             self.server = f"https://{self.node_ip}"
         else:
-            self.apiserver_port, bind, sans = free_port(), "127.0.0.1", []
+            self.apiserver_port, bind, sans = listen_port(), "127.0.0.1", []
             self.server = f"https://127.0.0.1:{self.apiserver_port}"
         api_cert = certs.issue("apiserver", "kube-apiserver", server=True, client=False, ips=sans)
         kubelet_client = certs.issue(
@@ -346,7 +341,7 @@ class ControlPlane:
             self.dir / "scheduler.kubeconfig", self.server, certs.ca, cert=sched[0], key=sched[1]
         )
 
-        etcd_port, etcd_peer = free_port(), free_port()
+        etcd_port, etcd_peer = listen_port(), listen_port()
         self._run(
             "etcd",
             [
@@ -423,7 +418,7 @@ class ControlPlane:
                 f"--authentication-kubeconfig={kcm_config}",
                 f"--authorization-kubeconfig={kcm_config}",
                 "--bind-address=127.0.0.1",
-                f"--secure-port={free_port()}",
+                f"--secure-port={listen_port()}",
                 f"--cert-dir={self.dir / 'kcm-certs'}",
                 f"--controllers={','.join(CONTROLLERS)}",
                 f"--service-account-private-key-file={certs.sa_key}",
@@ -443,7 +438,7 @@ class ControlPlane:
                 f"--authentication-kubeconfig={sched_config}",
                 f"--authorization-kubeconfig={sched_config}",
                 "--bind-address=127.0.0.1",
-                f"--secure-port={free_port()}",
+                f"--secure-port={listen_port()}",
                 f"--cert-dir={self.dir / 'scheduler-certs'}",
                 "--leader-elect=false",
                 "--profiling=false",

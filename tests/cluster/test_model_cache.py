@@ -26,8 +26,8 @@ from dfk8s.cli import cli
 from dfk8s.errors import SpecError
 from dfk8s.kube.model_jobs import MODEL_JOB_LABEL, pull_job_name
 from dfk8s.models.hub import format_bytes, list_cache
+from dfk8s.ports import listen_port
 from tests.cluster.conftest import NS
-from tests.cluster.controlplane import free_port
 from tests.cluster.sandbox import NODE_IP
 from tests.helpers.fake_hub import FakeHub
 
@@ -83,7 +83,7 @@ def _delete_job(cluster, name: str) -> None:
 def test_should_follow_the_pull_job_and_replace_a_finished_one_when_wait_is_set(kube_env, claim, repo, held):
     cluster = kube_env
     name = pull_job_name(MODEL, claim.name)
-    port = free_port()
+    port = listen_port()
     hub = FakeHub({MODEL: repo}, host=NODE_IP)
     try:
         # The Hub is not up yet: the first pod cannot reach it and fails (exit 1); the Job retries it.

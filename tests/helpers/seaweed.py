@@ -95,9 +95,7 @@ class SeaweedS3:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        for path in socket_files(self.command):
-            path.unlink(missing_ok=True)
+        _remove_files(self.data_dir, socket_files(self.command))
 
 
 #: Where SeaweedFS puts the Unix sockets of its servers, by the port they serve: fixed, no flag moves them.
@@ -125,9 +123,14 @@ def clean_up(record: str) -> None:
         os.kill(int(pid), signal.SIGKILL)
     except ProcessLookupError:
         pass
+    _remove_files(data_dir, map(Path, sockets))
+
+
+def _remove_files(data_dir: str, sockets) -> None:
+    """Remove what a server leaves behind once it is gone: its data folder and its Unix sockets."""
     shutil.rmtree(data_dir, ignore_errors=True)
     for path in sockets:
-        Path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def server_ports(host: str) -> dict[str, int]:
