@@ -7,6 +7,7 @@ import sys
 from click.testing import CliRunner
 
 from dfk8s.cli import cli
+from dfk8s.executors.local.pipe import LOG_DIR_ENV
 from tests.conftest import DATAFLOW_ROOT, SEED_DOCS, VQA_MANIFEST
 
 
@@ -58,7 +59,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_missing_api_key_fails_before_planning(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DFK8S_LOG_DIR": str(tmp_path / "logs")}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), LOG_DIR_ENV: str(tmp_path / "logs")}
     result = _dfk8s("run", "-p", "caption", "-i", str(VQA_MANIFEST), "-o", str(tmp_path / "o"), env=env)
     assert result.returncode == 42
     assert "missing API key: set DF_API_KEY or OPENAI_API_KEY" in result.stderr

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from dfk8s.errors import StorageError
+from dfk8s.executors.local.pipe import LOG_DIR_ENV
 from dfk8s.storage import open_storage
 from tests.helpers.seaweed import start_seaweed
 
@@ -43,7 +44,8 @@ def test_seaweedfs_killed_and_restarted_mid_run_the_run_finishes_with_every_row_
     manifest.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"prompt {i}"}]})
                                 + "\n" for i in range(300)))
     output = "s3://outage/runs"
-    env = {**own_seaweed.env(), "DF_API_KEY": "test-key-not-secret", "PATH": "/usr/bin:/bin"}
+    env = {**own_seaweed.env(), "DF_API_KEY": "test-key-not-secret", "PATH": "/usr/bin:/bin",
+           LOG_DIR_ENV: str(tmp_path / "logs")}
     with open(tmp_path / "launcher.log", "wb") as log:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "dfk8s", "run", "-p", "vqa", "-i", str(manifest), "-o", output, "--run-id",
